@@ -1,0 +1,297 @@
+"""How features are stored: the HDF5 cache, its key, its lock, and crash-safe progress.
+
+A cache is one HDF5 file per (backbone, weights identity, preprocessing, augmentation
+and seed, split, content of the data, format version), named by a short hash of all of
+them, defaults included.  While extraction runs, finished work lives in
+``<name>.partial/`` as shard files, each written to a temporary name, fsynced and
+renamed, so a kill -9 or power loss loses at most the shard in flight.  The HDF5 file is
+assembled from the shards under a temporary name, marked ``complete`` and renamed last:
+a file at the final path is always complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, CacheLocked
+
+FORMAT_VERSION = 1
+MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
+
+
+def library_versions() -> dict[str, str]:
+    import cv2
+    import keras
+    import tensorflow as tf
+
+    from . import __version__
+
+    return {
+        "covfeat": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "opencv": cv2.__version__,
+    }
+
+
+def cache_key(config: dict, manifest_rows: list[dict]) -> str:
+    """Short hash of the full resolved config (defaults included) and the data's content."""
+    payload = json.dumps({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_name(backbone: str, weights_kind: str, key: str) -> str:
+    return f"{backbone}-{weights_kind}-{key}.h5"
+
+
+class CacheLock:
+    """An exclusive, non-blocking lock on ``<cache>.lock``; the OS drops it if we die."""
+
+    def __init__(self, target: Path):
+        self.path = target.with_name(target.name + ".lock")
+        self._fh = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "unknown"
+            self._fh.close()
+            raise CacheLocked(
+                f"Another covfeat process (pid {holder}) is writing {self.path.with_suffix('').name}; "
+                "wait for it to finish, or stop it and run again to resume."
+            ) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardStore:
+    """Finished extraction work of one cache, as durable shard files in ``<name>.partial/``.
+
+    A shard covers a contiguous range of manifest rows: the features of every view of
+    every readable row in it, and the skip reason of every unreadable one.
+    """
+
+    def __init__(self, target: Path, config: dict):
+        self.dir = target.with_name(target.name + ".partial")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.dir / "config.json"
+        text = json.dumps(config, sort_keys=True)
+        if stamp.exists() and stamp.read_text() != text:
+            # Same key means same config; a mismatch is a corrupted folder, not a resume.
+            shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+        if not stamp.exists():
+            _atomic_write(stamp, lambda f: f.write(text.encode()))
+
+    def shards(self) -> list[tuple[int, int, Path]]:
+        out = []
+        for p in self.dir.glob("shard_*.npz"):
+            a, b = p.stem.split("_")[1:3]
+            out.append((int(a), int(b), p))
+        return sorted(out)
+
+    def rows_done(self) -> int:
+        """Rows [0, n) are finished; resume from n (shards are written in order)."""
+        n = 0
+        for a, b, _ in self.shards():
+            if a != n:
+                break
+            n = b
+        return n
+
+    def write(self, start: int, stop: int, features: np.ndarray, rows: np.ndarray, views: np.ndarray,
+              params: np.ndarray, skipped: dict[int, str]) -> None:
+        path = self.dir / f"shard_{start:08d}_{stop:08d}.npz"
+        meta = json.dumps({str(k): v for k, v in skipped.items()})
+        _atomic_write(path, lambda f: np.savez(f, features=features, rows=rows, views=views,
+                                                params=params, skipped=np.array(meta)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _str_ds(group, name, values):
+    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
+
+
+def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[dict], split: np.ndarray,
+             feature_shape: tuple, dtype: str, extra: dict) -> None:
+    """Stream every shard into ``target`` (via a temporary name), mark it complete, rename."""
+    shards = store.shards()
+    n = 0
+    skipped: dict[int, str] = {}
+    for _, _, p in shards:
+        with np.load(p) as z:
+            n += len(z["rows"])
+            skipped.update({int(k): v for k, v in json.loads(str(z["skipped"])).items()})
+    tmp = target.with_name(target.name + ".tmp")
+    with h5py.File(tmp, "w") as h:
+        feats = h.create_dataset("features", shape=(n, *feature_shape), dtype=dtype, chunks=(1, *feature_shape))
+        rows = h.create_dataset("row", shape=(n,), dtype="i4")
+        views = h.create_dataset("view", shape=(n,), dtype="i1")
+        params = h.create_dataset("aug_params", shape=(n, 4), dtype="f4")
+        i = 0
+        for _, _, p in shards:
+            with np.load(p) as z:
+                k = len(z["rows"])
+                feats[i:i + k] = z["features"]
+                rows[i:i + k] = z["rows"]
+                views[i:i + k] = z["views"]
+                params[i:i + k] = z["params"]
+                i += k
+        row_idx = rows[:]
+        labels = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
+        h.create_dataset("label", data=labels[row_idx])
+        h.create_dataset("split", data=split[row_idx])
+        g = h.create_group("manifest")
+        for f in MANIFEST_FIELDS:
+            _str_ds(g, f, [r[f] for r in manifest])
+        g.create_dataset("split", data=split)
+        s = h.create_group("skipped")
+        _str_ds(s, "path", [manifest[k]["path"] for k in sorted(skipped)])
+        _str_ds(s, "reason", [skipped[k] for k in sorted(skipped)])
+        h.attrs["config"] = json.dumps(config, sort_keys=True)
+        h.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
+        h.attrs["format_version"] = FORMAT_VERSION
+        for k, v in extra.items():
+            h.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        h.flush()
+        h.attrs["complete"] = True  # last, so a crash above leaves an incomplete .tmp
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+@dataclass
+class FeatureCache:
+    """A complete cache opened for reading: small arrays in memory, features on demand."""
+
+    path: Path
+    config: dict
+    labels: np.ndarray  # per sample
+    split: np.ndarray  # per sample
+    view: np.ndarray  # per sample, 0 = original
+    row: np.ndarray  # per sample, index into manifest
+    manifest: dict[str, np.ndarray]
+    skipped: list[tuple[str, str]]
+    attrs: dict
+
+    @property
+    def backbone(self) -> str:
+        return self.config["backbone"]
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.config["weights"]["pretrained"])
+
+    @property
+    def weights_label(self) -> str:
+        return self.config["weights"]["label"]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        with h5py.File(self.path, "r") as h:
+            return tuple(h["features"].shape[1:])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.view.max()) + 1
+
+    def content_hash(self) -> str:
+        return self.path.stem.rsplit("-", 1)[-1]
+
+    def read_features(self, idx: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
+        """Features of the given sample indices (all when None), in that order."""
+        with h5py.File(self.path, "r") as h:
+            ds = h["features"]
+            if idx is None:
+                return ds[:].astype(dtype, copy=False)
+            idx = np.asarray(idx)
+            order = np.argsort(idx)
+            out = np.empty((len(idx), *ds.shape[1:]), dtype=dtype)
+            # h5py wants increasing indices; read sorted, in blocks, then put back in order
+            sorted_idx = idx[order]
+            for s in range(0, len(idx), 256):
+                block = sorted_idx[s:s + 256]
+                uniq, inv = np.unique(block, return_inverse=True)
+                out[order[s:s + 256]] = ds[uniq][inv]
+            return out
+
+
+def open_cache(path: str | Path) -> FeatureCache:
+    """Open a complete cache, checking its format.
+
+    Raises
+    ------
+    CacheError
+        Missing, incomplete, unreadable or of another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{path}: no such cache file; run `covfeat extract` first.")
+    try:
+        with h5py.File(path, "r") as h:
+            if not h.attrs.get("complete", False):
+                raise CacheError(f"{path} is incomplete; run the same `covfeat extract` again to resume it.")
+            if int(h.attrs.get("format_version", -1)) != FORMAT_VERSION:
+                raise CacheError(
+                    f"{path} has format version {h.attrs.get('format_version')}, this covfeat reads "
+                    f"{FORMAT_VERSION}; extract again."
+                )
+            config = json.loads(h.attrs["config"])
+            man = {k: h["manifest"][k][:] for k in h["manifest"]}
+            for k in MANIFEST_FIELDS:
+                man[k] = np.array([v.decode() if isinstance(v, bytes) else v for v in man[k]])
+            man["label"] = man["label"].astype(int)
+            skipped = list(zip((p.decode() for p in h["skipped"]["path"][:]),
+                               (r.decode() for r in h["skipped"]["reason"][:])))
+            attrs = {k: h.attrs[k] for k in h.attrs}
+            return FeatureCache(path, config, h["label"][:], h["split"][:], h["view"][:], h["row"][:],
+                                man, skipped, attrs)
+    except OSError as exc:
+        raise CacheError(f"{path} is not a readable HDF5 cache ({exc}).") from None
+
+
+def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
+    """The newest complete cache of a backbone in ``cache_dir``."""
+    cands = sorted(Path(cache_dir).glob(f"{backbone}-*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in cands:
+        try:
+            with h5py.File(p, "r") as h:
+                if h.attrs.get("complete", False):
+                    return p
+        except OSError:
+            continue
+    raise CacheError(f"No complete cache of {backbone} in {cache_dir}; run `covfeat extract --backbone {backbone}` first.")

@@ -1,0 +1,262 @@
+"""Stage one: run one frozen backbone once over the radiographs and cache its feature maps.
+
+Order of work, chosen so that a user's mistake costs seconds, not hours:
+weights resolved -> sources read and hashed -> classes checked -> cache key computed ->
+(complete cache? done) -> lock -> one readable image per class confirmed -> model built
+-> a worker pool decodes, resizes and jitters each image once while the main thread runs
+the forward pass -> shards written as it goes -> split assigned -> HDF5 assembled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
+from .cache import ShardStore, CacheLock, assemble, cache_key, cache_name, open_cache
+from .errors import ConfigError, DataError
+from .images import JitterConfig, UnreadableImage, apply_view, decode, resize, to_model_input, view_params
+from .occlusion import Occlusion
+from .sources import LABEL_NAMES, Manifest, load_sources
+from .split import SplitConfig, assign_split
+
+SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
+SHARD_ROWS = 32
+
+
+def sample_sources() -> list[Path]:
+    """The bundled sample: a few dozen downscaled radiographs per class (see NOTICE)."""
+    return [SAMPLE_DIR / "cohen", SAMPLE_DIR / "kermany" / "NORMAL"]
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that changes the cached numbers; all of it (defaults too) enters the key."""
+
+    backbone: str
+    weights: str = "imagenet"
+    preprocess: str = "paper"  # "paper": RGB / 255 ; "backbone": the backbone's preprocess_input
+    augment: int = 4
+    seed: int = 0
+    views: tuple[str, ...] = ("PA",)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    dtype: str = "float16"
+    jitter: JitterConfig = field(default_factory=JitterConfig)
+    occlusion: Occlusion = field(default_factory=Occlusion)
+    batch_size: int = 16  # not in the key: does not change the numbers
+    workers: int = 2  # not in the key
+
+    def validate(self) -> None:
+        get_backbone(self.backbone)
+        if self.preprocess not in ("paper", "backbone"):
+            raise ConfigError(f"--preprocess must be 'paper' or 'backbone', got {self.preprocess!r}.")
+        if not 0 <= self.augment <= 100:
+            raise ConfigError(f"--augment must be between 0 and 100, got {self.augment}.")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}.")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConfigError("--batch-size and --workers must be at least 1.")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusion=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one file once and return its model inputs for every view, and their jitter.
+
+    Returns
+    -------
+    inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
+    params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
+    """
+    base = resize(decode(path))
+    if occlusion is not None:
+        base = occlusion.apply(base, path)
+    inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    params = np.zeros((cfg.augment + 1, 4), np.float32)
+    inputs[0] = to_model_input(base, cfg.preprocess, backbone)
+    for v in range(1, cfg.augment + 1):
+        params[v] = view_params(sha256, v, cfg.seed, cfg.jitter)
+        inputs[v] = to_model_input(apply_view(base, params[v]), cfg.preprocess, backbone)
+    return inputs, params
+
+
+def resolved_config(cfg: ExtractConfig, spec) -> dict:
+    return {
+        "backbone": cfg.backbone,
+        "weights": {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label},
+        "input_size": INPUT_SIZE,
+        "resize": "cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
+        "preprocess": cfg.preprocess,
+        "augment": cfg.augment,
+        "augment_scope": "all rows (evaluation uses view 0 only)",
+        "jitter": asdict(cfg.jitter),
+        "seed": cfg.seed,
+        "views": list(cfg.views),
+        "split": cfg.split.as_dict(),
+        "dtype": cfg.dtype,
+        "occlusion": cfg.occlusion.as_dict(),
+    }
+
+
+def _check_classes(manifest: Manifest) -> None:
+    counts = manifest.counts()
+    empty = [k for k, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(
+            f"No {' or '.join(empty)} images in the given data ({manifest.summary()}); "
+            "covfeat needs both COVID-19 and NORMAL images."
+        )
+
+
+def _probe_classes(records, cfg, backbone, occlusion) -> None:
+    """Find one readable image per class before any model is built."""
+    for label, name in LABEL_NAMES.items():
+        reasons = []
+        for r in (r for r in records if r.label == label):
+            try:
+                resize(decode(r.path))
+                break
+            except UnreadableImage as exc:
+                reasons.append(str(exc))
+        else:
+            raise DataError(
+                f"No readable {name} image: all {len(reasons)} failed to decode "
+                f"(first reason: {reasons[0] if reasons else 'none listed'})."
+            )
+
+
+def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
+            progress: bool = True) -> Path:
+    """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
+
+    Raises
+    ------
+    WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked
+    """
+    cfg.validate()
+    backbone = get_backbone(cfg.backbone)
+    spec = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
+    occlusion = cfg.occlusion if cfg.occlusion.kind != "none" else None
+    if occlusion is not None:
+        occlusion.check()
+    if not sources:
+        sources = sample_sources()
+        _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
+    manifest = load_sources(sources, views=cfg.views)
+    _log(f"Data: {manifest.summary()}")
+    for path, reason in manifest.missing[:3]:
+        _log(f"  missing: {path} ({reason})")
+    if len(manifest.missing) > 3:
+        _log(f"  ... and {len(manifest.missing) - 3} more missing files")
+    _check_classes(manifest)
+
+    config = resolved_config(cfg, spec)
+    rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
+             "view": r.view, "sha256": r.sha256} for r in manifest.records]
+    key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
+    target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, cache_key(config, key_rows))
+    if target.exists():
+        open_cache(target)  # raises if it is somehow not complete
+        _log(f"Cache is complete; nothing to do ({spec.label}).")
+        return target
+
+    with CacheLock(target):
+        store = ShardStore(target, config)
+        n = len(rows)
+        start = store.rows_done()
+        if start:
+            _log(f"Resuming: {start} of {n} images already extracted.")
+        if start < n:
+            _probe_classes(manifest.records, cfg, backbone, occlusion)
+            _run(manifest, cfg, backbone, spec, store, start, progress, occlusion)
+        skipped = {}
+        for _, _, p in store.shards():
+            with np.load(p) as z:
+                skipped.update({int(k): v for k, v in json.loads(str(z["skipped"])).items()})
+        if skipped:
+            _log(f"Skipped {len(skipped)} unreadable file(s):")
+            for k in sorted(skipped)[:10]:
+                _log(f"  {rows[k]['path']}: {skipped[k]}")
+        ok = np.array([i not in skipped for i in range(n)])
+        labels = np.array([r["label"] for r in rows])
+        patients = np.array([r["patient_id"] for r in rows])
+        split = np.full(n, -1, np.int8)
+        split[ok] = assign_split(labels[ok], patients[ok], cfg.split)
+        extra = {"missing": [list(m) for m in manifest.missing],
+                 "duplicates": [list(d) for d in manifest.duplicates],
+                 "ignored": manifest.ignored, "weights_label": spec.label}
+        assemble(target, store, config=config, manifest=rows, split=split,
+                 feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
+        store.remove()
+    if not spec.pretrained:
+        _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
+    return target
+
+
+def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardStore, start: int,
+         progress: bool, occlusion) -> None:
+    """Decode in a worker pool, forward on the main thread, write a shard every SHARD_ROWS rows."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    model = build_backbone(backbone, spec, seed=cfg.seed)
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    bs = cfg.batch_size
+    n = len(manifest.records)
+    n_views = cfg.augment + 1
+    dtype = np.dtype(cfg.dtype)
+    records = manifest.records
+
+    def job(i):
+        try:
+            return prepare_image(records[i].path, records[i].sha256, cfg, backbone, occlusion)
+        except UnreadableImage as exc:
+            return str(exc)
+        except Exception as exc:  # an unexpected decoder failure is still a per-file skip
+            return f"unreadable ({type(exc).__name__}: {exc})"
+
+    bar = tqdm(total=(n - start) * n_views, unit="img", desc=f"extract {cfg.backbone}",
+               disable=not progress, file=sys.stderr, smoothing=0.1)
+    batch = np.zeros((bs, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        pending = deque()
+        nxt = start
+        lookahead = max(4 * cfg.workers, bs // max(n_views, 1) + 2)
+        for s0 in range(start, n, SHARD_ROWS):
+            s1 = min(n, s0 + SHARD_ROWS)
+            inputs, rows_v, views_v, params_v, skipped = [], [], [], [], {}
+            for i in range(s0, s1):
+                while nxt < n and len(pending) < lookahead:
+                    pending.append(pool.submit(job, nxt))
+                    nxt += 1
+                res = pending.popleft().result()
+                if isinstance(res, str):
+                    skipped[i] = res
+                    bar.update(n_views)
+                    continue
+                inputs.append(res[0])
+                params_v.append(res[1])
+                rows_v += [i] * n_views
+                views_v += list(range(n_views))
+            if inputs:
+                x = np.concatenate(inputs)
+                feats = np.empty((len(x), *backbone.feature_shape), dtype)
+                for b0 in range(0, len(x), bs):
+                    k = min(bs, len(x) - b0)
+                    batch[:k] = x[b0:b0 + k]
+                    feats[b0:b0 + k] = forward(batch).numpy()[:k]
+                    bar.update(k)
+                params = np.concatenate(params_v)
+            else:
+                feats = np.empty((0, *backbone.feature_shape), dtype)
+                params = np.empty((0, 4), np.float32)
+            store.write(s0, s1, feats, np.array(rows_v, np.int32), np.array(views_v, np.int8), params, skipped)
+    bar.close()

@@ -1,0 +1,145 @@
+"""How a radiograph file becomes a 224x224 RGB array, and how its jittered views are made.
+
+Decoding is OpenCV's (BGR -> RGB as in the paper), with greyscale, RGBA and 16-bit
+files turned into 3-channel arrays in the 8-bit range (16-bit scaled by the image's real
+range, never truncated); DICOM goes through pydicom (the optional ``dicom`` extra), with
+MONOCHROME1 inverted.  Every failure raises :class:`UnreadableImage` with a reason that
+ends up in the cache's skip report.
+
+The jitter follows Keras's ImageDataGenerator (rotation, shift, zoom, nearest fill) but
+with explicit parameters drawn from a seeded generator keyed on the image's content hash,
+so every view is reproducible and its parameters can be stored beside its features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .backbones import INPUT_SIZE
+
+cv2.setNumThreads(1)  # decoding runs in a thread pool beside the forward pass
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded into a radiograph; ``str(exc)`` is the reason."""
+
+
+def _to_rgb_float(img: np.ndarray) -> np.ndarray:
+    """Any decoded array (H,W) / (H,W,1|3|4) of uint8/uint16/float -> float32 RGB in [0, 255]."""
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.dtype == np.uint8:
+        out = img.astype(np.float32)
+    else:
+        # 16-bit and float images: stretch their real range onto [0, 255].
+        img = img.astype(np.float32)
+        lo, hi = float(img.min()), float(img.max())
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            raise UnreadableImage("non-finite pixel values")
+        out = (img - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(img)
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    elif out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return out
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    try:
+        import pydicom
+    except ImportError:
+        raise UnreadableImage("DICOM needs the optional extra: pip install 'covfeat[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as exc:
+        raise UnreadableImage(f"unreadable DICOM ({type(exc).__name__})") from None
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # multi-frame: first frame
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        arr = arr.max() - arr  # MONOCHROME1: high values are dark
+    return _to_rgb_float(arr)  # float input: stretched from its real range
+
+
+def decode(path: str | Path) -> np.ndarray:
+    """Decode one file to float32 RGB in [0, 255] at its own size.
+
+    Raises
+    ------
+    UnreadableImage
+        Zero-byte, truncated, corrupt, non-image or unreadable files.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    if not data:
+        raise UnreadableImage("zero-byte file")
+    if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
+        return _read_dicom(path)
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if img is None or img.size == 0:
+        raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
+    if data[:3] == b"\xff\xd8\xff" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # libjpeg pads a cut-off JPEG with grey and only warns; a half-grey radiograph
+        # would silently poison the features, so a missing end marker is a skip.
+        raise UnreadableImage("truncated JPEG (no end-of-image marker)")
+    if img.ndim == 3 and img.shape[2] >= 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return _to_rgb_float(img)
+
+
+def resize(img: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """Resize to size x size (area interpolation when shrinking, as radiographs mostly are)."""
+    shrink = img.shape[0] > size or img.shape[1] > size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class JitterConfig:
+    """Ranges of the random jitter (ImageDataGenerator's meaning of each range)."""
+
+    rotation: float = 15.0  # degrees, uniform in [-r, r]
+    shift: float = 0.1  # fraction of the side, uniform in [-s, s]
+    zoom: float = 0.1  # scale uniform in [1-z, 1+z]
+
+
+def view_params(sha256: str, view: int, seed: int, jitter: JitterConfig) -> np.ndarray:
+    """Parameters (angle, tx, ty, zoom) of augmented view ``view`` (>= 1) of one image.
+
+    Keyed on the file's content hash, not its position, so adding images to a data set
+    does not change the views of the others.
+    """
+    rng = np.random.default_rng([seed, int(sha256[:16], 16), view])
+    return np.array(
+        [
+            rng.uniform(-jitter.rotation, jitter.rotation),
+            rng.uniform(-jitter.shift, jitter.shift),
+            rng.uniform(-jitter.shift, jitter.shift),
+            rng.uniform(1 - jitter.zoom, 1 + jitter.zoom),
+        ],
+        dtype=np.float32,
+    )
+
+
+def apply_view(img: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Rotate, zoom and shift a square image about its centre; edges filled by nearest."""
+    angle, tx, ty, zoom = (float(v) for v in params)
+    h, w = img.shape[:2]
+    mat = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, zoom)
+    mat[0, 2] += tx * w
+    mat[1, 2] += ty * h
+    return cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def to_model_input(img: np.ndarray, preprocess: str, backbone) -> np.ndarray:
+    """Scale a [0, 255] RGB array the way the cache says: ``paper`` ([0, 1]) or ``backbone``."""
+    if preprocess == "paper":
+        return img * np.float32(1.0 / 255.0)
+    return backbone.preprocess_input()(img.copy())
