@@ -96,6 +96,98 @@ def extract(
     typer.echo(str(path))
 
 
+HEAD_FLAGS = ("dropout", "epochs", "batch_size", "learning_rate", "momentum", "balance", "smote_k", "seed",
+              "dense_units", "activity_l1", "activity_l2")
+
+
+def head_config(config_file: Optional[Path], **flags):
+    """Defaults (the paper) <- config file keys <- flags given on the command line."""
+    import dataclasses
+    import json as _json
+
+    from .errors import ConfigError
+    from .head import HeadConfig
+
+    values = {}
+    if config_file is not None:
+        text = config_file.read_text()
+        if config_file.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = _json.loads(text)
+        known = {f.name for f in dataclasses.fields(HeadConfig)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}.")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return HeadConfig(**values)
+
+
+def _cache_arg(cache: Optional[Path], backbone: Optional[str], cache_dir: Path) -> Path:
+    from .cache import find_latest_cache
+
+    if cache is not None:
+        return cache
+    if backbone is None:
+        _fail("pass --cache FILE or --backbone NAME (the newest complete cache of it in --cache-dir).")
+    return _guard(find_latest_cache, cache_dir, backbone)
+
+
+@app.command("fit-head")
+def fit_head(
+    cache: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, resolve_path=True, help="Feature cache (.h5).")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Use the newest complete cache of this backbone.")] = None,
+    cache_dir: CacheDir = Path("cache"),
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are written.")] = Path("runs"),
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON or TOML file of head settings (keys as the flags, with _).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="[default: 100]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="[default: 8]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="SGD learning rate [default: 1e-4]")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum [default: 0.5]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="[default: 0.5 inception_v3/densenet201, 0.2 resnet101_v2/inception_resnet_v2]")] = None,
+    dense_units: Annotated[Optional[int], typer.Option(help="[default: 128]")] = None,
+    activity_l1: Annotated[Optional[float], typer.Option(help="[default: 0.001]")] = None,
+    activity_l2: Annotated[Optional[float], typer.Option(help="[default: 0.001]")] = None,
+    balance: Annotated[Optional[str], typer.Option(help="smote | none | class-weight [default: smote]")] = None,
+    smote_k: Annotated[Optional[int], typer.Option(help="SMOTE neighbours, reduced for a small minority [default: 5]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
+    target_recall: Annotated[Optional[float], typer.Option(help="Pick the threshold on validation rows to reach this COVID-19 recall.")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (0: the cache's own split).")] = 0,
+    repeats: Annotated[int, typer.Option(help="Cross-validation repeats.")] = 1,
+    memory_budget: Annotated[float, typer.Option(help="GiB of training maps held in memory; above it they are streamed from HDF5.")] = 8.0,
+):
+    """Train the paper's head on cached features (SMOTE in feature space, fresh views each epoch).
+
+    The last line on stdout is the run folder.
+    """
+    from . import train
+
+    cfg = _guard(head_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                 momentum=momentum, dropout=dropout, dense_units=dense_units, activity_l1=activity_l1,
+                 activity_l2=activity_l2, balance=balance, smote_k=smote_k, seed=seed)
+    path = _cache_arg(cache, backbone, cache_dir)
+    if folds:
+        run = _guard(train.cross_validate, path, cfg, runs_dir, folds=folds, repeats=repeats,
+                     target_recall=target_recall, memory_budget_gb=memory_budget, progress=_progress())
+    else:
+        run = _guard(train.fit_head, path, cfg, runs_dir, target_recall=target_recall,
+                     memory_budget_gb=memory_budget, progress=_progress())
+    typer.echo(str(run))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Run folders from fit-head.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for table2.md/.csv/.json and the PNG figures [default: the first run folder]")] = None,
+):
+    """Print the paper's Table 2 for the runs side by side; write Markdown, CSV, JSON and figures."""
+    from . import report as rp
+
+    typer.echo(_guard(rp.report, runs, out if out is not None else runs[0]))
+
+
 def main():
     app()
 

@@ -1,0 +1,83 @@
+"""Metrics: the paper's Table 2 block, AUCs, intervals, and the operating-point choice.
+
+scikit-learn computes the metrics and curves, scipy the Wilson and t intervals; this
+module only decides which numbers a report shows and how they are named.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TABLE2_KEYS = ("covid_precision", "covid_recall", "covid_f1", "normal_precision", "normal_recall", "normal_f1",
+               "TP", "FP", "FN", "TN", "accuracy")
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (nan, nan when n == 0)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return (float("nan"), float("nan"))
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def classification_metrics(y_true, p_covid, threshold: float = 0.5) -> dict:
+    """Table 2 (per-class precision/recall/f1, TP/FP/FN/TN, accuracy) plus AUCs, counts
+    and Wilson intervals; COVID-19 (label 1) is the positive class."""
+    from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
+                                 roc_auc_score)
+
+    y = np.asarray(y_true, int)
+    p = np.asarray(p_covid, float)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=[1, 0], zero_division=np.nan)
+    both = len(np.unique(y)) == 2
+    out = {
+        "threshold": float(threshold),
+        "covid_precision": float(prec[0]), "covid_recall": float(rec[0]), "covid_f1": float(f1[0]),
+        "normal_precision": float(prec[1]), "normal_recall": float(rec[1]), "normal_f1": float(f1[1]),
+        "TP": int(tp), "FP": int(fp), "FN": int(fn), "TN": int(tn),
+        "accuracy": float((tp + tn) / max(len(y), 1)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
+        "n_covid": int(support[0]), "n_normal": int(support[1]),
+    }
+    out["ci"] = {
+        "covid_recall": wilson(tp, tp + fn), "covid_precision": wilson(tp, tp + fp),
+        "normal_recall": wilson(tn, tn + fp), "normal_precision": wilson(tn, tn + fn),
+        "specificity": wilson(tn, tn + fp), "accuracy": wilson(tp + tn, len(y)),
+    }
+    return out
+
+
+def threshold_for_recall(y_true, p_covid, target: float) -> float:
+    """Largest threshold whose COVID-19 recall on (validation) rows reaches ``target``."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y_true, int)
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    if y.sum() == 0:
+        raise ValueError("no COVID-19 rows to choose a threshold on")
+    _, tpr, thr = roc_curve(y, p_covid, drop_intermediate=False)
+    i = int(np.argmax(tpr >= target - 1e-12))
+    return float(min(thr[i], 1.0))
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the t interval of the mean over folds (nan-safe)."""
+    from scipy.stats import t
+
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], float)
+    if len(v) == 0:
+        return (float("nan"),) * 3
+    m = float(v.mean())
+    if len(v) < 2:
+        return (m, float("nan"), float("nan"))
+    half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return (m, m - half, m + half)
