@@ -188,6 +188,51 @@ def report(
     typer.echo(_guard(rp.report, runs, out if out is not None else runs[0]))
 
 
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
+    images: Annotated[list[Path], typer.Argument(exists=True, help="Image files or folders.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write the table to FILE.csv or FILE.json.")] = None,
+):
+    """P(COVID-19) for new radiographs, with the run's own preprocessing, backbone and head."""
+    import csv as _csv
+    import json as _json
+
+    from . import predict as pr
+
+    rows = _guard(pr.predict, run, images)
+    width = max([len(r["path"]) for r in rows] + [4])
+    typer.echo(f"{'path'.ljust(width)}  p_covid  label")
+    for r in rows:
+        if r["error"]:
+            typer.echo(f"{r['path'].ljust(width)}  skipped: {r['error']}")
+        else:
+            typer.echo(f"{r['path'].ljust(width)}  {r['p_covid']:.4f}   {r['label']}")
+    bad = sum(1 for r in rows if r["error"])
+    if bad:
+        typer.echo(f"{bad} of {len(rows)} image(s) could not be read; see 'skipped' above.", err=True)
+    if out is not None:
+        if out.suffix == ".json":
+            out.write_text(_json.dumps(rows, indent=2))
+        else:
+            with open(out, "w", newline="") as f:
+                w = _csv.DictWriter(f, fieldnames=["path", "p_covid", "label", "error"])
+                w.writeheader()
+                w.writerows(rows)
+        typer.echo(str(out))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
+    out: Annotated[Path, typer.Option(help="Output .keras file.")],
+):
+    """One Keras model (preprocessing, backbone, head): 224x224 RGB in [0, 255] -> (p_normal, p_covid)."""
+    from . import predict as pr
+
+    typer.echo(str(_guard(pr.export, run, out)))
+
+
 def main():
     app()
 

@@ -133,20 +133,29 @@ def _probe_classes(records, cfg, backbone, occlusion) -> None:
             )
 
 
-def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
-            progress: bool = True) -> Path:
-    """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
+@dataclass
+class Plan:
+    """What an extraction will produce, known before any image is decoded or model built."""
+
+    target: Path
+    manifest: Manifest
+    config: dict
+    rows: list[dict]
+    spec: object
+
+
+def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache") -> Plan:
+    """Resolve weights, read and hash the sources, check both classes, and name the cache.
 
     Raises
     ------
-    WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked
+    WeightsUnavailable, SourceNotFound, DataError, ConfigError
     """
     cfg.validate()
     backbone = get_backbone(cfg.backbone)
     spec = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
-    occlusion = cfg.occlusion if cfg.occlusion.kind != "none" else None
-    if occlusion is not None:
-        occlusion.check()
+    if cfg.occlusion.kind != "none":
+        cfg.occlusion.check()
     if not sources:
         sources = sample_sources()
         _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
@@ -157,12 +166,26 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     if len(manifest.missing) > 3:
         _log(f"  ... and {len(manifest.missing) - 3} more missing files")
     _check_classes(manifest)
-
     config = resolved_config(cfg, spec)
     rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
              "view": r.view, "sha256": r.sha256} for r in manifest.records]
     key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
     target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, cache_key(config, key_rows))
+    return Plan(target, manifest, config, rows, spec)
+
+
+def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
+            progress: bool = True) -> Path:
+    """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
+
+    Raises
+    ------
+    WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked
+    """
+    p = plan(sources, cfg, cache_dir)
+    target, manifest, config, rows, spec = p.target, p.manifest, p.config, p.rows, p.spec
+    backbone = get_backbone(cfg.backbone)
+    occlusion = cfg.occlusion if cfg.occlusion.kind != "none" else None
     if target.exists():
         open_cache(target)  # raises if it is somehow not complete
         _log(f"Cache is complete; nothing to do ({spec.label}).")
@@ -192,7 +215,7 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
         split[ok] = assign_split(labels[ok], patients[ok], cfg.split)
         extra = {"missing": [list(m) for m in manifest.missing],
                  "duplicates": [list(d) for d in manifest.duplicates],
-                 "ignored": manifest.ignored, "weights_label": spec.label}
+                 "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or ""}
         assemble(target, store, config=config, manifest=rows, split=split,
                  feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
         store.remove()

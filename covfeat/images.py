@@ -82,14 +82,14 @@ def decode(path: str | Path) -> np.ndarray:
         raise UnreadableImage("zero-byte file")
     if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
         return _read_dicom(path)
+    if data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in data[-64:]:
+        # Some libjpeg builds pad a cut-off JPEG with grey and only warn; a half-grey
+        # radiograph would silently poison the features, so a missing end marker is a skip.
+        raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None or img.size == 0:
         raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
-    if data[:3] == b"\xff\xd8\xff" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # libjpeg pads a cut-off JPEG with grey and only warns; a half-grey radiograph
-        # would silently poison the features, so a missing end marker is a skip.
-        raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     if img.ndim == 3 and img.shape[2] >= 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _to_rgb_float(img)

@@ -108,12 +108,14 @@ def detect_layout(src: Path) -> str:
         raise DataError(f"{src}: a file source must be a manifest CSV (path,label[,patient_id,source]).")
     if (src / "metadata.csv").is_file() and (src / "images").is_dir():
         return "cohen"
-    if src.name.upper() == "NORMAL" or any(
-        (src / d / "NORMAL").is_dir() for d in ("", "train", "test", "val")
-    ):
+    labelled = {parse_label(d.name) for d in src.iterdir() if d.is_dir()} - {None}
+    if src.name.upper() == "NORMAL":
         return "kermany"
-    subdirs = [d for d in src.iterdir() if d.is_dir() and parse_label(d.name) is not None]
-    if subdirs:
+    if COVID in labelled:  # a class-folder root; Kermany's chest_xray has no COVID-19 folder
+        return "folders"
+    if any((src / d / "NORMAL").is_dir() for d in ("", "train", "test", "val")):
+        return "kermany"
+    if labelled:
         return "folders"
     raise DataError(
         f"{src}: not a known layout. Expected a Cohen folder (metadata.csv + images/), "

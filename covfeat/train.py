@@ -268,6 +268,12 @@ def _train_streamed(fc, samples, tr, bal, V, S, C, Xv, yv, tail, cfg, dropout, r
     return history
 
 
+def _cache_info(fc: FeatureCache) -> dict:
+    """Where a run's features came from: cache path, key, and the backbone weights used."""
+    return {"path": str(Path(fc.path).resolve()), "key": fc.content_hash(),
+            "weights": {**fc.config["weights"], "path": str(fc.attrs.get("weights_path", "")) or None}}
+
+
 def _write_run(runs_dir, name, fc, cfg, dropout, model, history, test_rows, p_test, threshold, metrics, split,
                target_recall) -> Path:
     runs_dir = Path(runs_dir)
@@ -283,8 +289,7 @@ def _write_run(runs_dir, name, fc, cfg, dropout, model, history, test_rows, p_te
     config = {"head": cfg.as_dict(), "dropout_used": dropout, "threshold": threshold,
               "target_recall": target_recall, "extract": fc.config}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "cache.json").write_text(json.dumps({"path": str(Path(fc.path).resolve()), "key": fc.content_hash(),
-                                                "weights": fc.config["weights"]}, indent=2))
+    (tmp / "cache.json").write_text(json.dumps(_cache_info(fc), indent=2))
     with open(tmp / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
         w.writeheader()
@@ -348,8 +353,7 @@ def cross_validate(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path
     (parent_tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (parent_tmp / "config.json").write_text(json.dumps({"head": cfg.as_dict(), "folds": folds, "repeats": repeats,
                                                         "target_recall": target_recall, "extract": fc.config}, indent=2))
-    (parent_tmp / "cache.json").write_text(json.dumps({"path": str(Path(fc.path).resolve()), "key": fc.content_hash(),
-                                                       "weights": fc.config["weights"]}, indent=2))
+    (parent_tmp / "cache.json").write_text(json.dumps(_cache_info(fc), indent=2))
     final = runs_dir / stamp
     k = 1
     while final.exists():

@@ -1,0 +1,79 @@
+"""Shared fixtures: small real-radiograph data sets built from the bundled sample, and caches."""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["COVFEAT_NO_PROGRESS"] = "1"
+
+SAMPLE = Path(__file__).resolve().parents[1] / "covfeat" / "data" / "sample"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path, monkeypatch):
+    """Every cache and run folder under tmp_path; Keras's cache too; no progress bars."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("COVFEAT_NO_PROGRESS", "1")
+
+
+@pytest.fixture
+def seed():
+    return 0
+
+
+def make_mini(root: Path, n_covid: int = 8, n_normal: int = 8) -> dict:
+    """A Cohen folder (with one missing file and one non-COVID row) and a Kermany NORMAL folder."""
+    cohen = root / "cohen"
+    (cohen / "images").mkdir(parents=True)
+    rows = list(csv.DictReader(open(SAMPLE / "cohen" / "metadata.csv")))[:n_covid]
+    for r in rows:
+        shutil.copy(SAMPLE / "cohen" / "images" / r["filename"], cohen / "images" / r["filename"])
+    missing = dict(rows[0], filename="not-on-disk.jpg", patientid="999")
+    other = dict(rows[1], filename=rows[1]["filename"], finding="Pneumonia/Viral/SARS", patientid="998")
+    with open(cohen / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + [missing, other])
+    normal = root / "kermany" / "NORMAL"
+    normal.mkdir(parents=True)
+    for p in sorted((SAMPLE / "kermany" / "NORMAL").iterdir())[:n_normal]:
+        shutil.copy(p, normal / p.name)
+    return {"cohen": cohen, "normal": normal, "n_covid": n_covid, "n_normal": n_normal}
+
+
+@pytest.fixture(scope="session")
+def mini(tmp_path_factory):
+    return make_mini(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(scope="session")
+def mini_cache(tmp_path_factory, mini):
+    """inception_v3, random init, 2 jittered views: the cache most stage-two tests use."""
+    from covfeat.extract import ExtractConfig, extract
+    from covfeat.split import SplitConfig
+
+    out = tmp_path_factory.mktemp("cache")
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=2, split=SplitConfig(val=0.2, test=0.3))
+    return extract([mini["cohen"], mini["normal"]], cfg, out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory, mini_cache):
+    from covfeat.head import HeadConfig
+    from covfeat.train import fit_head
+
+    return fit_head(mini_cache, HeadConfig(epochs=5), tmp_path_factory.mktemp("runs"), progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARED.is_dir():
+        skip = pytest.mark.skip(reason=f"{SHARED} is not present")
+        for it in items:
+            if "slow" in it.keywords:
+                it.add_marker(skip)

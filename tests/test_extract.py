@@ -1,0 +1,197 @@
+"""covfeat extract as a user runs it: real image files in, a complete HDF5 cache out."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from covfeat.cache import CacheLock, open_cache
+from covfeat.cli import app
+from covfeat.extract import ExtractConfig, plan
+from covfeat.images import JitterConfig
+from covfeat.occlusion import Occlusion
+from covfeat.split import SplitConfig
+from conftest import make_mini
+
+runner = CliRunner()
+BASE = ["extract", "--backbone", "inception_v3", "--weights", "none", "--augment", "1"]
+
+
+def run_cli(args):
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def data_args(mini):
+    return ["--data", str(mini["cohen"]), "--data", str(mini["normal"])]
+
+
+def test_extract_writes_complete_cache_and_reuses_it(mini, tmp_path):
+    r = run_cli(BASE + data_args(mini))
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.strip().splitlines()[-1])
+    assert path.parent == Path("cache").resolve() or path.parent.name == "cache"
+    assert "NOT PRETRAINED" in r.stderr and "1 listed files missing" in r.stderr
+    with h5py.File(path) as h:
+        n = (mini["n_covid"] + mini["n_normal"]) * 2
+        assert h["features"].shape == (n, 5, 5, 2048) and h["features"].dtype == np.float16
+        assert h["features"].chunks == (1, 5, 5, 2048)
+        assert sorted(np.unique(h["view"][:])) == [0, 1]
+        assert h["label"][:].sum() == mini["n_covid"] * 2
+        assert set(np.unique(h["split"][:])) == {0, 1, 2}
+        assert h.attrs["complete"]
+        cfg = json.loads(h.attrs["config"])
+        assert cfg["weights"]["pretrained"] is False and cfg["preprocess"] == "paper" and cfg["augment"] == 1
+        assert "tensorflow" in json.loads(h.attrs["versions"])
+        rows = h["row"][:]
+        assert (np.bincount(rows) == 2).all()
+    fc = open_cache(path)
+    # no patient in two splits
+    man = fc.manifest
+    for p in np.unique(man["patient_id"]):
+        assert len(np.unique(man["split"][man["patient_id"] == p])) == 1
+    t = time.perf_counter()
+    r2 = run_cli(BASE + data_args(mini))
+    assert r2.stdout.strip().splitlines()[-1] == str(path)
+    assert "nothing to do" in r2.stderr and time.perf_counter() - t < 10
+
+
+@pytest.mark.parametrize("change", [
+    {"augment": 2}, {"seed": 1}, {"preprocess": "backbone"}, {"split": SplitConfig(test=0.4)},
+    {"split": SplitConfig(by="image")}, {"dtype": "float32"}, {"views": ("PA", "AP")},
+    {"jitter": JitterConfig(rotation=5)}, {"occlusion": Occlusion(kind="box")}, {"backbone": "densenet201"},
+    "weights_file", "data_content", "data_label",
+])
+def test_every_input_enters_the_cache_key(mini, tmp_path, change):
+    """The key covers config, defaults, weights identity and image content; not the folder's path."""
+    base = plan([mini["cohen"], mini["normal"]], ExtractConfig(backbone="inception_v3", weights="none"))
+    cohen, normal, kw = mini["cohen"], mini["normal"], {}
+    if change == "weights_file":
+        f = tmp_path / "w.h5"
+        f.write_bytes(b"x")
+        kw = {"weights": str(f)}
+    elif change == "data_content":
+        other = make_mini(tmp_path / "o")
+        img = next(other["normal"].iterdir())
+        img.write_bytes(img.read_bytes() + b"\0")
+        cohen, normal = other["cohen"], other["normal"]
+    elif change == "data_label":
+        root = tmp_path / "folders"  # the same bytes with the labels swapped
+        shutil.copytree(mini["normal"], root / "COVID-19")
+        shutil.copytree(mini["cohen"] / "images", root / "NORMAL")
+        cohen, normal = root, None
+    else:
+        kw = change
+    cfg = ExtractConfig(**{"backbone": "inception_v3", "weights": "none", **kw})
+    other = plan([s for s in (cohen, normal) if s is not None], cfg)
+    assert other.target.name != base.target.name
+    moved = tmp_path / "moved"
+    shutil.copytree(mini["cohen"], moved / "cohen")
+    shutil.copytree(mini["normal"], moved / "NORMAL")
+    same = plan([moved / "cohen", moved / "NORMAL"], ExtractConfig(backbone="inception_v3", weights="none"))
+    assert same.target.name == base.target.name
+
+
+def test_bad_files_are_skipped_with_reasons(mini, tmp_path):
+    bad = make_mini(tmp_path / "bad")
+    normal = bad["normal"]
+    (normal / "IM-9000-0001.jpeg").write_bytes(b"")
+    good = next(normal.iterdir()).read_bytes()
+    (normal / "IM-9001-0001.jpeg").write_bytes(good[: len(good) // 2])
+    (normal / "IM-9002-0001.png").write_bytes(b"not an image at all")
+    r = run_cli(BASE + ["--augment", "0"] + data_args(bad))
+    assert r.exit_code == 0, r.output
+    assert "Skipped 3 unreadable file(s)" in r.stderr
+    fc = open_cache(r.stdout.strip().splitlines()[-1])
+    reasons = dict((Path(p).name, why) for p, why in fc.skipped)
+    assert reasons == {"IM-9000-0001.jpeg": "zero-byte file",
+                       "IM-9001-0001.jpeg": "truncated JPEG (no end-of-image marker)",
+                       "IM-9002-0001.png": "not a decodable image (corrupt, truncated or not an image)"}
+    assert len(fc.labels) == bad["n_covid"] + bad["n_normal"]
+
+
+def test_one_class_only_is_a_clear_error(mini):
+    r = run_cli(BASE + ["--data", str(mini["normal"])])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: No COVID-19 images in the given data ({mini['n_normal']} images (0 COVID-19, "
+        f"{mini['n_normal']} NORMAL)); covfeat needs both COVID-19 and NORMAL images."
+    )
+
+
+def test_class_with_no_readable_image_fails_before_model(tmp_path, mini, monkeypatch):
+    bad = make_mini(tmp_path / "bad", n_covid=2)
+    for i, p in enumerate((bad["cohen"] / "images").iterdir()):
+        p.write_bytes(b"broken %d" % i)
+    import covfeat.extract as ex
+
+    monkeypatch.setattr(ex, "build_backbone", lambda *a, **k: pytest.fail("model built"))
+    r = run_cli(BASE + data_args(bad))
+    assert r.exit_code == 1
+    assert "error: No readable COVID-19 image: all 2 failed to decode" in r.stderr
+
+
+def test_unknown_backbone_and_bad_option(mini):
+    r = run_cli(["extract", "--backbone", "vgg16", "--weights", "none"])
+    assert r.exit_code == 1 and "Unknown backbone 'vgg16'; expected one of: inception_v3" in r.stderr
+    r = run_cli(BASE + ["--preprocess", "fancy"])
+    assert r.exit_code == 1 and "--preprocess must be 'paper' or 'backbone'" in r.stderr
+
+
+def test_default_is_the_bundled_sample(tmp_path):
+    from covfeat.extract import sample_sources
+    from covfeat.sources import load_sources
+
+    m = load_sources(sample_sources())
+    assert m.counts() == {"COVID-19": 30, "NORMAL": 30}
+    notice = (sample_sources()[0].parent / "NOTICE").read_text()
+    assert "CC BY 4.0" in notice and "CC BY-NC-SA" in notice
+
+
+def _cli_cmd(*args):
+    return [sys.executable, "-m", "covfeat.cli", *args]
+
+
+def test_lock_refuses_a_second_writer(mini, tmp_path):
+    target = plan([mini["cohen"], mini["normal"]], ExtractConfig(backbone="inception_v3", weights="none", augment=1),
+                  tmp_path / "b").target
+    name = target.name
+    with CacheLock(target):
+        r2 = run_cli(BASE + data_args(mini) + ["--cache-dir", str(tmp_path / "b")])
+    assert r2.exit_code == 1
+    assert f"error: Another covfeat process (pid {os.getpid()}) is writing {name}" in r2.stderr
+    assert not target.exists()
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
+    data = make_mini(tmp_path / "d", n_covid=24, n_normal=24)  # 48 rows = 2 shards
+    args = ["extract", "--backbone", "inception_v3", "--weights", "none", "--augment", "1",
+            "--data", str(data["cohen"]), "--data", str(data["normal"])]
+    env = dict(os.environ, COVFEAT_NO_PROGRESS="1")
+    proc = subprocess.Popen(_cli_cmd(*args, "--cache-dir", "killed"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(Path("killed").glob("*.partial/shard_*.npz")):
+        time.sleep(0.2)
+    assert list(Path("killed").glob("*.partial/shard_*.npz")), proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(Path("killed").glob("*.h5"))  # nothing looks complete
+    resumed = subprocess.run(_cli_cmd(*args, "--cache-dir", "killed"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming: 32 of 48 images already extracted." in resumed.stderr
+    clean = subprocess.run(_cli_cmd(*args, "--cache-dir", "clean"), env=env, capture_output=True, text=True)
+    a, b = resumed.stdout.strip().splitlines()[-1], clean.stdout.strip().splitlines()[-1]
+    assert Path(a).name == Path(b).name
+    with h5py.File(a) as ha, h5py.File(b) as hb:
+        for k in ("features", "row", "view", "split", "label", "aug_params"):
+            np.testing.assert_array_equal(ha[k][:], hb[k][:])
+    assert not list(Path("killed").glob("*.partial"))

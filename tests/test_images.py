@@ -1,0 +1,108 @@
+"""Decoding real file kinds: colour layouts, 16-bit range, DICOM, and every bad-input kind."""
+
+import cv2
+import numpy as np
+import pytest
+
+from covfeat.images import JitterConfig, UnreadableImage, apply_view, decode, resize, view_params
+
+
+def _grad(h=60, w=80):
+    return np.tile(np.linspace(0, 1, w, dtype=np.float32), (h, 1))
+
+
+def test_grey_rgb_rgba_become_same_rgb(tmp_path):
+    g = (_grad() * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "g.png"), g)
+    cv2.imwrite(str(tmp_path / "c.png"), cv2.cvtColor(g, cv2.COLOR_GRAY2BGR))
+    cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(g, cv2.COLOR_GRAY2BGRA))
+    outs = [decode(tmp_path / n) for n in ("g.png", "c.png", "a.png")]
+    for o in outs:
+        assert o.shape == (60, 80, 3) and o.dtype == np.float32
+        np.testing.assert_array_equal(o, outs[0])
+    assert outs[0].max() == 255
+
+
+def test_bgr_is_swapped_to_rgb(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[..., 0] = 200  # blue in OpenCV's BGR
+    cv2.imwrite(str(tmp_path / "b.png"), img)
+    out = decode(tmp_path / "b.png")
+    assert out[0, 0, 2] == 200 and out[0, 0, 0] == 0
+
+
+def test_16bit_uses_its_real_range(tmp_path):
+    img = (_grad() * 4095).astype(np.uint16)  # 12-bit data in a 16-bit file
+    cv2.imwrite(str(tmp_path / "d.png"), img)
+    out = decode(tmp_path / "d.png")
+    assert out.max() == pytest.approx(255) and out.min() == 0
+    assert len(np.unique(out[0, :, 0])) > 60  # not truncated to a few levels
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    def write(name, photometric):
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+        meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds = FileDataset(str(tmp_path / name), {}, file_meta=meta, preamble=b"\0" * 128)
+        arr = (_grad(16, 16) * 1000).astype(np.uint16)
+        ds.Rows, ds.Columns = arr.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = arr.tobytes()
+        ds.save_as(str(tmp_path / name), enforce_file_format=True)
+        return decode(tmp_path / name)
+
+    m2, m1 = write("a.dcm", "MONOCHROME2"), write("b.dcm", "MONOCHROME1")
+    assert m2[0, 0, 0] == 0 and m2[0, -1, 0] == pytest.approx(255)
+    np.testing.assert_allclose(m1, 255 - m2, atol=1e-3)
+
+
+def _real_jpeg(tmp_path):
+    from conftest import SAMPLE
+
+    return next((SAMPLE / "kermany" / "NORMAL").iterdir()).read_bytes()
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("zero", "zero-byte file"),
+    ("truncated_jpeg", "truncated JPEG"),
+    ("truncated_png", "not a decodable image"),
+    ("text", "not a decodable image"),
+    ("garbage_jpeg_header", "truncated JPEG"),
+])
+def test_bad_files_raise_with_reason(tmp_path, kind, reason):
+    if kind == "zero":
+        data = b""
+    elif kind == "truncated_jpeg":
+        data = _real_jpeg(tmp_path)
+        data = data[: len(data) // 2]
+    elif kind == "truncated_png":
+        ok, buf = cv2.imencode(".png", (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+        data = buf.tobytes()[:200]
+    elif kind == "text":
+        data = b"patient notes, not an image\n"
+    else:
+        data = b"\xff\xd8\xff\xe0" + b"\x00garbage" * 10
+    p = tmp_path / ("f.png" if "png" in kind else "f.jpg")
+    p.write_bytes(data)
+    with pytest.raises(UnreadableImage, match=reason):
+        decode(p)
+
+
+def test_views_are_deterministic_and_differ(tmp_path):
+    j = JitterConfig()
+    a, b = view_params("ab" * 32, 1, 0, j), view_params("ab" * 32, 1, 0, j)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, view_params("ab" * 32, 2, 0, j))
+    assert not np.array_equal(a, view_params("ab" * 32, 1, 1, j))
+    assert abs(a[0]) <= 15 and abs(a[1]) <= 0.1 and 0.9 <= a[3] <= 1.1
+    img = resize(np.random.default_rng(0).random((300, 200, 3)).astype(np.float32) * 255)
+    assert img.shape == (224, 224, 3)
+    np.testing.assert_allclose(apply_view(img, np.array([0, 0, 0, 1], np.float32)), img, atol=1e-4)
+    assert not np.allclose(apply_view(img, a), img)
