@@ -226,27 +226,42 @@ class FeatureCache:
             return tuple(h["features"].shape[1:])
 
     @property
+    def dtype(self) -> np.dtype:
+        with h5py.File(self.path, "r") as h:
+            return h["features"].dtype
+
+    @property
     def n_views(self) -> int:
         return int(self.view.max()) + 1
 
     def content_hash(self) -> str:
         return self.path.stem.rsplit("-", 1)[-1]
 
-    def read_features(self, idx: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
-        """Features of the given sample indices (all when None), in that order."""
+    def read_features(self, idx: np.ndarray | None = None, dtype=np.float32, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of the given sample indices (all when None), in that order, as float32.
+
+        With ``out`` (a float32 array of shape (len(idx), ...)) they are written there.
+        """
+        from .kernels import f16_rows_into
+
         with h5py.File(self.path, "r") as h:
             ds = h["features"]
-            if idx is None:
-                return ds[:].astype(dtype, copy=False)
-            idx = np.asarray(idx)
-            order = np.argsort(idx)
-            out = np.empty((len(idx), *ds.shape[1:]), dtype=dtype)
-            # h5py wants increasing indices; read sorted, in blocks, then put back in order
-            sorted_idx = idx[order]
-            for s in range(0, len(idx), 256):
-                block = sorted_idx[s:s + 256]
-                uniq, inv = np.unique(block, return_inverse=True)
-                out[order[s:s + 256]] = ds[uniq][inv]
+            idx = np.arange(ds.shape[0]) if idx is None else np.asarray(idx, np.int64)
+            if out is None:
+                out = np.empty((len(idx), *ds.shape[1:]), dtype=dtype)
+            if not len(idx):
+                return out
+            # h5py's fancy indexing is ~100x slower than slices: read sorted contiguous runs.
+            order = np.argsort(idx, kind="stable")
+            s = idx[order]
+            breaks = np.flatnonzero(np.diff(s) > 1) + 1
+            for run in np.split(np.arange(len(s)), breaks):
+                a, b = s[run[0]], s[run[-1]] + 1
+                block = ds[a:b][s[run] - a]
+                if block.dtype == np.float16 and out.dtype == np.float32:
+                    f16_rows_into(block, out, order[run])
+                else:
+                    out[order[run]] = block
             return out
 
 

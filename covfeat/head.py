@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .dropout_pool import dropout_pool, keep_q
+from .kernels import NO_PARENTS, dropout_pool, keep_q
 
 
 @dataclass
@@ -36,9 +36,47 @@ class HeadConfig:
     balance: str = "smote"  # smote | none | class-weight
     smote_k: int = 5
     seed: int = 0
+    engine: str = "numba"  # numba (compiled batch steps) | tf (same Keras layers in a tf.function loop)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _probability_bce_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="covfeat")
+    class ProbabilityBCE(keras.losses.Loss):
+        """Binary cross-entropy on the softmax probabilities, as the paper's tf.keras computed it.
+
+        Keras 3's ``BinaryCrossentropy`` finds the logits cached on a softmax output
+        (``_keras_logits``) and applies *sigmoid* cross-entropy to them, which is not the
+        cross-entropy of the probabilities the head outputs.  This loss clips and logs the
+        probabilities themselves (Keras's own epsilon), mean over the two outputs.
+        """
+
+        def __init__(self, name="probability_bce", **kwargs):
+            super().__init__(name=name, **kwargs)
+
+        def call(self, y_true, y_pred):
+            from keras import ops
+
+            eps = keras.config.epsilon()
+            p = ops.clip(y_pred, eps, 1.0 - eps)
+            y = ops.cast(y_true, p.dtype)
+            return -ops.mean(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p), axis=-1)
+
+    return ProbabilityBCE
+
+
+_PBCE = None
+
+
+def probability_bce():
+    global _PBCE
+    if _PBCE is None:
+        _PBCE = _probability_bce_class()
+    return _PBCE()
 
 
 def build_head(feature_shape, cfg: HeadConfig, dropout: float):
@@ -68,7 +106,7 @@ def compile_head(model, cfg: HeadConfig):
 
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum),
-        loss=keras.losses.BinaryCrossentropy(),
+        loss=probability_bce(),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     return model
@@ -88,7 +126,7 @@ class _Loop:
         self.tail = tail
         self.opt = keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
         self.opt.build(tail.trainable_variables)
-        self.bce = keras.losses.BinaryCrossentropy()
+        self.bce = probability_bce()
         bs = cfg.batch_size
 
         def step_loss(xb, yb, wb, training):
@@ -130,13 +168,15 @@ class _Loop:
 
 def train_fast(pool: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_views: np.ndarray,
                val_pooled: np.ndarray | None, val_labels: np.ndarray | None, tail, cfg: HeadConfig,
-               dropout: float, sample_weight: np.ndarray | None = None, progress=None) -> list[dict]:
+               dropout: float, sample_weight: np.ndarray | None = None, progress=None,
+               parents: np.ndarray | None = None, weights: np.ndarray | None = None) -> list[dict]:
     """Train ``tail`` for cfg.epochs on the (already balanced) training rows of ``pool``.
 
     Parameters
     ----------
-    pool : (R, V, S, C) float32, every training row's maps, views 0..V-1
-    rows : (n,) training rows (indices into pool) ; labels : (n,) 0/1
+    pool : (R, V, S, C) uint16 (float16 bit patterns), every real training row's maps, views 0..V-1
+    rows : (n,) training rows (indices into pool; R + i is SMOTE row i) ; labels : (n,) 0/1
+    parents, weights : (n_smote, 2) the two real parents of each SMOTE row and their weights
     n_views : (n,) how many views each row has (a view is drawn from 0..n_views-1 each epoch)
     val_pooled : (m, C) pooled validation maps (no dropout at evaluation)
 
@@ -147,29 +187,140 @@ def train_fast(pool: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_views: 
     import tensorflow as tf
 
     loop = _Loop(tail, cfg)
-    rng = np.random.default_rng(cfg.seed)
     n = len(rows)
-    y = tf.constant(one_hot(labels))
+    plan = epoch_plan(cfg.seed, cfg.epochs, n, n_views)
+    y_np = one_hot(labels)
+    y = tf.constant(y_np)
     w_all = np.ones(n, np.float32) if sample_weight is None else sample_weight.astype(np.float32)
-    pooled = np.empty((n, pool.shape[-1]), np.float32)
     q = keep_q(dropout)
-    yv = tf.constant(one_hot(val_labels)) if val_pooled is not None and len(val_pooled) else None
+    yv_np = one_hot(val_labels) if val_pooled is not None and len(val_pooled) else None
+    yv = tf.constant(yv_np) if yv_np is not None else None
+    xv = tf.constant(val_pooled) if yv is not None else None
+
+    par, wts = NO_PARENTS if parents is None else (np.asarray(parents, np.int64), np.asarray(weights, np.float32))
+
+    def pooled_for(e):
+        order, views = plan[e]
+        out = np.empty((n, pool.shape[-1]), np.float32)
+        dropout_pool(pool, rows[order].astype(np.int64), views, q, cfg.seed, e, out, par, wts, pool.shape[0])
+        return out
+
     history = []
-    for e in range(cfg.epochs):
-        order = rng.permutation(n)  # Model.fit's per-epoch shuffle
-        views = (rng.random(n) * n_views[order]).astype(np.int64)  # a fresh view per row per epoch
-        dropout_pool(pool, rows[order].astype(np.int64), views, q, cfg.seed, e, pooled)
-        loss, acc = loop.epoch(tf.constant(pooled), tf.gather(y, order), tf.constant(w_all[order]))
-        rec = {"epoch": e + 1, "loss": float(loss), "accuracy": float(acc)}
-        if yv is not None:
-            vl, va = loop.evaluate(tf.constant(val_pooled), yv)
-            rec.update(val_loss=float(vl), val_accuracy=float(va))
-        else:
-            rec.update(val_loss=float("nan"), val_accuracy=float("nan"))
-        history.append(rec)
-        if progress is not None:
-            progress(rec)
+    engine = _NumbaEngine(tail, cfg) if cfg.engine == "numba" else None
+    # Epoch e+1's dropout+pooling (numba, one core) runs while epoch e trains (the other core).
+    with _single_thread_pool() as ahead:
+        nxt = ahead.submit(pooled_for, 0)
+        for e in range(cfg.epochs):
+            pooled = nxt.result()
+            if e + 1 < cfg.epochs:
+                nxt = ahead.submit(pooled_for, e + 1)
+            order = plan[e][0]
+            if engine is not None:
+                loss, acc = engine.epoch(pooled, y_np[order], w_all[order])
+            else:
+                loss, acc = loop.epoch(tf.constant(pooled), tf.gather(y, order), tf.constant(w_all[order]))
+            rec = {"epoch": e + 1, "loss": float(loss), "accuracy": float(acc)}
+            if yv is not None:
+                vl, va = engine.evaluate(val_pooled, yv_np) if engine is not None else loop.evaluate(xv, yv)
+                rec.update(val_loss=float(vl), val_accuracy=float(va))
+            else:
+                rec.update(val_loss=float("nan"), val_accuracy=float("nan"))
+            history.append(rec)
+            if progress is not None:
+                progress(rec)
+    if engine is not None:
+        engine.sync()
     return history
+
+
+class _NumbaEngine:
+    """The head's batch steps in compiled code on numpy copies of the Keras tail's weights.
+
+    The weights are written back into the Keras layers after every epoch, so validation,
+    prediction and the saved model are Keras's own.
+    """
+
+    def __init__(self, tail, cfg: HeadConfig):
+        import keras
+
+        self.tail = tail
+        self.cfg = cfg
+        w = [np.array(v, np.float32) for v in tail.get_weights()]
+        if len(w) != 8:
+            raise RuntimeError(f"unexpected head weights: {[v.shape for v in w]}")
+        self.P = tuple(w)
+        self.M = tuple(np.zeros_like(w[i]) for i in (0, 1, 2, 3, 6, 7))
+        bn = tail.get_layer("batch_norm")
+        self.consts = (np.float32(cfg.learning_rate), np.float32(cfg.momentum), np.float32(cfg.activity_l1),
+                       np.float32(cfg.activity_l2), np.float32(bn.epsilon), np.float32(bn.momentum),
+                       np.float32(keras.config.epsilon()))
+
+    def epoch(self, pooled, y, sw):
+        from .kernels import head_epoch
+
+        loss_sum, correct = head_epoch(pooled, y, sw, self.P, self.M, self.cfg.batch_size, *self.consts)
+        return loss_sum / len(y), correct / len(y)
+
+    def evaluate(self, x, y):
+        """Keras's validation loss (cross-entropy + activity terms over all rows) and accuracy."""
+        from .kernels import head_predict
+
+        p, act = head_predict(x, self.P, self.consts[4])
+        eps = self.consts[6]
+        pc = np.clip(p, eps, 1 - eps)
+        bce = -np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc), axis=-1).mean()
+        l1, l2 = float(self.cfg.activity_l1), float(self.cfg.activity_l2)
+        reg = sum(l1 * np.abs(a).sum(dtype=np.float64) + l2 * np.square(a, dtype=np.float64).sum() for a in (act, p))
+        return float(bce + reg / len(y)), float(np.mean(p.argmax(1) == y.argmax(1)))
+
+    def sync(self):
+        """Write the trained weights into the Keras layers."""
+        self.tail.set_weights(list(self.P))
+
+
+def epoch_plan(seed: int, epochs: int, n: int, n_views: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per epoch: the shuffled order of the rows (as Model.fit shuffles) and, for each
+    position, the view drawn afresh for its row, uniformly from the views that row has."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        views = (rng.random(n) * n_views[order]).astype(np.int64)
+        out.append((order, views))
+    return out
+
+
+class _single_thread_pool:
+    """A one-worker executor for the next epoch's dropout.  Its numba kernel may use every
+    core: while the head trains it gets the core the head leaves, and all of them after."""
+
+    threads = None
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numba
+
+        if self.threads is None:
+            self.threads = numba.config.NUMBA_NUM_THREADS
+        self._ex = ThreadPoolExecutor(max_workers=1, initializer=numba.set_num_threads, initargs=(self.threads,))
+        return self._ex
+
+    def __exit__(self, *exc):
+        self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def limit_tf_threads() -> bool:
+    """One intra-op thread: the head's 8-row steps run faster on one core than split over two,
+    and the other core computes the next epoch's dropout. False if TF was already running."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def pooled_mean(maps: np.ndarray) -> np.ndarray:

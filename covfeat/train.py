@@ -76,20 +76,27 @@ def balance(X0: np.ndarray, y: np.ndarray, cfg: HeadConfig) -> Balanced:
     from imblearn.over_sampling import SMOTE
 
     k = min(cfg.smote_k, int(counts[minority]) - 1)
-    scale = float(np.abs(X0).mean()) or 1.0
-    ident = np.eye(n, dtype=np.float32) * np.float32(SMOTE_MARK * scale)
-    Xr, yr = SMOTE(k_neighbors=k, random_state=cfg.seed).fit_resample(np.hstack([X0, ident]), y)
-    syn = Xr[n:, X0.shape[1]:] / np.float32(SMOTE_MARK * scale)
+    # SMOTE only needs distances between rows; n x n coordinates from the Gram matrix keep
+    # every pairwise distance of the flattened maps exactly, at a fraction of the width.
+    X = np.asarray(X0, np.float32)
+    gram = (X @ X.T).astype(np.float64)
+    lam, vec = np.linalg.eigh(gram)
+    coords = (vec * np.sqrt(np.clip(lam, 0, None))).astype(np.float64)
+    scale = float(np.abs(coords).mean()) or 1.0
+    ident = np.eye(n) * (SMOTE_MARK * scale)
+    Xr, yr = SMOTE(k_neighbors=k, random_state=cfg.seed).fit_resample(np.hstack([coords, ident]), y)
+    X0 = coords
+    syn = Xr[n:, X0.shape[1]:] / (SMOTE_MARK * scale)
     parents = np.zeros((len(syn), 2), int)
     weights = np.zeros((len(syn), 2))
     for i, row in enumerate(syn):
-        nz = np.flatnonzero(row > 1e-4)
-        if len(nz) == 0:
-            nz = np.array([int(np.argmax(row))])
+        nz = np.flatnonzero(row > 0)  # exactly the two parents (one if the step was 0)
         top = nz[np.argsort(row[nz])[::-1][:2]]
-        parents[i] = [top[0], top[-1]]
-        w = row[top] / row[top].sum()
-        weights[i] = [w[0], w[-1]] if len(top) == 2 else [0.5, 0.5]
+        if len(top) == 1:
+            parents[i], weights[i] = [top[0], top[0]], [1.0, 0.0]
+        else:
+            parents[i] = top
+            weights[i] = row[top] / row[top].sum()
     return Balanced(np.asarray(yr), parents, weights)
 
 
@@ -127,6 +134,9 @@ def fit_head(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path = "ru
     CacheError, DataError, ConfigError
     """
     t0 = time.perf_counter()
+    from .head import limit_tf_threads
+
+    limit_tf_threads()
     fc = fc or open_cache(cache_path)
     bb = get_backbone(fc.backbone)
     dropout = bb.dropout if cfg.dropout is None else cfg.dropout
@@ -149,34 +159,44 @@ def fit_head(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path = "ru
     y_tr = labels_m[tr]
 
     # Originals of the training rows, flattened, for SMOTE's neighbour search.
-    X0 = fc.read_features(np.array([samples[r][0] for r in tr])).reshape(len(tr), -1)
+    from .kernels import populated_empty
+
+    X0 = fc.read_features(np.array([samples[r][0] for r in tr]), out=populated_empty((len(tr), *shape)))
+    X0 = X0.reshape(len(tr), -1)
+    marks = {"read_and_prepare": time.perf_counter() - t0}
     bal = balance(X0, y_tr, cfg)
+    marks["smote"] = time.perf_counter() - t0 - sum(marks.values())
     del X0
     n_real, n_syn = len(tr), len(bal.parents)
-    pool_bytes = (n_real + n_syn) * V * S * C * 4
+    pool_bytes = n_real * V * S * C * fc.dtype.itemsize  # SMOTE rows are formed on the fly
     streamed = pool_bytes > memory_budget_gb * 2**30
     _log(f"Training rows: {n_real} real + {n_syn} SMOTE ({np.bincount(bal.labels, minlength=2)[1]} COVID-19, "
          f"{np.bincount(bal.labels, minlength=2)[0]} NORMAL), {V} views each; "
          f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB)")
 
     model, tail = build_head(shape, cfg, dropout)
+    marks["build_head"] = time.perf_counter() - t0 - sum(marks.values())
     val_rows, test_rows = parts[VAL], parts[TEST]
     Xv = pooled_mean(fc.read_features(np.array([samples[r][0] for r in val_rows]))) if len(val_rows) else None
     yv = labels_m[val_rows] if len(val_rows) else None
     n_views = np.full(n_real + n_syn, V, np.int64)
     report = _epoch_printer(cfg.epochs) if progress else None
     if not streamed:
+        from .kernels import populated_empty
+
         idx = np.concatenate([samples[r] for r in tr])
-        pool = np.empty((n_real + n_syn, V, S, C), np.float32)
-        pool[:n_real] = fc.read_features(idx).reshape(n_real, V, S, C)
-        for i, ((a, b), (wa, wb)) in enumerate(zip(bal.parents, bal.weights)):
-            np.add(pool[a] * np.float32(wa), pool[b] * np.float32(wb), out=pool[n_real + i])
+        half = fc.dtype == np.float16  # keep float16 as stored (bits as uint16): half the memory
+        pool = populated_empty((n_real, V, S, C), np.uint16 if half else np.float32)
+        fc.read_features(idx, out=(pool.view(np.float16) if half else pool).reshape(n_real * V, *shape))
+        marks["load_pool"] = time.perf_counter() - t0 - sum(marks.values())
         history = train_fast(pool, np.arange(n_real + n_syn), bal.labels, n_views, Xv, yv, tail, cfg, dropout,
-                             sample_weight=bal.sample_weight, progress=report)
+                             sample_weight=bal.sample_weight, progress=report, parents=bal.parents,
+                             weights=bal.weights)
         del pool
     else:
         history = _train_streamed(fc, samples, tr, bal, V, S, C, Xv, yv, tail, cfg, dropout, report)
     train_seconds = time.perf_counter() - t0
+    marks["epochs"] = train_seconds - sum(marks.values())
 
     def predict(rows):
         if not len(rows):
@@ -200,7 +220,7 @@ def fit_head(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path = "ru
     metrics.update(
         backbone=fc.backbone, weights=fc.config["weights"], pretrained=fc.pretrained,
         n_train_real=int(n_real), n_train_smote=int(n_syn), n_val=int(len(val_rows)), n_test=int(len(test_rows)),
-        fit_seconds=train_seconds, peak_rss_mb=peak_rss_mb(), streamed=bool(streamed),
+        fit_seconds=train_seconds, fit_stages_seconds=marks, peak_rss_mb=peak_rss_mb(), streamed=bool(streamed),
         sources_test=_sources(fc, test_rows),
     )
     return _write_run(runs_dir, name or f"{fc.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", fc, cfg, dropout,
@@ -231,7 +251,7 @@ def _train_streamed(fc, samples, tr, bal, V, S, C, Xv, yv, tail, cfg, dropout, r
     """Larger than the memory budget: each epoch reads only the maps it draws from HDF5."""
     import tensorflow as tf
 
-    from .dropout_pool import dropout_pool, keep_q
+    from .kernels import dropout_pool, keep_q
     from .head import _Loop, one_hot
 
     loop = _Loop(tail, cfg)
@@ -241,20 +261,26 @@ def _train_streamed(fc, samples, tr, bal, V, S, C, Xv, yv, tail, cfg, dropout, r
     y = one_hot(bal.labels)
     w_all = np.ones(n, np.float32) if bal.sample_weight is None else bal.sample_weight
     pooled = np.empty((n, C), np.float32)
+    n_syn = len(bal.parents)
+    # buf rows: the drawn view of each real row, then both parents of each SMOTE row
+    par = (n_real + 2 * np.arange(n_syn)[:, None] + np.arange(2)[None, :]).astype(np.int64)
+    wts = np.asarray(bal.weights, np.float32)
+    half = fc.dtype == np.float16
+    buf = np.empty((n_real + 2 * n_syn, 1, S, C), np.uint16 if half else np.float32)
+    flat = (buf.view(np.float16) if half else buf).reshape(len(buf), *fc.feature_shape)
     history = []
     for e in range(cfg.epochs):
         order = rng.permutation(n)
         views = (rng.random(n) * V).astype(np.int64)
-        buf = np.empty((n, 1, S, C), np.float32)
         view_of = np.empty(n, np.int64)
         view_of[order] = views
-        real_idx = np.array([samples[tr[i]][view_of[i]] for i in range(n_real)])
-        buf[:n_real, 0] = fc.read_features(real_idx).reshape(n_real, S, C)
-        for j, ((a, b), (wa, wb)) in enumerate(zip(bal.parents, bal.weights)):
+        want = [samples[tr[i]][view_of[i]] for i in range(n_real)]
+        for j, (a, b) in enumerate(bal.parents):
             v = view_of[n_real + j]
-            pa = fc.read_features(np.array([samples[tr[a]][v], samples[tr[b]][v]])).reshape(2, S, C)
-            buf[n_real + j, 0] = pa[0] * np.float32(wa) + pa[1] * np.float32(wb)
-        dropout_pool(buf, order.astype(np.int64), np.zeros(n, np.int64), keep_q(dropout), cfg.seed, e, pooled)
+            want += [samples[tr[a]][v], samples[tr[b]][v]]
+        fc.read_features(np.array(want), out=flat)
+        dropout_pool(buf, order.astype(np.int64), np.zeros(n, np.int64), keep_q(dropout), cfg.seed, e, pooled,
+                     par, wts, n_real)
         loss, acc = loop.epoch(tf.constant(pooled), tf.constant(y[order]), tf.constant(w_all[order]))
         rec = {"epoch": e + 1, "loss": float(loss), "accuracy": float(acc)}
         if Xv is not None:
