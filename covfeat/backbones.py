@@ -11,8 +11,10 @@ file stops at once with one message saying which file to put where.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -94,10 +96,14 @@ def get_backbone(name: str) -> Backbone:
 
 
 def keras_cache_dir() -> Path:
-    """The folder where Keras caches application weights ($KERAS_HOME/models)."""
-    import keras
+    """The folder where Keras's get_file caches application weights ($KERAS_HOME/models,
+    or /tmp/.keras/models when that is not writable, as get_file itself decides)."""
+    from keras.src.backend import config  # the same function get_file asks
 
-    return Path(os.path.expanduser(keras.config.keras_home())) / "models"
+    base = os.path.expanduser(config.keras_home())
+    if os.path.isdir(base) and not os.access(base, os.W_OK):
+        base = os.path.join("/tmp", ".keras")
+    return Path(base) / "models"
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -155,12 +161,14 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 0) -> WeightsS
         from keras.utils import get_file
 
         try:
-            path = get_file(
-                backbone.weights_file,
-                backbone.weights_url,
-                cache_subdir="models",
-                file_hash=backbone.weights_md5,
-            )
+            # Keras prints its download progress on stdout, whose last line is our result.
+            with contextlib.redirect_stdout(sys.stderr):
+                path = get_file(
+                    backbone.weights_file,
+                    backbone.weights_url,
+                    cache_subdir="models",
+                    file_hash=backbone.weights_md5,
+                )
         except Exception as exc:  # Keras wraps every URL failure in a bare Exception
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsUnavailable(

@@ -18,7 +18,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 def _isolate(tmp_path, monkeypatch):
     """Every cache and run folder under tmp_path; Keras's cache too; no progress bars."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))  # for subprocesses
+    from keras.src.backend import config as keras_config  # Keras reads KERAS_HOME once, at import
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras_home"))
     monkeypatch.setenv("COVFEAT_NO_PROGRESS", "1")
 
 

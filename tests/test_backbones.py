@@ -1,0 +1,106 @@
+"""The backbone registry and the weights paths: imagenet through Keras's cache, FILE, none."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from covfeat import backbones
+from covfeat.backbones import REGISTRY, build_backbone, get_backbone, list_backbones, resolve_weights
+from covfeat.errors import WeightsUnavailable
+
+
+def test_registry_holds_the_papers_four():
+    assert list_backbones() == ["inception_v3", "inception_resnet_v2", "densenet201", "resnet101_v2"]
+    assert {n: b.dropout for n, b in REGISTRY.items()} == {
+        "inception_v3": 0.5, "inception_resnet_v2": 0.2, "densenet201": 0.5, "resnet101_v2": 0.2}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_declared_feature_shape_matches_a_real_forward_pass(name):
+    bb = get_backbone(name)
+    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0)
+    out = model(np.zeros((1, 224, 224, 3), np.float32), training=False)
+    assert tuple(out.shape[1:]) == bb.feature_shape
+    assert not model.trainable
+
+
+def test_random_init_is_seeded():
+    bb = get_backbone("inception_v3")
+    a = build_backbone(bb, resolve_weights(bb, "none", seed=3), seed=3).get_weights()[0]
+    b = build_backbone(bb, resolve_weights(bb, "none", seed=3), seed=3).get_weights()[0]
+    c = build_backbone(bb, resolve_weights(bb, "none", seed=4), seed=4).get_weights()[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def _legacy_weights_file(path, seed=7):
+    """A weights file of our own, in the legacy HDF5 layout Keras's ImageNet files use."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    bb = get_backbone("inception_v3")
+    model = build_backbone(bb, resolve_weights(bb, "none", seed=seed), seed=seed)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return model
+
+
+def _offline(monkeypatch):
+    # Every download goes to a closed local port: fails at once, like an offline machine.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+
+def test_offline_without_cached_weights_names_the_file_and_folder(monkeypatch, mini):
+    _offline(monkeypatch)
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "extract", "--backbone", "densenet201",
+                        "--data", str(mini["cohen"]), "--data", str(mini["normal"])],
+                       capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in r.stderr
+    home = os.environ["KERAS_HOME"]
+    assert err[0].startswith("error: ImageNet weights for densenet201 are not cached and could not be downloaded")
+    assert f"Put densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5 (from https://storage.googleapis.com/" in err[0]
+    assert f"in {home}/models/, or pass --weights FILE or --weights none." in err[0]
+    assert r.stdout == ""  # stopped before reading any data
+
+
+def test_a_foreign_file_in_kerass_cache_is_refused_not_deleted(monkeypatch, tmp_path):
+    _offline(monkeypatch)
+    target = backbones.keras_cache_dir() / get_backbone("inception_v3").weights_file
+    target.parent.mkdir(parents=True)
+    _legacy_weights_file(target)
+    with pytest.raises(WeightsUnavailable, match=r"is not the published ImageNet weights for inception_v3 \(md5 "):
+        resolve_weights(get_backbone("inception_v3"), "imagenet")
+    assert target.exists()
+
+
+def test_imagenet_path_loads_a_file_found_in_kerass_cache(monkeypatch, tmp_path):
+    """The real imagenet path (Keras's get_file, its cache, its hash check) on a file we made."""
+    _offline(monkeypatch)
+    bb = get_backbone("inception_v3")
+    target = backbones.keras_cache_dir() / bb.weights_file
+    target.parent.mkdir(parents=True)
+    made = _legacy_weights_file(target, seed=7)
+    md5 = hashlib.md5(target.read_bytes()).hexdigest()
+    fake = backbones.Backbone(**{**bb.__dict__, "weights_md5": md5})
+    spec = resolve_weights(fake, "imagenet")
+    assert spec.kind == "imagenet" and spec.pretrained and spec.path == str(target)
+    model = build_backbone(fake, spec, seed=0)  # seed 0 would give other random weights
+    np.testing.assert_array_equal(model.get_weights()[0], made.get_weights()[0])
+
+
+def test_weights_file_identity_is_its_hash(tmp_path):
+    f = tmp_path / "mine.h5"
+    _legacy_weights_file(f)
+    spec = resolve_weights(get_backbone("inception_v3"), str(f))
+    assert spec.identity == "file:sha256=" + hashlib.sha256(f.read_bytes()).hexdigest()
+    with pytest.raises(WeightsUnavailable, match="no such file; expected 'imagenet', 'none' or the path"):
+        resolve_weights(get_backbone("inception_v3"), str(tmp_path / "nope.h5"))
