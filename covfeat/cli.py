@@ -52,7 +52,7 @@ Weights = Annotated[str, typer.Option("--weights", help="imagenet (Keras downloa
 
 
 def extract_options(backbone, weights, preprocess, augment, seed, views, val, test, split_by, dtype, batch_size, workers,
-                    occlude: str = "none"):
+                    occlude: str = "none", full_decode: bool = False):
     from .extract import ExtractConfig
     from .occlusion import Occlusion
     from .split import SplitConfig
@@ -61,7 +61,7 @@ def extract_options(backbone, weights, preprocess, augment, seed, views, val, te
     return ExtractConfig(
         backbone=backbone, weights=weights, preprocess=preprocess, augment=augment, seed=seed,
         views=tuple(v for v in views.split(",") if v), split=SplitConfig(val=val, test=test, by=split_by, seed=seed),
-        dtype=dtype, batch_size=batch_size, workers=workers, occlusion=occl,
+        dtype=dtype, batch_size=batch_size, workers=workers, occlusion=occl, scaled_decode=not full_decode,
     )
 
 
@@ -81,6 +81,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Forward-pass batch size.")] = 16,
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
     occlude: Annotated[str, typer.Option(help="none, box (a central lung box) or a folder of lung masks: blanked before extraction.")] = "none",
+    full_decode: Annotated[bool, typer.Option(help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 px, then the same resize).")] = False,
     cache_dir: CacheDir = Path("cache"),
 ):
     """Run one frozen backbone over the radiographs and cache the pre-pool feature maps (HDF5).
@@ -91,7 +92,7 @@ def extract(
     from . import extract as ex
 
     cfg = _guard(extract_options, backbone, weights, preprocess, augment, seed, views, val, test, split_by, dtype,
-                 batch_size, workers, occlude)
+                 batch_size, workers, occlude, full_decode)
     path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress())
     typer.echo(str(path))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,8 @@ import numpy as np
 from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
 from .cache import ShardStore, CacheLock, assemble, cache_key, cache_name, open_cache
 from .errors import ConfigError, DataError
-from .images import JitterConfig, UnreadableImage, apply_view, decode, resize, to_model_input, view_params
+from .images import (SCALED_DECODE_MIN_SIDE, JitterConfig, UnreadableImage, apply_view, load, to_model_input,
+                     view_params)
 from .occlusion import Occlusion
 from .sources import LABEL_NAMES, Manifest, load_sources
 from .split import SplitConfig, assign_split
@@ -49,6 +51,7 @@ class ExtractConfig:
     dtype: str = "float16"
     jitter: JitterConfig = field(default_factory=JitterConfig)
     occlusion: Occlusion = field(default_factory=Occlusion)
+    scaled_decode: bool = True  # large JPEGs decoded at 1/2..1/8 scale, >= 448 px
     batch_size: int = 16  # not in the key: does not change the numbers
     workers: int = 2  # not in the key
 
@@ -76,7 +79,7 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusio
     inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
     """
-    base = resize(decode(path))
+    base = load(path, min_side=decode_min_side(cfg.scaled_decode))
     if occlusion is not None:
         base = occlusion.apply(base, path)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
@@ -88,12 +91,19 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusio
     return inputs, params
 
 
+def decode_min_side(scaled: bool) -> int | None:
+    return SCALED_DECODE_MIN_SIDE if scaled else None
+
+
 def resolved_config(cfg: ExtractConfig, spec) -> dict:
     return {
         "backbone": cfg.backbone,
         "weights": {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label},
         "input_size": INPUT_SIZE,
         "resize": "cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
+        "decode": (f"JPEG scaled in the DCT domain to >= {SCALED_DECODE_MIN_SIDE} px when larger"
+                   if cfg.scaled_decode else "full size"),
+        "scaled_decode": cfg.scaled_decode,
         "preprocess": cfg.preprocess,
         "augment": cfg.augment,
         "augment_scope": "all rows (evaluation uses view 0 only)",
@@ -122,7 +132,7 @@ def _probe_classes(records, cfg, backbone, occlusion) -> None:
         reasons = []
         for r in (r for r in records if r.label == label):
             try:
-                resize(decode(r.path))
+                load(r.path, min_side=decode_min_side(cfg.scaled_decode))
                 break
             except UnreadableImage as exc:
                 reasons.append(str(exc))
@@ -197,9 +207,10 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
         start = store.rows_done()
         if start:
             _log(f"Resuming: {start} of {n} images already extracted.")
+        timings = {}
         if start < n:
             _probe_classes(manifest.records, cfg, backbone, occlusion)
-            _run(manifest, cfg, backbone, spec, store, start, progress, occlusion)
+            timings = _run(manifest, cfg, backbone, spec, store, start, progress, occlusion)
         skipped = {}
         for _, _, p in store.shards():
             with np.load(p) as z:
@@ -215,7 +226,8 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
         split[ok] = assign_split(labels[ok], patients[ok], cfg.split)
         extra = {"missing": [list(m) for m in manifest.missing],
                  "duplicates": [list(d) for d in manifest.duplicates],
-                 "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or ""}
+                 "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or "",
+                 "timings": timings}
         assemble(target, store, config=config, manifest=rows, split=split,
                  feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
         store.remove()
@@ -230,7 +242,9 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
     import tensorflow as tf
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     model = build_backbone(backbone, spec, seed=cfg.seed)
+    t_built = time.perf_counter()
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     bs = cfg.batch_size
     n = len(manifest.records)
@@ -249,6 +263,7 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
     bar = tqdm(total=(n - start) * n_views, unit="img", desc=f"extract {cfg.backbone}",
                disable=not progress, file=sys.stderr, smoothing=0.1)
     batch = np.zeros((bs, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    n_fwd = 0
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         pending = deque()
         nxt = start
@@ -275,7 +290,14 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
                 for b0 in range(0, len(x), bs):
                     k = min(bs, len(x) - b0)
                     batch[:k] = x[b0:b0 + k]
-                    feats[b0:b0 + k] = forward(batch).numpy()[:k]
+                    out = forward(batch).numpy()[:k]
+                    feats[b0:b0 + k] = out
+                    if not np.isfinite(feats[b0:b0 + k]).all():
+                        raise ConfigError(
+                            f"{cfg.backbone} gave feature values that {cfg.dtype} cannot hold (largest "
+                            f"{float(np.abs(out).max()):.3g}); extract again with --dtype float32."
+                        )
+                    n_fwd += k
                     bar.update(k)
                 params = np.concatenate(params_v)
             else:
@@ -283,3 +305,5 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
                 params = np.empty((0, 4), np.float32)
             store.write(s0, s1, feats, np.array(rows_v, np.int32), np.array(views_v, np.int8), params, skipped)
     bar.close()
+    t_end = time.perf_counter()
+    return {"build_model_s": t_built - t0, "pipeline_s": t_end - t_built, "forward_passes": n_fwd}

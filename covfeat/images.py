@@ -28,27 +28,33 @@ class UnreadableImage(Exception):
     """A file that cannot be decoded into a radiograph; ``str(exc)`` is the reason."""
 
 
-def _to_rgb_float(img: np.ndarray) -> np.ndarray:
-    """Any decoded array (H,W) / (H,W,1|3|4) of uint8/uint16/float -> float32 RGB in [0, 255]."""
+def _to_rgb_float(img: np.ndarray, size: int | None = None) -> np.ndarray:
+    """Any decoded array (H,W) / (H,W,1|3|4) of uint8/uint16/float -> float32 RGB in [0, 255],
+    resized to size x size first when ``size`` is given (cheaper on the small array, and an
+    8-bit image is resized as 8-bit, as the paper's cv2.imread + cv2.resize did)."""
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
-    if img.dtype == np.uint8:
-        out = img.astype(np.float32)
-    else:
-        # 16-bit and float images: stretch their real range onto [0, 255].
-        img = img.astype(np.float32)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    lo = hi = None
+    if img.dtype != np.uint8:
+        # 16-bit and float images: stretch their real range onto [0, 255], never truncate.
         lo, hi = float(img.min()), float(img.max())
         if not np.isfinite(lo) or not np.isfinite(hi):
             raise UnreadableImage("non-finite pixel values")
-        out = (img - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(img)
+        if img.dtype not in (np.uint16, np.float32):
+            img = img.astype(np.float32)
+    if size is not None:
+        img = resize(img, size)
+    out = img.astype(np.float32)
+    if lo is not None:
+        out = (out - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(out)
     if out.ndim == 2:
         out = np.repeat(out[:, :, None], 3, axis=2)
-    elif out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
     return out
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, size: int | None = None) -> np.ndarray:
     try:
         import pydicom
     except ImportError:
@@ -62,11 +68,42 @@ def _read_dicom(path: Path) -> np.ndarray:
         arr = arr[0]  # multi-frame: first frame
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         arr = arr.max() - arr  # MONOCHROME1: high values are dark
-    return _to_rgb_float(arr)  # float input: stretched from its real range
+    return _to_rgb_float(arr, size)  # float input: stretched from its real range
 
 
-def decode(path: str | Path) -> np.ndarray:
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, without decoding; None if not found."""
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        seg = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + seg
+    return None
+
+
+_REDUCED = {2: (cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2),
+            4: (cv2.IMREAD_REDUCED_GRAYSCALE_4, cv2.IMREAD_REDUCED_COLOR_4),
+            8: (cv2.IMREAD_REDUCED_GRAYSCALE_8, cv2.IMREAD_REDUCED_COLOR_8)}
+
+
+def decode(path: str | Path, min_side: int | None = None, size: int | None = None) -> np.ndarray:
     """Decode one file to float32 RGB in [0, 255] at its own size.
+
+    With ``min_side``, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (libjpeg's own scaled decoding), as long as its shorter side stays >= ``min_side``:
+    several times faster, and the image is resized to 224 afterwards anyway.  With
+    ``size``, the result is resized to size x size (see :func:`load`).
 
     Raises
     ------
@@ -81,18 +118,34 @@ def decode(path: str | Path) -> np.ndarray:
     if not data:
         raise UnreadableImage("zero-byte file")
     if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
-        return _read_dicom(path)
+        return _read_dicom(path, size)
     if data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in data[-64:]:
         # Some libjpeg builds pad a cut-off JPEG with grey and only warn; a half-grey
         # radiograph would silently poison the features, so a missing end marker is a skip.
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    if min_side and data[:3] == b"\xff\xd8\xff":
+        hw = jpeg_size(data)
+        if hw is not None:
+            for factor in (8, 4, 2):
+                if min(hw) // factor >= min_side:
+                    flags = _REDUCED[factor][1]
+                    break
+    img = cv2.imdecode(buf, flags)
     if img is None or img.size == 0:
         raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
     if img.ndim == 3 and img.shape[2] >= 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    return _to_rgb_float(img)
+    return _to_rgb_float(img, size)
+
+
+def load(path: str | Path, min_side: int | None = None) -> np.ndarray:
+    """Decode once and resize to the 224 x 224 model input: float32 RGB in [0, 255]."""
+    return decode(path, min_side=min_side, size=INPUT_SIZE)
+
+
+SCALED_DECODE_MIN_SIDE = 2 * INPUT_SIZE
 
 
 def resize(img: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backbones import INPUT_SIZE, build_backbone, file_digest, get_backbone, resolve_weights, WeightsSpec
 from .errors import RunError, WeightsUnavailable
-from .images import UnreadableImage, decode, resize, to_model_input
+from .images import UnreadableImage, load, to_model_input
 from .occlusion import Occlusion
 from .sources import IMAGE_SUFFIXES
 
@@ -81,7 +81,9 @@ def list_images(items: list[str | Path]) -> list[Path]:
 def model_inputs(lr: LoadedRun, path: str | Path) -> np.ndarray:
     """Decode, resize, occlude (if the run's cache was occluded) and scale one image."""
     bb = get_backbone(lr.extract["backbone"])
-    img = resize(decode(path))
+    from .extract import decode_min_side
+
+    img = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
     occ = lr.extract.get("occlusion", {"kind": "none"})
     if occ.get("kind", "none") != "none":
         img = Occlusion(**{**occ, "box": tuple(occ["box"])}).apply(img, str(path))
@@ -117,7 +119,7 @@ def predict(run: str | Path, items: list[str | Path], batch_size: int = 16) -> l
 def export(run: str | Path, out: str | Path):
     """One Keras model: 224x224 RGB in [0, 255] -> preprocessing -> backbone -> head -> 2 probabilities.
 
-    Decode and resize first (``covfeat.images.decode`` + ``resize``); the scaling the run
+    Decode and resize first (``covfeat.images.load``); the scaling the run
     was trained with is inside the model, as Keras layers.
     """
     import keras

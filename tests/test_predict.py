@@ -49,14 +49,15 @@ def test_predict_matches_the_cached_features_path(mini, mini_run):
 def test_export_matches_predict(mini, mini_run, tmp_path):
     import keras
 
-    from covfeat.images import decode, resize
+    from covfeat.extract import decode_min_side
+    from covfeat.images import load
     from covfeat.predict import predict
 
     r = runner.invoke(app, ["export", "--run", str(mini_run), "--out", str(tmp_path / "m.keras")])
     assert r.exit_code == 0, r.output
     model = keras.models.load_model(r.stdout.strip().splitlines()[-1])
     paths = sorted(mini["cohen"].glob("images/*"))[:3]
-    x = np.stack([resize(decode(p)) for p in paths])
+    x = np.stack([load(p, min_side=decode_min_side(True)) for p in paths])
     got = model.predict(x, verbose=0)[:, 1]
     want = [row["p_covid"] for row in predict(mini_run, paths)]
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,0 +1,197 @@
+"""Head training speed: the paper's 100-epoch fit with SMOTE on cached densenet201 maps,
+three ways, measured side by side in one process on the same cache and the same rows:
+
+1. ``covfeat fit-head`` (the library call, and the command in a fresh process);
+2. the same head through plain ``keras.Model.fit`` on the same balanced rows;
+3. the paper's way: frozen backbone + head trained on the images, the backbone recomputed
+   for every image in every epoch; one epoch timed, extrapolated to 100 (labelled so).
+
+Also a 5-fold cross-validation of the head on the same cache, and peak memory.
+
+    python benchmarks/bench_head.py [--cache FILE] [--keras-epochs 100]
+
+Without --cache, the densenet201 cache of ../shared/data/covid-cxr (Cohen PA + Kermany
+NORMAL, --weights none, --augment 4, the default split) is made first (about 10 minutes).
+Writes benchmarks/results/head.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import SHARED, machine, peak_rss_mb, table, write_results  # noqa: E402
+
+
+def ensure_cache(cache_dir: Path) -> tuple[Path, float | None]:
+    from covfeat.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(backbone="densenet201", weights="none", augment=4)
+    t = time.perf_counter()
+    path = extract([SHARED / "cohen", SHARED / "kermany" / "NORMAL"], cfg, cache_dir, progress=True)
+    return path, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
+    ap.add_argument("--keras-epochs", type=int, default=100, help="epochs of the plain Model.fit run (100 = the paper's)")
+    ap.add_argument("--paper-images", type=int, default=0, help="images in the paper-way epoch (0 = the full balanced set)")
+    args = ap.parse_args()
+
+    import h5py
+
+    from covfeat.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.cache import open_cache
+    from covfeat.head import HeadConfig, build_head, compile_head, one_hot, pooled_mean
+    from covfeat.train import _row_samples, balance, cross_validate, fit_head, prepare_rows
+
+    if args.cache is None:
+        if not SHARED.is_dir():
+            sys.exit(f"benchmark data not found: {SHARED}")
+        cache, _ = ensure_cache(args.cache_dir)
+    else:
+        cache = args.cache
+    fc = open_cache(cache)
+    with h5py.File(cache) as h:
+        extract_timings = json.loads(h.attrs["timings"]) if "timings" in h.attrs else {}
+    samples, V = _row_samples(fc)
+    parts = prepare_rows(fc, fc.manifest["split"])
+    tr, va = parts[0], parts[1]
+    y_tr = fc.manifest["label"][tr]
+    cfg = HeadConfig()
+    shape = fc.feature_shape
+    bb = get_backbone(fc.backbone)
+    out = {"machine": machine(), "cache": str(cache), "backbone": fc.backbone, "weights": "none (random init, NOT PRETRAINED)",
+           "epochs": cfg.epochs, "batch_size": cfg.batch_size, "dropout": bb.dropout, "feature_shape": list(shape)}
+
+    # Same balanced rows for the plain Keras run: the originals plus SMOTE rows (view 0).
+    X0 = fc.read_features(np.array([samples[r][0] for r in tr]))
+    bal = balance(X0.reshape(len(tr), -1), y_tr, cfg)
+    syn = X0[bal.parents[:, 0]] * bal.weights[:, :1, None, None].astype(np.float32) + \
+        X0[bal.parents[:, 1]] * bal.weights[:, 1:, None, None].astype(np.float32)
+    Xb = np.concatenate([X0, syn])
+    yb = one_hot(bal.labels)
+    Xv = fc.read_features(np.array([samples[r][0] for r in va]))
+    yv = one_hot(fc.manifest["label"][va])
+    out["train_rows"] = {"real": int(len(tr)), "smote": int(len(syn)), "views": int(V)}
+
+    # 2. plain keras.Model.fit, run first so TensorFlow keeps its default threading for it
+    model, _ = build_head(shape, cfg, bb.dropout)
+    compile_head(model, cfg)
+    t = time.perf_counter()
+    model.fit(Xb, yb, batch_size=cfg.batch_size, epochs=args.keras_epochs, validation_data=(Xv, yv), verbose=0)
+    keras_s = (time.perf_counter() - t) * cfg.epochs / args.keras_epochs
+    out["keras_fit"] = {"seconds_for_100_epochs": keras_s, "epochs_run": args.keras_epochs,
+                        "extrapolated": args.keras_epochs != cfg.epochs, "peak_rss_mb_after": peak_rss_mb()}
+    print("keras fit", out["keras_fit"], flush=True)
+    del model, Xb
+
+    # 3. the paper's way: backbone + head on images, one epoch timed
+    import keras
+
+    from covfeat.images import decode, resize, to_model_input
+
+    n_img = args.paper_images or len(bal.labels)
+    paths = [fc.manifest["path"][tr[i % len(tr)]] for i in range(n_img)]
+    imgs = np.stack([to_model_input(resize(decode(p)), "paper", bb) for p in paths])
+    labels = one_hot(np.array([y_tr[i % len(tr)] for i in range(n_img)]))
+    backbone = build_backbone(bb, resolve_weights(bb, "none"), seed=0)
+    head, _ = build_head(shape, cfg, bb.dropout)
+    inp = keras.Input((224, 224, 3))
+    full = keras.Model(inp, head(backbone(inp, training=False)))
+    compile_head(full, cfg)
+    full.fit(imgs[:8], labels[:8], batch_size=8, epochs=1, verbose=0)  # build and trace, not timed
+    t = time.perf_counter()
+    full.fit(imgs, labels, batch_size=cfg.batch_size, epochs=1, verbose=0)
+    epoch_s = (time.perf_counter() - t) * len(bal.labels) / n_img
+    out["paper_way"] = {"seconds_one_epoch": epoch_s, "images_timed": n_img,
+                        "seconds_100_epochs_extrapolated": epoch_s * cfg.epochs, "peak_rss_mb_after": peak_rss_mb(),
+                        "note": "images decoded and preprocessed in memory beforehand (not timed): generous to the paper's way"}
+    print("paper way", out["paper_way"], flush=True)
+    del imgs, full, backbone
+
+    # 1. covfeat fit-head: first call in this process (numba kernels loaded), then again
+    runs = Path("runs-bench")
+    t = time.perf_counter()
+    first = fit_head(cache, cfg, runs, progress=False)
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    second = fit_head(cache, cfg, runs, progress=False)
+    fit_s = time.perf_counter() - t
+    m = json.loads((second / "metrics.json").read_text())
+    env = dict(os.environ, COVFEAT_NO_PROGRESS="1")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "fit-head", "--cache", str(cache), "--runs-dir", str(runs)],
+                       capture_output=True, text=True, env=env)
+    cli_s = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(r.stderr)
+    m_cli = json.loads((Path(r.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())
+    out["covfeat_fit_head"] = {"seconds": fit_s, "seconds_first_call_in_process": first_s, "cli_seconds_fresh_process": cli_s,
+                               "stages_seconds": m["fit_stages_seconds"], "peak_rss_mb_fit_head_command": m_cli["peak_rss_mb"],
+                               "test_accuracy": m["argmax"]["accuracy"], "run": str(second)}
+    print("fit-head", out["covfeat_fit_head"], flush=True)
+
+    # 5-fold cross-validation of the same head on the same cache
+    t = time.perf_counter()
+    cv = cross_validate(cache, cfg, runs, folds=5, progress=False)
+    out["cv_5fold_seconds"] = time.perf_counter() - t
+    out["cv_run"] = str(cv)
+
+    n_samples = len(fc.labels)
+    if extract_timings:
+        extract_s = extract_timings["pipeline_s"] + extract_timings["build_model_s"]
+        out["extraction_seconds"] = extract_s
+        out["extraction_note"] = "measured when this cache was made (its HDF5 attrs), not in this run"
+    else:
+        extract_s = float("nan")
+    out["ratios"] = {
+        "keras_fit_over_fit_head": keras_s / fit_s,
+        "paper_way_over_fit_head": out["paper_way"]["seconds_100_epochs_extrapolated"] / fit_s,
+        "paper_way_over_extraction_plus_fit_head": out["paper_way"]["seconds_100_epochs_extrapolated"] / (extract_s + fit_s),
+    }
+    out["targets"] = {"fit_head_seconds_max": 10, "keras_ratio_min": 15}
+    out["peak_rss_mb"] = peak_rss_mb()
+
+    rows = [
+        ["covfeat fit-head (library call)", f"{fit_s:.1f}", "1.0", "measured"],
+        ["covfeat fit-head, first call in a process", f"{first_s:.1f}", "", "measured (numba kernels loaded)"],
+        ["`covfeat fit-head` command, fresh process", f"{cli_s:.1f}", "", "measured (TensorFlow import included)"],
+        ["plain keras.Model.fit, same head, same rows", f"{keras_s:.1f}", f"{keras_s / fit_s:.1f}",
+         "measured" if args.keras_epochs == cfg.epochs else f"{args.keras_epochs} epochs measured, extrapolated"],
+        ["paper's way: backbone + head on images", f"{epoch_s * cfg.epochs:.0f}", f"{epoch_s * cfg.epochs / fit_s:.0f}",
+         f"1 epoch measured ({epoch_s:.1f} s), x100 extrapolated"],
+        ["one-off extraction + fit-head", f"{extract_s + fit_s:.0f}",
+         f"paper's way / this = {out['ratios']['paper_way_over_extraction_plus_fit_head']:.1f}",
+         "extraction timed when the cache was made"],
+        ["5-fold cross-validation (fit-head x 5)", f"{out['cv_5fold_seconds']:.1f}", "", "measured"],
+    ]
+    md = "\n".join([
+        "# Head-training benchmark", "",
+        f"{out['machine']['date']}, {os.cpu_count()} CPUs. Cache: {fc.backbone}, {n_samples} cached maps "
+        f"({len(tr)} training rows + {len(syn)} SMOTE rows, {V} views each), shape {tuple(shape)}, "
+        "weights none (random init, NOT PRETRAINED). 100 epochs, batch 8, SGD(1e-4, momentum 0.5), "
+        f"dropout {bb.dropout} on the pre-pool map.", "",
+        table(["method", "seconds for 100 epochs", "x slower than fit-head", "how"], rows), "",
+        f"Targets: fit-head <= 10 s; plain Model.fit / fit-head >= 15. Stages of the fit-head call (s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in m["fit_stages_seconds"].items()) + ".",
+        f"Peak RSS of this benchmark process: {out['peak_rss_mb']:.0f} MB; of the fit-head command process: "
+        f"{m_cli['peak_rss_mb']:.0f} MB.", "",
+        "Command: `python benchmarks/bench_head.py`", ""])
+    write_results("head", out, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared helpers of the benchmarks: results files, machine facts, FLOP counts, matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
+
+
+def machine() -> dict:
+    import tensorflow as tf
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {RESULTS / (name + '.json')} and .md")
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Dense float32 matmul throughput of this machine through TensorFlow, best of ``repeats``."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n))
+    b = tf.random.uniform((n, n))
+    f = tf.function(lambda x, y: tf.matmul(x, y))
+    f(a, b).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def model_flops(model) -> float:
+    """Multiply-adds x 2 of the convolutions and dense layers of one forward pass of one image."""
+    total = 0.0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            out = layer.output.shape
+            kh, kw = layer.kernel_size
+            cin = layer.input.shape[-1]
+            total += 2 * out[1] * out[2] * kh * kw * cin * out[3] / layer.groups
+        elif kind == "DepthwiseConv2D":
+            out = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += 2 * out[1] * out[2] * kh * kw * out[3]
+        elif kind == "Dense":
+            total += 2 * layer.input.shape[-1] * layer.units
+    return total
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def rng_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 224, 224, 3), dtype=np.float32)
