@@ -234,6 +234,68 @@ def export(
     typer.echo(str(_guard(pr.export, run, out)))
 
 
+@app.command()
+def reproduce(
+    data: Data = None,
+    weights: Weights = "imagenet",
+    augment: Annotated[int, typer.Option(help="Jittered views per image.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of jitter, split, random init and head.")] = 0,
+    split_by: Annotated[str, typer.Option(help="patient or image (the paper's naive split).")] = "patient",
+    epochs: Annotated[int, typer.Option(help="Head epochs (the paper: 100).")] = 100,
+    backbones: Annotated[str, typer.Option(help="Comma-separated, default the paper's four.")] = "inception_v3,inception_resnet_v2,densenet201,resnet101_v2",
+    cache_dir: CacheDir = Path("cache"),
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are written.")] = Path("runs"),
+):
+    """The paper in one command: extract + fit-head + report for the four backbones, and its Table 2
+    beside the measured one. Resumes where it stopped (each stage is cached)."""
+    from . import reproduce as rp
+    from .head import HeadConfig
+
+    base = _guard(extract_options, "inception_v3", weights, "paper", augment, seed, "PA", 0.1, 0.3, split_by,
+                  "float16", 16, 2, "none", False)
+    names = [b for b in backbones.split(",") if b]
+    runs, _ = _guard(rp.reproduce, data, base, HeadConfig(epochs=epochs, seed=seed), cache_dir, runs_dir, names,
+                     progress=_progress())
+    out = runs_dir / f"reproduce-report-{'-'.join(sorted(p.name.split('-')[-1] for p in runs.values()))}"
+    typer.echo(_guard(rp.full_report, runs, out))
+    typer.echo(str(out))
+
+
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
+    occlude: Annotated[str, typer.Option(help="box (a central lung box) or a folder of lung masks named like the images.")] = "box",
+    external: Annotated[Optional[list[Path]], typer.Option(exists=True, help="Another labelled source to score the run on (repeatable).")] = None,
+    cache_dir: CacheDir = Path("cache"),
+):
+    """Shortcut audit: occlusion probe, source probe, and (with --external) external validation.
+
+    Verdicts are printed and kept in RUN/audit.json; `covfeat report RUN` shows them.
+    """
+    from . import audit as au
+    from .occlusion import Occlusion
+
+    occl = Occlusion(kind="box") if occlude == "box" else Occlusion(kind="masks", masks=occlude)
+    res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress())
+    typer.echo(au.summary(res))
+    typer.echo(str(run / "audit.json"))
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
+    images: Annotated[list[Path], typer.Argument(exists=True, help="Image files or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the heat-map PNGs.")] = Path("gradcam"),
+):
+    """Grad-CAM heat maps (one PNG per image) through the run's preprocessing, backbone and head."""
+    from . import explain as ex
+
+    rows = _guard(ex.explain, run, images, out)
+    for r in rows:
+        typer.echo(f"{r['path']}: skipped: {r['error']}" if r["error"] else f"{r['png']}  p_covid {r['p_covid']:.4f}")
+    typer.echo(str(out))
+
+
 def main():
     app()
 

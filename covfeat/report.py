@@ -34,6 +34,8 @@ def load_run(run: str | Path) -> dict:
     if not f.is_file():
         raise RunError(f"{run} is not a finished covfeat run (no metrics.json); pass a folder printed by `covfeat fit-head`.")
     m = json.loads(f.read_text())
+    if (run / "audit.json").is_file():
+        m["audit"] = json.loads((run / "audit.json").read_text())
     m["_path"] = str(run)
     m["_name"] = run.name
     return m
@@ -72,9 +74,9 @@ def table_cells(m: dict) -> dict[str, str]:
             for k, nm in (("covid_recall", "recall"), ("covid_precision", "precision"), ("specificity", "specificity")):
                 out[f"at recall target {op['target_recall']:.2f}: test {nm}"] = _fmt(k, t[k], t["ci"].get(k))
     out["weights"] = "NOT PRETRAINED" if not m.get("pretrained", True) else m["weights"]["label"]
-    for k in ("audit_occlusion", "audit_source", "audit_external"):
-        if k in m:
-            out[k.replace("_", " ")] = m[k]["verdict"]
+    for k, v in m.get("audit", {}).items():
+        if isinstance(v, dict) and "status" in v:
+            out[f"audit: {k} probe"] = v["status"]
     return out
 
 
@@ -114,6 +116,10 @@ def banners(runs: list[dict]) -> list[str]:
         for k in m.get("sources_test", {}):
             s, c = k.split("/")
             by_class.setdefault(c, set()).add(s)
+    for m in runs:
+        for k, v in m.get("audit", {}).items():
+            if isinstance(v, dict) and "verdict" in v:
+                out.append(f"audit of {m['_name']}, {k} probe: {v['verdict']}")
     if len(by_class) == 2 and all(len(v) == 1 for v in by_class.values()) and by_class["COVID-19"] != by_class["NORMAL"]:
         out.append(f"CAUTION: every COVID-19 test image comes from {', '.join(by_class['COVID-19'])} and every NORMAL one "
                    f"from {', '.join(by_class['NORMAL'])}: the classes are confounded with their source. High scores "
