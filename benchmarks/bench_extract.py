@@ -63,12 +63,40 @@ def forward_only(model, n: int, bs: int = 16) -> float:
     return batches * bs / (time.perf_counter() - t)
 
 
+def render(data: dict, images: int, augment: int) -> str:
+    results, gflops_peak = data["results"], data["matmul_gflop_s"]
+    rows = [[r["backbone"], f"{r['forward_only_img_s']:.2f}", f"{r['pipeline_img_s']:.2f}", f"{r['ratio']:.3f}",
+             f"{r['whole_command_seconds']:.1f} s ({r['whole_command_ratio']:.2f}; model build {r['build_model_seconds']:.1f} s)",
+             f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflop_s']:.1f}", f"{r['fraction_of_matmul_peak']:.2f}"]
+            for r in results]
+    return "\n".join([
+        "# Extraction benchmark", "",
+        f"{data['machine']['date']}, {data['machine']['cpus']} CPUs, TensorFlow {data['machine']['tensorflow']}, "
+        f"GPUs: {data['machine']['gpus'] or 'none'}. Weights: none (random init, NOT PRETRAINED). "
+        f"{images} image files per backbone, --augment {augment}, batch 16.",
+        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s.", "",
+        table(["backbone", "forward-only img/s", "files -> HDF5 img/s", "ratio (target >= 0.9)",
+               "whole command (ratio incl. one-off model build, hashing, assembly)", "GFLOP/img",
+               "achieved GFLOP/s", "fraction of matmul"], rows), "",
+        "Command: `python benchmarks/bench_extract.py`", ""])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=96, help="image files per backbone (x (augment+1) forward passes)")
     ap.add_argument("--augment", type=int, default=4)
     ap.add_argument("--backbones", default="all")
+    ap.add_argument("--render", action="store_true", help="only re-render the Markdown from results/extract.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        from common import RESULTS
+
+        data = json.loads((RESULTS / "extract.json").read_text())
+        r0 = data["results"][0]
+        write_results("extract", data, render(data, r0["images"], r0["forward_passes"] // r0["images"] - 1))
+        return
     if not SHARED.is_dir():
         sys.exit(f"benchmark data not found: {SHARED}")
 
@@ -117,20 +145,7 @@ def main():
                     "the build is counted as if it had not): decode once, resize, K jittered views, forward, float16 "
                     "shards. Whole command adds the build, hashing the files and assembling the HDF5 file.",
             "target_ratio": 0.9, "results": results, "peak_rss_mb": peak_rss_mb()}
-    rows = [[r["backbone"], f"{r['forward_only_img_s']:.2f}", f"{r['pipeline_img_s']:.2f}", f"{r['ratio']:.2f}",
-             f"{r['whole_command_seconds']:.1f} s ({r['whole_command_ratio']:.2f}; model build {r['build_model_seconds']:.1f} s)",
-             f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflop_s']:.1f}", f"{r['fraction_of_matmul_peak']:.2f}"]
-            for r in results]
-    md = "\n".join([
-        "# Extraction benchmark", "",
-        f"{machine()['date']}, {os.cpu_count()} CPUs, TensorFlow {data['machine']['tensorflow']}, "
-        f"GPUs: {data['machine']['gpus'] or 'none'}. Weights: none (random init, NOT PRETRAINED). "
-        f"{args.images} image files per backbone, --augment {args.augment}, batch 16.",
-        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s.", "",
-        table(["backbone", "forward-only img/s", "files -> HDF5 img/s", "ratio (target >= 0.9)",
-               "whole command (ratio incl. one-off model build, hashing, assembly)", "GFLOP/img",
-               "achieved GFLOP/s", "fraction of matmul"], rows), "",
-        "Command: `python benchmarks/bench_extract.py`", ""])
+    md = render(data, args.images, args.augment)
     write_results("extract", data, md)
 
 

@@ -182,6 +182,12 @@ def external_probe(run: Path, fc, sources, cache_dir, progress=True) -> dict:
     m_int = json.loads((Path(run) / "metrics.json").read_text())["argmax"]
     drops = {}
     flags = []
+    preds = list(csv.DictReader(open(Path(run) / "predictions.csv")))
+    auc_int = bootstrap_auc([int(r["label"]) for r in preds], [float(r["p_covid"]) for r in preds])
+    auc_ext = bootstrap_auc(y, p)
+    drops["roc_auc"] = auc_int[0] - auc_ext[0]
+    if not np.isnan(auc_ext[2]) and auc_ext[2] < auc_int[1]:
+        flags.append(f"ROC AUC {auc_int[0]:.2f} -> {auc_ext[0]:.2f}")
     for k in ("accuracy", "covid_recall", "specificity"):
         drops[k] = m_int[k] - m_ext[k]
         ci_int, ci_ext = m_int["ci"].get(k), m_ext["ci"].get(k)
@@ -190,9 +196,10 @@ def external_probe(run: Path, fc, sources, cache_dir, progress=True) -> dict:
     status = "FLAGGED" if flags else "not flagged"
     text = (f"FLAGGED: on the external data the run drops beyond its intervals ({'; '.join(flags)}); "
             "what it learned does not carry over." if flags else
-            f"not flagged: external accuracy {m_ext['accuracy']:.2f} vs internal {m_int['accuracy']:.2f}, "
-            "within their intervals.")
+            f"not flagged: external ROC AUC {auc_ext[0]:.2f} vs internal {auc_int[0]:.2f}, accuracy "
+            f"{m_ext['accuracy']:.2f} vs {m_int['accuracy']:.2f}, within their intervals.")
     return {"status": status, "verdict": text, "external": m_ext, "internal": m_int, "drop": drops,
+            "roc_auc_internal": list(auc_int), "roc_auc_external": list(auc_ext),
             "sources": [str(s) for s in sources], "cache": str(cache)}
 
 

@@ -199,9 +199,12 @@ def train_fast(pool: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_views: 
 
     par, wts = NO_PARENTS if parents is None else (np.asarray(parents, np.int64), np.asarray(weights, np.float32))
 
+    # two buffers, alternating: epoch e trains on one while e+1's dropout fills the other
+    buffers = [np.zeros((n, pool.shape[-1]), np.float32) for _ in range(2)]
+
     def pooled_for(e):
         order, views = plan[e]
-        out = np.empty((n, pool.shape[-1]), np.float32)
+        out = buffers[e % 2]
         dropout_pool(pool, rows[order].astype(np.int64), views, q, cfg.seed, e, out, par, wts, pool.shape[0])
         return out
 
@@ -303,8 +306,16 @@ class _single_thread_pool:
 
         if self.threads is None:
             self.threads = numba.config.NUMBA_NUM_THREADS
-        self._ex = ThreadPoolExecutor(max_workers=1, initializer=numba.set_num_threads, initargs=(self.threads,))
+        self._ex = ThreadPoolExecutor(max_workers=1, initializer=self._init)
         return self._ex
+
+    def _init(self):
+        import numba
+
+        numba.set_num_threads(self.threads)
+        # Small chunks handed out as threads free up: the head's thread holds a core for
+        # part of each epoch, and a static half-and-half split would wait for it.
+        numba.set_parallel_chunksize(8)
 
     def __exit__(self, *exc):
         self._ex.shutdown(wait=True, cancel_futures=True)

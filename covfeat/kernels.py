@@ -85,6 +85,48 @@ def _load_row_impl(src, bits, out):
     return impl
 
 
+def _masked_bits(src, c0, lo, hi, bits):
+    """bits[c0:c0+64] = float32 bit patterns of src[c0:c0+64] (for float16, scaled by 2**-112,
+    see _half_row) ANDed with the 64 dropout lanes of (lo, hi)."""
+
+
+@overload(_masked_bits, inline="always")
+def _masked_bits_impl(src, c0, lo, hi, bits):
+    if src.dtype == types.uint16:
+        def impl(src, c0, lo, hi, bits):
+            for jj in range(32):
+                v = np.uint32(src[c0 + jj])
+                lane = np.uint32(np.int32(lo << np.uint32(31 - jj)) >> np.int32(31))
+                bits[c0 + jj] = (((v & np.uint32(0x8000)) << np.uint32(16)) |
+                                 ((v & np.uint32(0x7FFF)) << np.uint32(13))) & lane
+            for jj in range(32):
+                v = np.uint32(src[c0 + 32 + jj])
+                lane = np.uint32(np.int32(hi << np.uint32(31 - jj)) >> np.int32(31))
+                bits[c0 + 32 + jj] = (((v & np.uint32(0x8000)) << np.uint32(16)) |
+                                      ((v & np.uint32(0x7FFF)) << np.uint32(13))) & lane
+    else:
+        def impl(src, c0, lo, hi, bits):
+            si = src.view(np.uint32)
+            for jj in range(32):
+                lane = np.uint32(np.int32(lo << np.uint32(31 - jj)) >> np.int32(31))
+                bits[c0 + jj] = si[c0 + jj] & lane
+            for jj in range(32):
+                lane = np.uint32(np.int32(hi << np.uint32(31 - jj)) >> np.int32(31))
+                bits[c0 + 32 + jj] = si[c0 + 32 + jj] & lane
+    return impl
+
+
+def _unit(pool):
+    """What _masked_bits' floats must be multiplied by: 2**112 for float16 bits, 1 for float32."""
+
+
+@overload(_unit, inline="always")
+def _unit_impl(pool):
+    if pool.dtype == types.uint16:
+        return lambda pool: np.float32(5.192296858534828e33)
+    return lambda pool: np.float32(1.0)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, n_real):
     """out[i] = mean over positions of dropout(map of rows[i], view views[i]).
@@ -95,10 +137,14 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
         half the memory traffic of float32), or float32; S = H * W
     rows, views : (n,) int64; a row r >= n_real is SMOTE row j = r - n_real, whose map is
         weights[j, 0] * pool[parents[j, 0]] + weights[j, 1] * pool[parents[j, 1]]
-        (same view), formed on the fly so SMOTE rows cost no memory
+        (same view, same dropout mask), formed on the fly so SMOTE rows cost no memory
     rate_q : int, keep probability times 2**24 (2**24 means no dropout)
     seed, epoch : int, the masks are a pure function of (seed, epoch, i, s)
     out : (n, C) float32, overwritten
+
+    Per position, one integer pass (convert to float32 bits and AND the dropout lanes onto
+    them, branch-free) and one float pass (scale back and accumulate): every value is the
+    exactly converted float16 (times the SMOTE weight), kept or zeroed, summed in order.
     """
     n = rows.shape[0]
     S = pool.shape[2]
@@ -111,54 +157,67 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
     scale = np.float32(1.0) / np.float32(S)
     if not full:
         scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
+    unit = _unit(pool)
     for i in prange(n):
         acc = np.zeros(C, np.float32)
         x = np.empty(C, np.float32)
         xb = np.empty(C, np.float32)
         bits = np.empty(C, np.uint32)
-        kept = np.empty(C, np.uint32)
+        bits_b = np.empty(C, np.uint32)
+        scratch = np.empty(C, np.uint32)
         r = rows[i]
         v = views[i]
+        syn = r >= n_real
+        j = r - n_real if syn else 0
+        wa = np.float32(weights[j, 0]) * unit if syn else unit
+        wb = np.float32(weights[j, 1]) * unit if syn else np.float32(0.0)
         for s in range(S):
-            if r < n_real:
-                _load_row(pool[r, v, s], bits, x)
-            else:
-                j = r - n_real
-                _load_row(pool[parents[j, 0], v, s], bits, x)
-                _load_row(pool[parents[j, 1], v, s], bits, xb)
-                wa = np.float32(weights[j, 0])
-                wb = np.float32(weights[j, 1])
-                for c in range(C):
-                    x[c] = x[c] * wa + xb[c] * wb
             if full:
+                if not syn:
+                    _load_row(pool[r, v, s], bits, x)
+                else:
+                    _load_row(pool[parents[j, 0], v, s], bits, x)
+                    _load_row(pool[parents[j, 1], v, s], bits, xb)
+                    wa0 = np.float32(weights[j, 0])
+                    wb0 = np.float32(weights[j, 1])
+                    for c in range(C):
+                        x[c] = x[c] * wa0 + xb[c] * wb0
                 for c in range(C):
                     acc[c] += x[c]
                 continue
             state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
-            xi = x.view(np.uint32)
-            for c0 in range(0, C, 64):
+            src = pool[parents[j, 0], v, s] if syn else pool[r, v, s]
+            src_b = pool[parents[j, 1], v, s] if syn else src
+            for c0 in range(0, C - 63, 64):
                 w, state = _keep_word(state, q, low)
-                m = min(64, C - c0)
-                # Each mask bit becomes an all-ones or all-zeros 32-bit lane (shift it to the
-                # sign, then shift back arithmetically) and is ANDed onto the float's bits:
-                # branch-free, and it vectorises with AVX2's per-lane shifts.
                 lo = np.uint32(w & np.uint64(0xFFFFFFFF))
                 hi = np.uint32(w >> np.uint64(32))
-                if m == 64:
-                    for jj in range(32):
-                        lane = np.uint32(np.int32(lo << np.uint32(31 - jj)) >> np.int32(31))
-                        kept[c0 + jj] = xi[c0 + jj] & lane
-                    for jj in range(32):
-                        lane = np.uint32(np.int32(hi << np.uint32(31 - jj)) >> np.int32(31))
-                        kept[c0 + 32 + jj] = xi[c0 + 32 + jj] & lane
-                else:
-                    for jj in range(m):
-                        word = lo if jj < 32 else hi
-                        lane = np.uint32(np.int32(word << np.uint32(31 - (jj % 32))) >> np.int32(31))
-                        kept[c0 + jj] = xi[c0 + jj] & lane
-            kf = kept.view(np.float32)
-            for c in range(C):
-                acc[c] += kf[c]
+                _masked_bits(src, c0, lo, hi, bits)
+                if syn:
+                    _masked_bits(src_b, c0, lo, hi, bits_b)
+            tail = C - C % 64
+            if tail < C:  # channels beyond the last full word of 64
+                w, state = _keep_word(state, q, low)
+                _load_row(src, scratch, x)
+                _load_row(src_b, scratch, xb)
+                for jj in range(C - tail):
+                    keep = np.float32((w >> np.uint64(jj)) & np.uint64(1))
+                    v0 = x[tail + jj] * keep
+                    v1 = xb[tail + jj] * keep
+                    bits[tail + jj] = 0
+                    bits_b[tail + jj] = 0
+                    if syn:
+                        acc[tail + jj] += v0 * np.float32(weights[j, 0]) + v1 * np.float32(weights[j, 1])
+                    else:
+                        acc[tail + jj] += v0
+            f = bits.view(np.float32)
+            if syn:
+                fb = bits_b.view(np.float32)
+                for c in range(C):
+                    acc[c] += f[c] * wa + fb[c] * wb
+            else:
+                for c in range(C):
+                    acc[c] += f[c] * wa
         for c in range(C):
             out[i, c] = acc[c] * scale
 
@@ -409,3 +468,19 @@ def head_predict(X, P, bn_eps):
         out[k, 0] = e0 / (e0 + e1)
         out[k, 1] = e1 / (e0 + e1)
     return out, act
+
+
+@njit(cache=True)
+def mask_row(seed, epoch, i, S, s, C, rate_q):
+    """The 0/1 keep mask dropout_pool draws for output row i, position s (for tests)."""
+    q = np.uint64(rate_q)
+    low = 0
+    while low < _Q_BITS and not (q >> low) & 1:
+        low += 1
+    out = np.zeros(C, np.float32)
+    state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
+    for c0 in range(0, C, 64):
+        w, state = _keep_word(state, q, low)
+        for jj in range(min(64, C - c0)):
+            out[c0 + jj] = np.float32((w >> np.uint64(jj)) & np.uint64(1))
+    return out

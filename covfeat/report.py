@@ -52,6 +52,17 @@ def _fmt(key: str, v, ci=None) -> str:
     return s
 
 
+def _fraction(a: dict, key: str) -> str:
+    """The counts behind a proportion, so the test size is seen beside every metric."""
+    tp, fp, fn, tn = (a.get(k, 0) for k in ("TP", "FP", "FN", "TN"))
+    parts = {"covid_recall": (tp, tp + fn), "covid_precision": (tp, tp + fp), "normal_recall": (tn, tn + fp),
+             "normal_precision": (tn, tn + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, tp + fp + fn + tn)}
+    if key not in parts:
+        return ""
+    k, n = parts[key]
+    return f"{k}/{n}"
+
+
 def table_cells(m: dict) -> dict[str, str]:
     """One column of the side-by-side table: label -> formatted value (with interval)."""
     out = {}
@@ -67,6 +78,9 @@ def table_cells(m: dict) -> dict[str, str]:
         ci = a.get("ci", {})
         for label, key in ROWS:
             out[label] = _fmt(key, a.get(key), ci.get(key))
+            frac = _fraction(a, key)
+            if frac and out[label] != "n/a":
+                out[label] += f" ({frac})"
         op = m.get("operating_point")
         if op:
             t = op["test"]

@@ -170,6 +170,8 @@ def fit_head(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path = "ru
     n_real, n_syn = len(tr), len(bal.parents)
     pool_bytes = n_real * V * S * C * fc.dtype.itemsize  # SMOTE rows are formed on the fly
     streamed = pool_bytes > memory_budget_gb * 2**30
+    if not fc.pretrained:
+        _log("NOTE: these features come from a NOT PRETRAINED (random-init) backbone.")
     _log(f"Training rows: {n_real} real + {n_syn} SMOTE ({np.bincount(bal.labels, minlength=2)[1]} COVID-19, "
          f"{np.bincount(bal.labels, minlength=2)[0]} NORMAL), {V} views each; "
          f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB)")
@@ -202,7 +204,7 @@ def fit_head(cache_path: str | Path, cfg: HeadConfig, runs_dir: str | Path = "ru
         if not len(rows):
             return np.zeros(0)
         maps = fc.read_features(np.array([samples[r][0] for r in rows]))
-        return tail.predict(pooled_mean(maps), verbose=0, batch_size=256)[:, 1]
+        return tail(pooled_mean(maps), training=False).numpy()[:, 1]
 
     p_test = predict(test_rows)
     p_val = predict(val_rows)

@@ -113,3 +113,24 @@ def test_each_epoch_draws_fresh_views_and_order():
         assert (views < n_views[order]).all() and (views >= 0).all()
         assert set(views[n_views[order] == 5]) == {0, 1, 2, 3, 4}
     assert not np.array_equal(plan[0][1], plan[1][1]) and not np.array_equal(plan[0][0], plan[1][0])
+
+
+@pytest.mark.parametrize("C,rate", [(1920, 0.5), (1930, 0.2), (50, 0.5)])
+def test_dropout_pool_equals_a_plain_numpy_reference(C, rate):
+    """Mean over positions of mask * map / (1 - rate), SMOTE rows mixed first, float16 input."""
+    from covfeat.kernels import mask_row
+
+    rng = np.random.default_rng(1)
+    S = 9
+    pool = rng.standard_normal((4, 2, S, C)).astype(np.float16)
+    par = np.array([[1, 3], [0, 2]], np.int64)
+    w = np.array([[0.3, 0.7], [0.9, 0.1]], np.float32)
+    rows, views = np.array([2, 4, 0, 5]), np.array([1, 0, 0, 1])
+    out = np.empty((4, C), np.float32)
+    dropout_pool(pool.view(np.uint16), rows, views, keep_q(rate), 7, 3, out, par, w, 4)
+    f = pool.astype(np.float32)
+    for i, (r, v) in enumerate(zip(rows, views)):
+        maps = f[r, v] if r < 4 else f[par[r - 4, 0], v] * w[r - 4, 0] + f[par[r - 4, 1], v] * w[r - 4, 1]
+        masks = np.stack([mask_row(7, 3, i, S, s, C, keep_q(rate)) for s in range(S)])
+        want = (maps * masks).sum(0) / (S * (1 - rate))
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
