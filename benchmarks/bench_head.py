@@ -138,11 +138,8 @@ def main():
     cli_s = time.perf_counter() - t
     if r.returncode != 0:
         sys.exit(r.stderr)
-    import resource
-
-    # Linux keeps ru_maxrss across fork+exec, so the child's own figure would be ours: ask
-    # for the (only) child's peak from here instead.
-    cli_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    # the command's own peak (VmHWM of its process, in its metrics.json)
+    cli_peak_mb = json.loads((Path(r.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())["peak_rss_mb"]
     out["covfeat_fit_head"] = {"seconds": fit_s, "seconds_first_call_in_process": first_s, "cli_seconds_fresh_process": cli_s,
                                "stages_seconds": m["fit_stages_seconds"], "peak_rss_mb_fit_head_command": cli_peak_mb,
                                "test_accuracy": m["argmax"]["accuracy"], "run": str(second)}

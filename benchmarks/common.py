@@ -24,7 +24,9 @@ def machine() -> dict:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from covfeat.train import peak_rss_mb as own
+
+    return own()
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:

@@ -35,6 +35,14 @@ def _log(msg: str) -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM starts afresh at exec, while
+    ru_maxrss carries a parent's peak across fork+exec on Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
