@@ -86,10 +86,10 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusio
         base = occlusion.apply(base, path)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
     params = np.zeros((cfg.augment + 1, 4), np.float32)
-    inputs[0] = to_model_input(base, cfg.preprocess, backbone)
+    to_model_input(base, cfg.preprocess, backbone, out=inputs[0])
     for v in range(1, cfg.augment + 1):
         params[v] = view_params(sha256, v, cfg.seed, cfg.jitter)
-        inputs[v] = to_model_input(apply_view(base, params[v]), cfg.preprocess, backbone)
+        to_model_input(apply_view(base, params[v]), cfg.preprocess, backbone, out=inputs[v])
     return inputs, params
 
 
@@ -310,11 +310,12 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
                 rows_v += [i] * n_views
                 views_v += list(range(n_views))
             if inputs:
-                x = np.concatenate(inputs)
-                feats = np.empty((len(x), *backbone.feature_shape), dtype)
-                for b0 in range(0, len(x), bs):
-                    k = min(bs, len(x) - b0)
-                    batch[:k] = x[b0:b0 + k]
+                views_list = [v for arr in inputs for v in arr]  # views in order, no copy
+                feats = np.empty((len(views_list), *backbone.feature_shape), dtype)
+                for b0 in range(0, len(views_list), bs):
+                    k = min(bs, len(views_list) - b0)
+                    for j in range(k):
+                        batch[j] = views_list[b0 + j]
                     tf0 = time.perf_counter()
                     out = forward(batch).numpy()[:k]
                     t_fwd += time.perf_counter() - tf0

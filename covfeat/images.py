@@ -191,8 +191,13 @@ def apply_view(img: np.ndarray, params: np.ndarray) -> np.ndarray:
     return cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def to_model_input(img: np.ndarray, preprocess: str, backbone) -> np.ndarray:
-    """Scale a [0, 255] RGB array the way the cache says: ``paper`` ([0, 1]) or ``backbone``."""
+def to_model_input(img: np.ndarray, preprocess: str, backbone, out: np.ndarray | None = None) -> np.ndarray:
+    """Scale a [0, 255] RGB array the way the cache says: ``paper`` ([0, 1]) or ``backbone``
+    (its own preprocess_input); written into ``out`` when given."""
     if preprocess == "paper":
-        return img * np.float32(1.0 / 255.0)
-    return backbone.preprocess_input()(img.copy())
+        return np.multiply(img, np.float32(1.0 / 255.0), out=out)
+    res = backbone.preprocess_input()(img.copy())
+    if out is None:
+        return res
+    out[...] = res
+    return out
