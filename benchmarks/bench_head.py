@@ -54,7 +54,7 @@ def main():
 
     from covfeat.backbones import build_backbone, get_backbone, resolve_weights
     from covfeat.cache import open_cache
-    from covfeat.head import HeadConfig, build_head, compile_head, one_hot, pooled_mean
+    from covfeat.head import HeadConfig, build_head, compile_head, one_hot
     from covfeat.train import _row_samples, balance, cross_validate, fit_head, prepare_rows
 
     if args.cache is None:
@@ -125,7 +125,7 @@ def main():
     # 1. covfeat fit-head: first call in this process (numba kernels loaded), then again
     runs = Path("runs-bench")
     t = time.perf_counter()
-    first = fit_head(cache, cfg, runs, progress=False)
+    fit_head(cache, cfg, runs, progress=False)  # loads the numba kernels in this process
     first_s = time.perf_counter() - t
     t = time.perf_counter()
     second = fit_head(cache, cfg, runs, progress=False)
@@ -191,7 +191,7 @@ def main():
         "weights none (random init, NOT PRETRAINED). 100 epochs, batch 8, SGD(1e-4, momentum 0.5), "
         f"dropout {bb.dropout} on the pre-pool map.", "",
         table(["method", "seconds for 100 epochs", "x slower than fit-head", "how"], rows), "",
-        f"Targets: fit-head <= 10 s; plain Model.fit / fit-head >= 15. Stages of the fit-head call (s): "
+        "Targets: fit-head <= 10 s; plain Model.fit / fit-head >= 15. Stages of the fit-head call (s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in m["fit_stages_seconds"].items()) + ".",
         f"Peak RSS of this benchmark process: {out['peak_rss_mb']:.0f} MB; of the fit-head command process: "
         f"{cli_peak_mb:.0f} MB.", "",

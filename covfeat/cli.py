@@ -6,7 +6,6 @@ No logic lives only here; each command calls a function of the library.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -16,7 +16,7 @@ from covfeat.cli import app
 from covfeat.extract import ExtractConfig, extract
 from covfeat.head import HeadConfig
 from covfeat.split import SplitConfig
-from covfeat.train import cross_validate, fit_head
+from covfeat.train import fit_head
 
 runner = CliRunner()
 FAST_HEAD = HeadConfig(epochs=25, learning_rate=0.02, momentum=0.9)

@@ -67,7 +67,7 @@ def test_offline_without_cached_weights_names_the_file_and_folder(monkeypatch, m
     assert "Traceback" not in r.stderr
     home = os.environ["KERAS_HOME"]
     assert err[0].startswith("error: ImageNet weights for densenet201 are not cached and could not be downloaded")
-    assert f"Put densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5 (from https://storage.googleapis.com/" in err[0]
+    assert "Put densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5 (from https://storage.googleapis.com/" in err[0]
     assert f"in {home}/models/, or pass --weights FILE or --weights none." in err[0]
     assert r.stdout == ""  # stopped before reading any data
 

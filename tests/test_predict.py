@@ -3,10 +3,8 @@
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from covfeat.cli import app

@@ -1,7 +1,6 @@
 """Report numbers against hand-counted confusion matrices, and the report files a user gets."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
