@@ -45,8 +45,8 @@ def explain(run: str | Path, items: list, out_dir: str | Path) -> list[dict]:
     rows = []
     for path in list_images(items):
         try:
-            x = model_inputs(lr, path)
             shown = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
+            x = model_inputs(lr, path, shown)  # decoded once: shown and fed to the model
         except (UnreadableImage, OSError) as exc:
             rows.append({"path": str(path), "png": None, "error": str(exc)})
             continue

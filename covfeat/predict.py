@@ -78,12 +78,14 @@ def list_images(items: list[str | Path]) -> list[Path]:
     return out
 
 
-def model_inputs(lr: LoadedRun, path: str | Path) -> np.ndarray:
-    """Decode, resize, occlude (if the run's cache was occluded) and scale one image."""
+def model_inputs(lr: LoadedRun, path: str | Path, img: np.ndarray | None = None) -> np.ndarray:
+    """Decode, resize, occlude (if the run's cache was occluded) and scale one image;
+    pass ``img`` (from :func:`covfeat.images.load`) if it is already decoded."""
     bb = get_backbone(lr.extract["backbone"])
     from .extract import decode_min_side
 
-    img = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
+    if img is None:
+        img = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
     occ = lr.extract.get("occlusion", {"kind": "none"})
     if occ.get("kind", "none") != "none":
         img = Occlusion(**{**occ, "box": tuple(occ["box"])}).apply(img, str(path))
