@@ -101,7 +101,8 @@ def main():
         sys.exit(f"benchmark data not found: {SHARED}")
 
     from covfeat.backbones import build_backbone, get_backbone, list_backbones, resolve_weights
-    from covfeat.extract import ExtractConfig, extract
+    from covfeat.config import ExtractConfig
+    from covfeat.extract import extract
 
     names = list_backbones() if args.backbones == "all" else args.backbones.split(",")
     gflops_peak = matmul_gflops()

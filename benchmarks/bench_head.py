@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,7 +35,8 @@ from common import SHARED, machine, peak_rss_mb, table, write_results  # noqa: E
 
 
 def ensure_cache(cache_dir: Path) -> tuple[Path, float | None]:
-    from covfeat.extract import ExtractConfig, extract
+    from covfeat.config import ExtractConfig
+    from covfeat.extract import extract
 
     cfg = ExtractConfig(backbone="densenet201", weights="none", augment=4)
     t = time.perf_counter()
@@ -54,8 +56,10 @@ def main():
 
     from covfeat.backbones import build_backbone, get_backbone, resolve_weights
     from covfeat.cache import open_cache
-    from covfeat.head import HeadConfig, build_head, compile_head, one_hot
-    from covfeat.train import _row_samples, balance, cross_validate, fit_head, prepare_rows
+    from covfeat.balance import balance
+    from covfeat.config import FitConfig
+    from covfeat.head import build_head, compile_head, one_hot
+    from covfeat.train import cross_validate, fit_head, make_split, rows_by_split
 
     if args.cache is None:
         if not SHARED.is_dir():
@@ -66,29 +70,31 @@ def main():
     fc = open_cache(cache)
     with h5py.File(cache) as h:
         extract_timings = json.loads(h.attrs["timings"]) if "timings" in h.attrs else {}
-    samples, V = _row_samples(fc)
-    parts = prepare_rows(fc, fc.manifest["split"])
+    V = fc.n_views
+    fit = FitConfig()  # the paper's head, the default split
+    parts = rows_by_split(fc, make_split(fc, fit.split))
     tr, va = parts[0], parts[1]
     y_tr = fc.manifest["label"][tr]
-    cfg = HeadConfig()
-    shape = fc.feature_shape
     bb = get_backbone(fc.backbone)
+    fit = fit.resolved(bb)
+    cfg = fit.head
+    shape = fc.feature_shape
     out = {"machine": machine(), "cache": str(cache), "backbone": fc.backbone, "weights": "none (random init, NOT PRETRAINED)",
            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "dropout": bb.dropout, "feature_shape": list(shape)}
 
     # Same balanced rows for the plain Keras run: the originals plus SMOTE rows (view 0).
-    X0 = fc.read_features(np.array([samples[r][0] for r in tr]))
+    X0 = fc.read_features(fc.originals(tr))
     bal = balance(X0.reshape(len(tr), -1), y_tr, cfg)
     syn = X0[bal.parents[:, 0]] * bal.weights[:, :1, None, None].astype(np.float32) + \
         X0[bal.parents[:, 1]] * bal.weights[:, 1:, None, None].astype(np.float32)
     Xb = np.concatenate([X0, syn])
     yb = one_hot(bal.labels)
-    Xv = fc.read_features(np.array([samples[r][0] for r in va]))
+    Xv = fc.read_features(fc.originals(va))
     yv = one_hot(fc.manifest["label"][va])
     out["train_rows"] = {"real": int(len(tr)), "smote": int(len(syn)), "views": int(V)}
 
     # 2. plain keras.Model.fit, run first so TensorFlow keeps its default threading for it
-    model, _ = build_head(shape, cfg, bb.dropout)
+    model, _ = build_head(shape, cfg)
     compile_head(model, cfg)
     t = time.perf_counter()
     model.fit(Xb, yb, batch_size=cfg.batch_size, epochs=args.keras_epochs, validation_data=(Xv, yv), verbose=0)
@@ -101,14 +107,14 @@ def main():
     # 3. the paper's way: backbone + head on images, one epoch timed
     import keras
 
-    from covfeat.images import decode, resize, to_model_input
+    from covfeat.images import decode, resize
 
     n_img = args.paper_images or len(bal.labels)
     paths = [fc.manifest["path"][tr[i % len(tr)]] for i in range(n_img)]
-    imgs = np.stack([to_model_input(resize(decode(p)), "paper", bb) for p in paths])
+    imgs = np.stack([bb.scaling_for("paper").apply(resize(decode(p))) for p in paths])
     labels = one_hot(np.array([y_tr[i % len(tr)] for i in range(n_img)]))
     backbone = build_backbone(bb, resolve_weights(bb, "none"), seed=0)
-    head, _ = build_head(shape, cfg, bb.dropout)
+    head, _ = build_head(shape, cfg)
     inp = keras.Input((224, 224, 3))
     full = keras.Model(inp, head(backbone(inp, training=False)))
     compile_head(full, cfg)
@@ -125,10 +131,10 @@ def main():
     # 1. covfeat fit-head: first call in this process (numba kernels loaded), then again
     runs = Path("runs-bench")
     t = time.perf_counter()
-    fit_head(cache, cfg, runs, progress=False)  # loads the numba kernels in this process
+    fit_head(cache, fit, runs, progress=False)  # loads the numba kernels in this process
     first_s = time.perf_counter() - t
     t = time.perf_counter()
-    second = fit_head(cache, cfg, runs, progress=False)
+    second = fit_head(cache, fit, runs, progress=False)
     fit_s = time.perf_counter() - t
     m = json.loads((second / "metrics.json").read_text())
     env = dict(os.environ, COVFEAT_NO_PROGRESS="1")
@@ -147,7 +153,7 @@ def main():
 
     # 5-fold cross-validation of the same head on the same cache
     t = time.perf_counter()
-    cv = cross_validate(cache, cfg, runs, folds=5, progress=False)
+    cv = cross_validate(cache, replace(fit, folds=5), runs, progress=False)
     out["cv_5fold_seconds"] = time.perf_counter() - t
     out["cv_run"] = str(cv)
 

@@ -15,22 +15,19 @@ c. external: the run scored on another labelled source, and the drop against its
 from __future__ import annotations
 
 import csv
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .cache import open_cache
+from .config import ExtractConfig, FitConfig, OcclusionConfig
 from .errors import RunError
-from .extract import ExtractConfig, extract
-from .head import HeadConfig, pooled_mean
-from .images import JitterConfig
+from .extract import extract
+from .head import pooled_mean
 from .metrics import classification_metrics
-from .occlusion import Occlusion
-from .split import SplitConfig
-from .train import _row_samples, fit_head
+from .runs import Run
+from .train import fit_head
 
 FLAG_AUC = 0.7  # a probe whose AUC's lower 95% bound clears this separates "far above chance"
 
@@ -64,11 +61,7 @@ def _verdict_auc(auc, lo, hi, what: str, flagged: str) -> tuple[str, str]:
 
 
 def _config_from(fc) -> ExtractConfig:
-    c = fc.config
-    return ExtractConfig(
-        backbone=c["backbone"], weights=_weights_arg(fc), preprocess=c["preprocess"], augment=c["augment"],
-        seed=c["seed"], views=tuple(c["views"]), split=SplitConfig(**c["split"]), dtype=str(fc.dtype),
-        jitter=JitterConfig(**c["jitter"]), scaled_decode=c.get("scaled_decode", True))
+    return ExtractConfig.from_stored(fc.config, weights=_weights_arg(fc))
 
 
 def _weights_arg(fc) -> str:
@@ -92,27 +85,26 @@ def _manifest_csv(fc, rows, path: Path) -> Path:
     return path
 
 
-def occlusion_probe(run: Path, fc, head_cfg: HeadConfig, occlusion: Occlusion, cache_dir, progress=True) -> dict:
-    split = np.load(run / "split.npy")
+def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True) -> dict:
+    split = run.split()
     rows = np.flatnonzero(split >= 0)
     src = _manifest_csv(fc, rows, Path(cache_dir) / f"audit-{fc.content_hash()}.csv")
     cache = extract([src], replace(_config_from(fc), occlusion=occlusion), cache_dir, progress=progress)
     occ = open_cache(cache)
     by_hash = dict(zip(fc.manifest["sha256"], split))
     occ_split = np.array([by_hash.get(h, -1) for h in occ.manifest["sha256"]], np.int8)
-    occ_split[occ.manifest["split"] < 0] = -1  # unreadable after all
-    out = fit_head(cache, head_cfg, Path(run) / "audit-runs", split=occ_split, progress=progress, fc=occ,
-                   name="occlusion")
-    preds = list(csv.DictReader(open(out / "predictions.csv")))
-    y = np.array([int(p["label"]) for p in preds])
-    p = np.array([float(p["p_covid"]) for p in preds])
+    occ_split[~occ.has_features()] = -1  # unreadable after all
+    out = Run(fit_head(cache, fit, run.path / "audit-runs", split=occ_split, progress=progress, fc=occ,
+                       name="occlusion"))
+    preds = out.predictions()
+    y, p = preds["label"], preds["p_covid"]
     auc, lo, hi = bootstrap_auc(y, p)
     status, text = _verdict_auc(auc, lo, hi, "with the lung field blanked the head",
                                 "with the lung field blanked the head still separates COVID-19 from NORMAL; "
                                 "it reads something outside the lungs (labels, borders, body size, the source)")
     m = classification_metrics(y, p)
     return {"status": status, "verdict": text, "roc_auc": [auc, lo, hi], "accuracy": m["accuracy"],
-            "n_covid": m["n_covid"], "n_normal": m["n_normal"], "occlusion": occlusion.as_dict(), "run": str(out)}
+            "n_covid": m["n_covid"], "n_normal": m["n_normal"], "occlusion": occlusion.as_dict(), "run": str(out.path)}
 
 
 def source_probe(fc, seed: int = 0) -> dict:
@@ -122,9 +114,8 @@ def source_probe(fc, seed: int = 0) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    samples, _ = _row_samples(fc)
     man = fc.manifest
-    rows = np.array(sorted(samples))
+    rows = np.flatnonzero(fc.has_features())
     by_class = {}
     for lab, name in ((1, "COVID-19"), (0, "NORMAL")):
         srcs, counts = np.unique(man["source"][rows][man["label"][rows] == lab], return_counts=True)
@@ -136,7 +127,7 @@ def source_probe(fc, seed: int = 0) -> dict:
             continue
         r = rows[(man["label"][rows] == lab) & np.isin(man["source"][rows], srcs[:2])]
         y = (man["source"][r] == srcs[1]).astype(int)
-        X = pooled_mean(fc.read_features(np.array([samples[i][0] for i in r])))
+        X = pooled_mean(fc.read_features(fc.originals(r)))
         folds = min(5, int(np.bincount(y).min()))
         if folds < 2:
             continue
@@ -165,25 +156,20 @@ def source_probe(fc, seed: int = 0) -> dict:
     return {"status": worst["status"], "verdict": worst["verdict"], "by_class": results, "sources_by_class": by_class}
 
 
-def external_probe(run: Path, fc, sources, cache_dir, progress=True) -> dict:
+def external_probe(run: Run, fc, sources, cache_dir, progress=True) -> dict:
     """Score the run on another labelled source; the drop against the run's own test, with intervals."""
-    import keras
-
     cfg = replace(_config_from(fc), augment=0)  # every external row is scored on its original view
     cache = extract(sources, cfg, cache_dir, progress=progress)
     ext = open_cache(cache)
-    samples, _ = _row_samples(ext)
-    rows = np.array(sorted(samples))
-    head = keras.models.load_model(Path(run) / "head.keras")
-    p = head.predict(ext.read_features(np.array([samples[r][0] for r in rows])), verbose=0)[:, 1]
-    thr = json.loads((Path(run) / "config.json").read_text())["threshold"]
+    rows = np.flatnonzero(ext.has_features())
+    p = run.load_head().predict(ext.read_features(ext.originals(rows)), verbose=0)[:, 1]
     y = ext.manifest["label"][rows]
-    m_ext = classification_metrics(y, p, thr)
-    m_int = json.loads((Path(run) / "metrics.json").read_text())["argmax"]
+    m_ext = classification_metrics(y, p, run.threshold)
+    m_int = run.metrics["argmax"]
     drops = {}
     flags = []
-    preds = list(csv.DictReader(open(Path(run) / "predictions.csv")))
-    auc_int = bootstrap_auc([int(r["label"]) for r in preds], [float(r["p_covid"]) for r in preds])
+    preds = run.predictions()
+    auc_int = bootstrap_auc(preds["label"], preds["p_covid"])
     auc_ext = bootstrap_auc(y, p)
     drops["roc_auc"] = auc_int[0] - auc_ext[0]
     if not np.isnan(auc_ext[2]) and auc_ext[2] < auc_int[1]:
@@ -203,25 +189,21 @@ def external_probe(run: Path, fc, sources, cache_dir, progress=True) -> dict:
             "sources": [str(s) for s in sources], "cache": str(cache)}
 
 
-def audit(run: str | Path, *, occlusion: Occlusion | None = None, external: list | None = None,
+def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external: list | None = None,
           cache_dir: str | Path = "cache", probes=("occlusion", "source"), progress: bool = True) -> dict:
     """Run the probes on a finished run and write RUN/audit.json; returns the results."""
-    run = Path(run)
-    if not (run / "metrics.json").is_file() or not (run / "split.npy").is_file():
-        raise RunError(f"{run} is not a finished single-split covfeat run; pass a folder printed by `covfeat fit-head`.")
-    info = json.loads((run / "cache.json").read_text())
-    fc = open_cache(info["path"])
-    head_cfg = HeadConfig(**json.loads((run / "config.json").read_text())["head"])
+    run = Run(run).require_single("the audit")
+    fc = open_cache(run.cache_info["path"])
+    fit = run.fit_config()
     out = {"pretrained": fc.pretrained, "weights": fc.config["weights"]["label"]}
     if "occlusion" in probes:
-        out["occlusion"] = occlusion_probe(run, fc, head_cfg, occlusion or Occlusion(kind="box"), cache_dir, progress)
+        out["occlusion"] = occlusion_probe(run, fc, fit, occlusion or OcclusionConfig(kind="box"), cache_dir,
+                                           progress)
     if "source" in probes:
-        out["source"] = source_probe(fc, seed=head_cfg.seed)
+        out["source"] = source_probe(fc, seed=fit.head.seed)
     if external:
         out["external"] = external_probe(run, fc, external, cache_dir, progress)
-    tmp = run / "audit.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2, default=float))
-    os.replace(tmp, run / "audit.json")
+    run.write_audit(out)
     return out
 
 

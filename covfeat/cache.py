@@ -1,8 +1,10 @@
 """How features are stored: the HDF5 cache, its key, its lock, and crash-safe progress.
 
-A cache is one HDF5 file per (backbone, weights identity, preprocessing, augmentation
-and seed, split, content of the data, format version), named by a short hash of all of
-them, defaults included.  While extraction runs, finished work lives in
+A cache is one HDF5 file per (extraction config -- every field but those of
+:data:`covfeat.config.NOT_IN_KEY` --, weights identity, content and labels of the data,
+format version), named by a short hash of all of them, defaults included.  It holds
+features, labels, patients, sources, views and image hashes; no split: the split is a
+stage-two setting, so changing it reuses the cache.  While extraction runs, finished work lives in
 ``<name>.partial/`` as shard files, each written to a temporary name, fsynced and
 renamed, so a kill -9 or power loss loses at most the shard in flight.  The HDF5 file is
 assembled from the shards under a temporary name, marked ``complete`` and renamed last:
@@ -25,7 +27,7 @@ import numpy as np
 
 from .errors import CacheError, CacheLocked
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no split in the cache (it moved to fit-head)
 MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
 
 
@@ -146,7 +148,7 @@ def _str_ds(group, name, values):
     group.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
 
 
-def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[dict], split: np.ndarray,
+def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[dict],
              feature_shape: tuple, dtype: str, extra: dict) -> None:
     """Stream every shard into ``target`` (via a temporary name), mark it complete, rename."""
     shards = store.shards()
@@ -174,11 +176,9 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
         row_idx = rows[:]
         labels = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
         h.create_dataset("label", data=labels[row_idx])
-        h.create_dataset("split", data=split[row_idx])
         g = h.create_group("manifest")
         for f in MANIFEST_FIELDS:
             _str_ds(g, f, [r[f] for r in manifest])
-        g.create_dataset("split", data=split)
         s = h.create_group("skipped")
         _str_ds(s, "path", [manifest[k]["path"] for k in sorted(skipped)])
         _str_ds(s, "reason", [skipped[k] for k in sorted(skipped)])
@@ -201,7 +201,6 @@ class FeatureCache:
     path: Path
     config: dict
     labels: np.ndarray  # per sample
-    split: np.ndarray  # per sample
     view: np.ndarray  # per sample, 0 = original
     row: np.ndarray  # per sample, index into manifest
     manifest: dict[str, np.ndarray]
@@ -233,6 +232,32 @@ class FeatureCache:
     @property
     def n_views(self) -> int:
         return int(self.view.max()) + 1
+
+    @property
+    def n_rows(self) -> int:
+        """Images in the manifest (with features or skipped)."""
+        return len(self.manifest["label"])
+
+    def samples(self) -> dict[int, np.ndarray]:
+        """Manifest row -> its sample indices, ordered by view (skipped rows have none)."""
+        if getattr(self, "_samples", None) is None:
+            order = np.lexsort((self.view, self.row))
+            rows_sorted = self.row[order]
+            starts = np.flatnonzero(np.r_[True, rows_sorted[1:] != rows_sorted[:-1]])
+            V = self.n_views
+            self._samples = {int(rows_sorted[s]): order[s:s + V] for s in starts}
+        return self._samples
+
+    def has_features(self) -> np.ndarray:
+        """Per manifest row: True when the image was readable and has features."""
+        ok = np.zeros(self.n_rows, bool)
+        ok[np.unique(self.row)] = True
+        return ok
+
+    def originals(self, rows) -> np.ndarray:
+        """Sample indices of view 0 (the original) of manifest ``rows``."""
+        s = self.samples()
+        return np.array([s[int(r)][0] for r in rows], np.int64)
 
     def content_hash(self) -> str:
         return self.path.stem.rsplit("-", 1)[-1]
@@ -293,10 +318,21 @@ def open_cache(path: str | Path) -> FeatureCache:
             skipped = list(zip((p.decode() for p in h["skipped"]["path"][:]),
                                (r.decode() for r in h["skipped"]["reason"][:])))
             attrs = {k: h.attrs[k] for k in h.attrs}
-            return FeatureCache(path, config, h["label"][:], h["split"][:], h["view"][:], h["row"][:],
-                                man, skipped, attrs)
+            return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs)
     except OSError as exc:
         raise CacheError(f"{path} is not a readable HDF5 cache ({exc}).") from None
+
+
+def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str | Path) -> Path:
+    """The cache a stage-two command works on: ``cache`` if given, else the newest complete
+    cache of ``backbone`` in ``cache_dir``."""
+    from .errors import ConfigError
+
+    if cache is not None:
+        return Path(cache)
+    if backbone is None:
+        raise ConfigError("pass --cache FILE or --backbone NAME (the newest complete cache of it in --cache-dir).")
+    return find_latest_cache(cache_dir, backbone)
 
 
 def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:

@@ -14,9 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .extract import decode_min_side
-from .images import UnreadableImage, load
-from .predict import list_images, load_run, model_inputs
+from .images import UnreadableImage, occlude
+from .predict import Predictor, list_images
 
 
 def grad_cam(backbone, head, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -38,19 +37,19 @@ def grad_cam(backbone, head, x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def explain(run: str | Path, items: list, out_dir: str | Path) -> list[dict]:
     """Write ``<stem>_gradcam.png`` per image into out_dir; unreadable images are reported, not fatal."""
-    lr = load_run(run)
+    pr = Predictor(run)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "" if lr.spec.pretrained else " NOT PRETRAINED"
+    tag = "" if pr.spec.pretrained else " NOT PRETRAINED"
     rows = []
     for path in list_images(items):
         try:
-            shown = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
-            x = model_inputs(lr, path, shown)  # decoded once: shown and fed to the model
+            shown = pr.pipeline.decode(path, occluded=False)  # decoded once: shown and fed to the model
+            x = pr.pipeline.scale(occlude(shown, path, pr.pipeline.occlusion))
         except (UnreadableImage, OSError) as exc:
             rows.append({"path": str(path), "png": None, "error": str(exc)})
             continue
-        cam, p = grad_cam(lr.backbone, lr.head, x)
+        cam, p = grad_cam(pr.backbone, pr.head, x)
         heat = cv2.applyColorMap((cv2.resize(cam, shown.shape[1::-1], interpolation=cv2.INTER_CUBIC)
                                   .clip(0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
         base = cv2.cvtColor(shown.clip(0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
@@ -61,7 +60,7 @@ def explain(run: str | Path, items: list, out_dir: str | Path) -> list[dict]:
         png = out_dir / f"{Path(path).stem}_gradcam.png"
         cv2.imwrite(str(png), over)
         rows.append({"path": str(path), "png": str(png), "p_covid": p, "error": ""})
-    if not lr.spec.pretrained:
+    if not pr.spec.pretrained:
         print("NOTE: this run's backbone is NOT PRETRAINED (random init); its heat maps are for testing only.",
               file=sys.stderr)
     return rows

@@ -1,10 +1,11 @@
 """Stage one: run one frozen backbone once over the radiographs and cache its feature maps.
 
 Order of work, chosen so that a user's mistake costs seconds, not hours:
-weights resolved -> sources read and hashed -> classes checked -> cache key computed ->
-(complete cache? done) -> lock -> one readable image per class confirmed -> model built
--> a worker pool decodes, resizes and jitters each image once while the main thread runs
-the forward pass -> shards written as it goes -> split assigned -> HDF5 assembled.
+config validated -> weights resolved -> sources read and hashed -> classes checked ->
+cache key computed -> (complete cache? done) -> lock -> one readable image per class
+confirmed -> model built -> a worker pool decodes, resizes and jitters each image once
+while the main thread runs the forward pass -> shards written as it goes -> HDF5
+assembled.  No split is made here: it is a stage-two setting of ``fit-head``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
-from .cache import ShardStore, CacheLock, assemble, cache_key, cache_name, open_cache
+from .cache import CacheLock, ShardStore, assemble, cache_key, cache_name, open_cache
+from .config import ExtractConfig, key_config
 from .errors import ConfigError, DataError
-from .images import (SCALED_DECODE_MIN_SIDE, JitterConfig, UnreadableImage, apply_view, load, to_model_input,
-                     view_params)
-from .occlusion import Occlusion
+from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, view_params
 from .sources import LABEL_NAMES, Manifest, load_sources
-from .split import SplitConfig, assign_split
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 SHARD_ROWS = 32
@@ -39,41 +38,11 @@ def sample_sources() -> list[Path]:
     return [SAMPLE_DIR / "cohen", SAMPLE_DIR / "kermany" / "NORMAL"]
 
 
-@dataclass
-class ExtractConfig:
-    """Everything that changes the cached numbers; all of it (defaults too) enters the key."""
-
-    backbone: str
-    weights: str = "imagenet"
-    preprocess: str = "paper"  # "paper": RGB / 255 ; "backbone": the backbone's preprocess_input
-    augment: int = 4
-    seed: int = 0
-    views: tuple[str, ...] = ("PA",)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    dtype: str = "float16"
-    jitter: JitterConfig = field(default_factory=JitterConfig)
-    occlusion: Occlusion = field(default_factory=Occlusion)
-    scaled_decode: bool = True  # large JPEGs decoded at 1/2..1/8 scale, >= 448 px
-    batch_size: int = 16  # not in the key: does not change the numbers
-    workers: int = 2  # not in the key
-
-    def validate(self) -> None:
-        get_backbone(self.backbone)
-        if self.preprocess not in ("paper", "backbone"):
-            raise ConfigError(f"--preprocess must be 'paper' or 'backbone', got {self.preprocess!r}.")
-        if not 0 <= self.augment <= 100:
-            raise ConfigError(f"--augment must be between 0 and 100, got {self.augment}.")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"--dtype must be float16 or float32, got {self.dtype!r}.")
-        if self.batch_size < 1 or self.workers < 1:
-            raise ConfigError("--batch-size and --workers must be at least 1.")
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusion=None) -> tuple[np.ndarray, np.ndarray]:
+def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline) -> tuple[np.ndarray, np.ndarray]:
     """Decode one file once and return its model inputs for every view, and their jitter.
 
     Returns
@@ -81,41 +50,28 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, backbone, occlusio
     inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
     """
-    base = load(path, min_side=decode_min_side(cfg.scaled_decode))
-    if occlusion is not None:
-        base = occlusion.apply(base, path)
+    base = pipeline.decode(path)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
     params = np.zeros((cfg.augment + 1, 4), np.float32)
-    to_model_input(base, cfg.preprocess, backbone, out=inputs[0])
+    pipeline.scale(base, out=inputs[0])
     for v in range(1, cfg.augment + 1):
         params[v] = view_params(sha256, v, cfg.seed, cfg.jitter)
-        to_model_input(apply_view(base, params[v]), cfg.preprocess, backbone, out=inputs[v])
+        pipeline.scale(apply_view(base, params[v]), out=inputs[v])
     return inputs, params
 
 
-def decode_min_side(scaled: bool) -> int | None:
-    return SCALED_DECODE_MIN_SIDE if scaled else None
-
-
 def resolved_config(cfg: ExtractConfig, spec) -> dict:
-    return {
-        "backbone": cfg.backbone,
-        "weights": {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label},
-        "input_size": INPUT_SIZE,
-        "resize": "cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
-        "decode": (f"JPEG scaled in the DCT domain to >= {SCALED_DECODE_MIN_SIDE} px when larger"
-                   if cfg.scaled_decode else "full size"),
-        "scaled_decode": cfg.scaled_decode,
-        "preprocess": cfg.preprocess,
-        "augment": cfg.augment,
-        "augment_scope": "all rows (evaluation uses view 0 only)",
-        "jitter": asdict(cfg.jitter),
-        "seed": cfg.seed,
-        "views": list(cfg.views),
-        "split": cfg.split.as_dict(),
-        "dtype": cfg.dtype,
-        "occlusion": cfg.occlusion.as_dict(),
-    }
+    """What the cache records of its config: the key fields, the weights, and fixed facts."""
+    out = key_config(cfg, spec.identity)
+    out["weights"] = {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label}
+    out.update(
+        input_size=INPUT_SIZE,
+        resize="cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
+        decode=(f"JPEG scaled in the DCT domain to >= {SCALED_DECODE_MIN_SIDE} px when larger"
+                if cfg.scaled_decode else "full size"),
+        augment_scope="all rows (evaluation uses view 0 only)",
+    )
+    return out
 
 
 def _check_classes(manifest: Manifest) -> None:
@@ -128,13 +84,13 @@ def _check_classes(manifest: Manifest) -> None:
         )
 
 
-def _probe_classes(records, cfg, backbone, occlusion) -> None:
+def _probe_classes(records, pipeline: InputPipeline) -> None:
     """Find one readable image per class before any model is built."""
     for label, name in LABEL_NAMES.items():
         reasons = []
         for r in (r for r in records if r.label == label):
             try:
-                load(r.path, min_side=decode_min_side(cfg.scaled_decode))
+                pipeline.decode(r.path)
                 break
             except UnreadableImage as exc:
                 reasons.append(str(exc))
@@ -166,8 +122,6 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     cfg.validate()
     backbone = get_backbone(cfg.backbone)
     spec = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
-    if cfg.occlusion.kind != "none":
-        cfg.occlusion.check()
     if not sources:
         sources = sample_sources()
         _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
@@ -182,7 +136,8 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
              "view": r.view, "sha256": r.sha256} for r in manifest.records]
     key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
-    target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, cache_key(config, key_rows))
+    key = cache_key(key_config(cfg, spec.identity), key_rows)
+    target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, key)
     return Plan(target, manifest, config, rows, spec)
 
 
@@ -197,7 +152,7 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     p = plan(sources, cfg, cache_dir)
     target, manifest, config, rows, spec = p.target, p.manifest, p.config, p.rows, p.spec
     backbone = get_backbone(cfg.backbone)
-    occlusion = cfg.occlusion if cfg.occlusion.kind != "none" else None
+    pipeline = cfg.pipeline()
     if target.exists():
         open_cache(target)  # raises if it is somehow not complete
         _log(f"Cache is complete; nothing to do ({spec.label}).")
@@ -211,8 +166,8 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             _log(f"Resuming: {start} of {n} images already extracted.")
         timings = {}
         if start < n:
-            _probe_classes(manifest.records, cfg, backbone, occlusion)
-            timings = _run(manifest, cfg, backbone, spec, store, start, progress, occlusion)
+            _probe_classes(manifest.records, pipeline)
+            timings = _run(manifest, cfg, backbone, spec, store, start, progress, pipeline)
         skipped = {}
         for _, _, p in store.shards():
             with np.load(p) as z:
@@ -221,17 +176,11 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             _log(f"Skipped {len(skipped)} unreadable file(s):")
             for k in sorted(skipped)[:10]:
                 _log(f"  {rows[k]['path']}: {skipped[k]}")
-        ok = np.array([i not in skipped for i in range(n)])
-        labels = np.array([r["label"] for r in rows])
-        patients = np.array([r["patient_id"] for r in rows])
-        split = np.full(n, -1, np.int8)
-        split[ok] = assign_split(labels[ok], patients[ok], cfg.split)
         extra = {"missing": [list(m) for m in manifest.missing],
                  "duplicates": [list(d) for d in manifest.duplicates],
                  "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or "",
                  "timings": timings}
-        assemble(target, store, config=config, manifest=rows, split=split,
-                 feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
+        assemble(target, store, config=config, manifest=rows, feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
         store.remove()
     if not spec.pretrained:
         _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
@@ -248,7 +197,7 @@ def _lower_priority() -> None:
 
 
 def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardStore, start: int,
-         progress: bool, occlusion) -> dict:
+         progress: bool, pipeline: InputPipeline) -> dict:
     """Decode in a worker pool, forward on the main thread, write a shard every SHARD_ROWS rows."""
     import tensorflow as tf
     from tqdm import tqdm
@@ -261,7 +210,7 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
 
     def job(i):
         try:
-            return prepare_image(records[i].path, records[i].sha256, cfg, backbone, occlusion)
+            return prepare_image(records[i].path, records[i].sha256, cfg, pipeline)
         except UnreadableImage as exc:
             return str(exc)
         except Exception as exc:  # an unexpected decoder failure is still a per-file skip

@@ -1,4 +1,7 @@
-"""How a radiograph file becomes a 224x224 RGB array, and how its jittered views are made.
+"""How a radiograph file becomes a model input: decoding, resizing, occlusion, jitter, scaling.
+
+:class:`InputPipeline` is the one definition of "file -> model input" that extraction,
+prediction, Grad-CAM and export all use; it is built from an extraction config.
 
 Decoding is OpenCV's (BGR -> RGB as in the paper), with greyscale, RGBA and 16-bit
 files turned into 3-channel arrays in the 8-bit range (16-bit scaled by the image's real
@@ -19,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .backbones import INPUT_SIZE
+from .backbones import INPUT_SIZE, Scaling, get_backbone
+from .config import ExtractConfig, JitterConfig, OcclusionConfig
 
 cv2.setNumThreads(1)  # decoding runs in a thread pool beside the forward pass
 
@@ -154,15 +158,6 @@ def resize(img: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-@dataclass(frozen=True)
-class JitterConfig:
-    """Ranges of the random jitter (ImageDataGenerator's meaning of each range)."""
-
-    rotation: float = 15.0  # degrees, uniform in [-r, r]
-    shift: float = 0.1  # fraction of the side, uniform in [-s, s]
-    zoom: float = 0.1  # scale uniform in [1-z, 1+z]
-
-
 def view_params(sha256: str, view: int, seed: int, jitter: JitterConfig) -> np.ndarray:
     """Parameters (angle, tx, ty, zoom) of augmented view ``view`` (>= 1) of one image.
 
@@ -191,13 +186,57 @@ def apply_view(img: np.ndarray, params: np.ndarray) -> np.ndarray:
     return cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def to_model_input(img: np.ndarray, preprocess: str, backbone, out: np.ndarray | None = None) -> np.ndarray:
-    """Scale a [0, 255] RGB array the way the cache says: ``paper`` ([0, 1]) or ``backbone``
-    (its own preprocess_input); written into ``out`` when given."""
-    if preprocess == "paper":
-        return np.multiply(img, np.float32(1.0 / 255.0), out=out)
-    res = backbone.preprocess_input()(img.copy())
-    if out is None:
-        return res
-    out[...] = res
+def occlude(img: np.ndarray, path: str | Path, occ: OcclusionConfig) -> np.ndarray:
+    """Blank the lung field (a central box, or the mask named like the image) with a constant."""
+    if occ.kind == "none":
+        return img
+    out = img.copy()
+    h, w = img.shape[:2]
+    if occ.kind == "box":
+        x0, y0, x1, y1 = occ.box
+        out[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = occ.fill
+        return out
+    stem = Path(path).stem
+    cands = sorted(Path(occ.masks).glob(stem + ".*"))
+    if not cands:
+        raise UnreadableImage(f"no lung mask named {stem}.* in {occ.masks}")
+    mask = cv2.imread(str(cands[0]), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise UnreadableImage(f"unreadable lung mask {cands[0].name}")
+    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    out[mask] = occ.fill
     return out
+
+
+@dataclass(frozen=True)
+class InputPipeline:
+    """File -> 224 x 224 RGB in [0, 255] (decoded, resized, occluded) -> scaled model input.
+
+    Built from an extraction config, so extraction, ``predict``, ``explain`` and ``export``
+    cannot drift apart: a model fed other pixels than it was trained on tends to call
+    every image one class.
+    """
+
+    scaling: Scaling
+    scaled_decode: bool = True
+    occlusion: OcclusionConfig = OcclusionConfig()
+
+    @classmethod
+    def for_config(cls, cfg: ExtractConfig) -> "InputPipeline":
+        return cls(get_backbone(cfg.backbone).scaling_for(cfg.preprocess), cfg.scaled_decode, cfg.occlusion)
+
+    @property
+    def min_side(self) -> int | None:
+        return SCALED_DECODE_MIN_SIDE if self.scaled_decode else None
+
+    def decode(self, path: str | Path, occluded: bool = True) -> np.ndarray:
+        """224 x 224 RGB in [0, 255], the input of an exported model (and of the jitter)."""
+        img = load(path, min_side=self.min_side)
+        return occlude(img, path, self.occlusion) if occluded else img
+
+    def scale(self, img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.scaling.apply(img, out=out)
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        """The scaled model input of one file (view 0)."""
+        return self.scale(self.decode(path))

@@ -1,7 +1,8 @@
 """Metrics: the paper's Table 2 block, AUCs, intervals, and the operating-point choice.
 
 scikit-learn computes the metrics and curves, scipy the Wilson and t intervals; this
-module only decides which numbers a report shows and how they are named.
+module decides which numbers a report shows and how they are named -- the one list of
+them, :data:`METRIC_ROWS`, that reports, cross-validation and ``reproduce`` all use.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ import math
 
 import numpy as np
 
-TABLE2_KEYS = ("covid_precision", "covid_recall", "covid_f1", "normal_precision", "normal_recall", "normal_f1",
-               "TP", "FP", "FN", "TN", "accuracy")
+# (label in reports, key in metrics.json): the paper's Table 2 first, then covfeat's additions.
+METRIC_ROWS = [
+    ("COVID-19 precision", "covid_precision"), ("COVID-19 recall", "covid_recall"), ("COVID-19 f1", "covid_f1"),
+    ("NORMAL precision", "normal_precision"), ("NORMAL recall", "normal_recall"), ("NORMAL f1", "normal_f1"),
+    ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("accuracy", "accuracy"),
+    ("specificity", "specificity"), ("ROC AUC", "roc_auc"), ("PR AUC", "pr_auc"),
+    ("test COVID-19 images", "n_covid"), ("test NORMAL images", "n_normal"),
+]
+METRIC_KEYS = [k for _, k in METRIC_ROWS]
+TABLE2_KEYS = METRIC_KEYS[:METRIC_KEYS.index("accuracy") + 1]  # the cells the paper published
+COUNT_KEYS = {"TP", "FP", "FN", "TN", "n_covid", "n_normal"}
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -1,70 +1,77 @@
-"""New radiographs through a finished run: the same decoding, preprocessing, backbone and head.
+"""New radiographs through a finished run: its own input pipeline, backbone weights, head and threshold.
 
 Everything is taken from the run's recorded extraction config, never from defaults,
 because a model fed differently scaled pixels than it was trained on tends to call every
-image one class.  ``export`` folds preprocessing, backbone and head into one Keras model.
+image one class.  :class:`Predictor` is the one place that rebuilds a run for inference;
+``predict``, ``explain`` and ``export`` use it, and ``export`` folds the same scaling
+(as Keras layers), backbone, head and threshold into one Keras model.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backbones import INPUT_SIZE, build_backbone, file_digest, get_backbone, resolve_weights, WeightsSpec
-from .errors import RunError, WeightsUnavailable
-from .images import UnreadableImage, load, to_model_input
-from .occlusion import Occlusion
+from .backbones import INPUT_SIZE, WeightsSpec, build_backbone, file_digest, get_backbone, resolve_weights
+from .config import ExtractConfig
+from .errors import ConfigError, DataError, WeightsUnavailable
+from .images import UnreadableImage
+from .runs import Run
 from .sources import IMAGE_SUFFIXES
 
-
-@dataclass
-class LoadedRun:
-    path: Path
-    config: dict
-    extract: dict
-    threshold: float
-    head: object
-    backbone: object
-    spec: WeightsSpec
+TABLE_FIELDS = ["path", "p_covid", "label", "error"]
 
 
-def _weights_for(extract_cfg: dict, weights_path: str | None) -> WeightsSpec:
-    w = extract_cfg["weights"]
-    bb = get_backbone(extract_cfg["backbone"])
-    if w["kind"] == "none":
-        return resolve_weights(bb, "none", seed=extract_cfg["seed"])
-    if w["kind"] == "imagenet":
-        return resolve_weights(bb, "imagenet")
+def _weights(stored: dict, weights_path: str | None) -> tuple[str, WeightsSpec]:
+    """The --weights argument that rebuilds the run's backbone, and its resolved spec (checked)."""
+    w = stored["weights"]
+    bb = get_backbone(stored["backbone"])
+    if w["kind"] in ("none", "imagenet"):
+        return w["kind"], resolve_weights(bb, w["kind"], seed=stored["seed"])
     if not weights_path or not Path(weights_path).is_file():
         raise WeightsUnavailable(f"The run's backbone weights file {weights_path!r} is gone; put it back to predict.")
     if f"file:sha256={file_digest(weights_path)}" != w["identity"]:
-        raise WeightsUnavailable(f"{weights_path} has changed since extraction (its hash differs); refusing to predict with other weights.")
-    return resolve_weights(bb, weights_path)
+        raise WeightsUnavailable(f"{weights_path} has changed since extraction (its hash differs); refusing to "
+                                 "predict with other weights.")
+    return weights_path, resolve_weights(bb, weights_path)
 
 
-def load_run(run: str | Path) -> LoadedRun:
-    """Load a run's head and rebuild its backbone with the very weights of its cache.
+class Predictor:
+    """A finished single-split run rebuilt for new images.
+
+    Attributes: ``run`` (:class:`covfeat.runs.Run`), ``pipeline`` (decoding and scaling, as
+    extraction did them), ``backbone`` (the very weights of the cache), ``head``,
+    ``threshold`` (the run's operating point; 0.5 unless --target-recall chose one).
 
     Raises
     ------
     RunError, WeightsUnavailable
     """
-    import keras
 
-    run = Path(run)
-    if not (run / "head.keras").is_file() or not (run / "config.json").is_file():
-        raise RunError(f"{run} is not a finished covfeat run folder (no head.keras); pass a folder printed by `covfeat fit-head`.")
-    config = json.loads((run / "config.json").read_text())
-    cache_info = json.loads((run / "cache.json").read_text())
-    ex = config["extract"]
-    spec = _weights_for(ex, cache_info.get("weights", {}).get("path"))
-    bb = get_backbone(ex["backbone"])
-    head = keras.models.load_model(run / "head.keras")
-    return LoadedRun(run, config, ex, float(config["threshold"]), head, build_backbone(bb, spec, seed=ex["seed"]), spec)
+    def __init__(self, run: str | Path):
+        self.run = Run(run).require_single("this command")
+        stored = self.run.extract_config
+        arg, self.spec = _weights(stored, self.run.cache_info.get("weights", {}).get("path"))
+        self.extract = ExtractConfig.from_stored(stored, weights=arg)
+        self.pipeline = self.extract.pipeline()
+        self.threshold = self.run.threshold
+        self.head = self.run.load_head()
+        self.backbone = build_backbone(get_backbone(self.extract.backbone), self.spec, seed=self.extract.seed)
+
+    def p_covid(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """P(COVID-19) of scaled model inputs (n, 224, 224, 3)."""
+        out = []
+        for s in range(0, len(x), batch_size):
+            feats = self.backbone.predict(x[s:s + batch_size], verbose=0)
+            out.append(self.head.predict(feats, verbose=0)[:, 1])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def label(self, p: float) -> str:
+        return "COVID-19" if p >= self.threshold else "NORMAL"
 
 
 def list_images(items: list[str | Path]) -> list[Path]:
@@ -78,79 +85,123 @@ def list_images(items: list[str | Path]) -> list[Path]:
     return out
 
 
-def model_inputs(lr: LoadedRun, path: str | Path, img: np.ndarray | None = None) -> np.ndarray:
-    """Decode, resize, occlude (if the run's cache was occluded) and scale one image;
-    pass ``img`` (from :func:`covfeat.images.load`) if it is already decoded."""
-    bb = get_backbone(lr.extract["backbone"])
-    from .extract import decode_min_side
-
-    if img is None:
-        img = load(path, min_side=decode_min_side(lr.extract.get("scaled_decode", False)))
-    occ = lr.extract.get("occlusion", {"kind": "none"})
-    if occ.get("kind", "none") != "none":
-        img = Occlusion(**{**occ, "box": tuple(occ["box"])}).apply(img, str(path))
-    return to_model_input(img, lr.extract["preprocess"], bb)
+def check_table_path(out: str | Path | None) -> None:
+    """Refuse an output table we could not write, before any work."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"--out: expected a file name ending in .csv or .json, got {str(out)!r}.")
 
 
 def predict(run: str | Path, items: list[str | Path], batch_size: int = 16) -> list[dict]:
     """P(COVID-19) and the label at the run's threshold for every image; unreadable ones get an error."""
-    lr = load_run(run)
+    images = list_images(items)
+    if not images:
+        raise DataError("No image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
+    pr = Predictor(run)
     rows, xs, where = [], [], []
-    for p in list_images(items):
+    for p in images:
+        row = {"path": str(p), "p_covid": None, "label": None, "error": ""}
         try:
-            xs.append(model_inputs(lr, p))
+            xs.append(pr.pipeline(p))
             where.append(len(rows))
-            rows.append({"path": str(p), "p_covid": None, "label": None, "error": ""})
         except UnreadableImage as exc:
-            rows.append({"path": str(p), "p_covid": None, "label": None, "error": str(exc)})
+            row["error"] = str(exc)
         except OSError as exc:
-            rows.append({"path": str(p), "p_covid": None, "label": None, "error": f"cannot read file ({exc})"})
-    for s in range(0, len(xs), batch_size):
-        x = np.stack(xs[s:s + batch_size])
-        feats = lr.backbone.predict(x, verbose=0)
-        probs = lr.head.predict(feats, verbose=0)[:, 1]
-        for i, pc in zip(where[s:s + batch_size], probs):
-            rows[i]["p_covid"] = float(pc)
-            rows[i]["label"] = "COVID-19" if pc >= lr.threshold else "NORMAL"
-    if not lr.spec.pretrained:
+            row["error"] = f"cannot read file ({exc})"
+        rows.append(row)
+    probs = pr.p_covid(np.stack(xs), batch_size) if xs else []
+    for i, pc in zip(where, probs):
+        rows[i]["p_covid"] = float(pc)
+        rows[i]["label"] = pr.label(float(pc))
+    if not pr.spec.pretrained:
         print("NOTE: this run's backbone is NOT PRETRAINED (random init); its predictions are for testing only.",
               file=sys.stderr)
     return rows
 
 
-def export(run: str | Path, out: str | Path):
-    """One Keras model: 224x224 RGB in [0, 255] -> preprocessing -> backbone -> head -> 2 probabilities.
-
-    Decode and resize first (``covfeat.images.load``); the scaling the run
-    was trained with is inside the model, as Keras layers.
-    """
-    import keras
-
-    lr = load_run(run)
-    inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="rgb_0_255")
-    x = _preprocess_layers(lr.extract["preprocess"], lr.extract["backbone"])(inp)
-    x = lr.backbone(x, training=False)
-    outp = lr.head(x, training=False)
-    model = keras.Model(inp, outp, name=f"covfeat_{lr.extract['backbone']}")
+def write_table(rows: list[dict], out: str | Path) -> Path:
+    """The predict table as CSV, or JSON when ``out`` ends in .json."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(rows, indent=2))
+    else:
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
     return out
 
 
-def _preprocess_layers(preprocess: str, backbone: str):
-    """The same scaling as :func:`covfeat.images.to_model_input`, as serialisable layers."""
-    import keras
-    from keras import layers
+def format_table(rows: list[dict]) -> str:
+    width = max([len(r["path"]) for r in rows] + [4])
+    lines = [f"{'path'.ljust(width)}  p_covid  label"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['path'].ljust(width)}  skipped: {r['error']}")
+        else:
+            lines.append(f"{r['path'].ljust(width)}  {r['p_covid']:.4f}   {r['label']}")
+    return "\n".join(lines)
 
-    if preprocess == "paper":
-        return keras.Sequential([layers.Rescaling(1.0 / 255.0)], name="preprocess")
-    module = get_backbone(backbone).module
-    if module in ("inception_v3", "inception_resnet_v2", "resnet_v2"):  # "tf" mode: [-1, 1]
-        return keras.Sequential([layers.Rescaling(1.0 / 127.5, offset=-1.0)], name="preprocess")
-    if module == "densenet":  # "torch" mode: /255 then ImageNet mean/std
-        mean = np.array([0.485, 0.456, 0.406])
-        std = np.array([0.229, 0.224, 0.225])
-        return keras.Sequential([layers.Rescaling(1.0 / 255.0),
-                                 layers.Normalization(mean=mean, variance=std ** 2)], name="preprocess")
-    raise RunError(f"No export preprocessing for {backbone} with --preprocess {preprocess}.")
+
+_THRESHOLD_LAYER = None
+
+
+def threshold_layer_class():
+    """``AtThreshold``: P(COVID-19) >= the run's threshold, as 1.0 / 0.0; the threshold is in its config."""
+    global _THRESHOLD_LAYER
+    if _THRESHOLD_LAYER is None:
+        import keras
+
+        @keras.saving.register_keras_serializable(package="covfeat")
+        class AtThreshold(keras.layers.Layer):
+            def __init__(self, threshold: float, **kwargs):
+                super().__init__(**kwargs)
+                self.threshold = float(threshold)
+
+            def call(self, probs):
+                from keras import ops
+
+                return ops.cast(ops.greater_equal(probs[:, 1:2], self.threshold), "float32")
+
+            def compute_output_shape(self, input_shape):
+                return (input_shape[0], 1)
+
+            def get_config(self):
+                return {**super().get_config(), "threshold": self.threshold}
+
+        _THRESHOLD_LAYER = AtThreshold
+    return _THRESHOLD_LAYER
+
+
+def load_exported(path: str | Path):
+    """Load a model written by :func:`export` (its threshold layer is covfeat's own)."""
+    import keras
+
+    threshold_layer_class()
+    return keras.models.load_model(path)
+
+
+def export(run: str | Path, out: str | Path) -> Path:
+    """One Keras model: 224x224 RGB in [0, 255] -> the run's scaling -> backbone -> head, with two
+    outputs: ``probabilities`` (p_normal, p_covid) and ``covid`` (1.0 when p_covid >= the run's
+    threshold, else 0.0).  The threshold is also in the ``covid`` layer's config.
+
+    Decode and resize first, as the run did: ``Predictor(run).pipeline.decode(path)``.
+    Load with :func:`load_exported`.
+    """
+    import keras
+
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise ConfigError(f"--out: expected a file name ending in .keras, got {str(out)!r}.")
+    pr = Predictor(run)
+    inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="rgb_0_255")
+    x = pr.pipeline.scaling.layers()(inp)
+    probs = keras.layers.Identity(name="probabilities")(pr.head(pr.backbone(x, training=False), training=False))
+    covid = threshold_layer_class()(pr.threshold, name="covid")(probs)
+    model = keras.Model(inp, [probs, covid], name=f"covfeat_{pr.extract.backbone}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    return out

@@ -14,31 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RunError
+from .metrics import COUNT_KEYS, METRIC_ROWS
+from .runs import Run
 
 NOT_PRETRAINED = "!!! NOT PRETRAINED: features from a random-init backbone; these numbers say nothing about ImageNet transfer !!!"
 
-ROWS = [
-    ("COVID-19 precision", "covid_precision"), ("COVID-19 recall", "covid_recall"), ("COVID-19 f1", "covid_f1"),
-    ("NORMAL precision", "normal_precision"), ("NORMAL recall", "normal_recall"), ("NORMAL f1", "normal_f1"),
-    ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("accuracy", "accuracy"),
-    ("specificity", "specificity"), ("ROC AUC", "roc_auc"), ("PR AUC", "pr_auc"),
-    ("test COVID-19 images", "n_covid"), ("test NORMAL images", "n_normal"),
-]
-COUNT_KEYS = {"TP", "FP", "FN", "TN", "n_covid", "n_normal"}
-
-
 def load_run(run: str | Path) -> dict:
-    run = Path(run)
-    f = run / "metrics.json"
-    if not f.is_file():
-        raise RunError(f"{run} is not a finished covfeat run (no metrics.json); pass a folder printed by `covfeat fit-head`.")
-    m = json.loads(f.read_text())
-    if (run / "audit.json").is_file():
-        m["audit"] = json.loads((run / "audit.json").read_text())
-    m["_path"] = str(run)
-    m["_name"] = run.name
-    return m
+    """A run's metrics (and audit) as the report reads them."""
+    return Run(run).as_report_dict()
 
 
 def _fmt(key: str, v, ci=None) -> str:
@@ -68,7 +51,7 @@ def table_cells(m: dict) -> dict[str, str]:
     out = {}
     if "cv" in m:
         cv = m["cv"]
-        for label, key in ROWS:
+        for label, key in METRIC_ROWS:
             if key in cv:
                 mean, lo, hi = cv[key]
                 out[label] = _fmt(key, mean, None if key in COUNT_KEYS else (lo, hi))
@@ -76,7 +59,7 @@ def table_cells(m: dict) -> dict[str, str]:
     else:
         a = m["argmax"]
         ci = a.get("ci", {})
-        for label, key in ROWS:
+        for label, key in METRIC_ROWS:
             out[label] = _fmt(key, a.get(key), ci.get(key))
             frac = _fraction(a, key)
             if frac and out[label] != "n/a":
@@ -149,10 +132,10 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
-    run = Path(m["_path"])
+    run = Run(m["_path"])
     tag = "" if m.get("pretrained", True) else "  [NOT PRETRAINED]"
     files = []
-    hist = list(csv.DictReader(open(run / "history.csv"))) if (run / "history.csv").exists() else []
+    hist = run.history()
     if hist:
         ep = [int(h["epoch"]) for h in hist]
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -166,12 +149,9 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / f"{m['_name']}_curves.png")
         fig.savefig(files[-1], dpi=100)
         plt.close(fig)
-    pred = run / "predictions.csv"
-    if pred.exists():
-        rows = list(csv.DictReader(open(pred)))
-        y = np.array([int(r["label"]) for r in rows])
-        p = np.array([float(r["p_covid"]) for r in rows])
-        yhat = np.array([int(r["pred"]) for r in rows])
+    if run.has_predictions:
+        pr = run.predictions()
+        y, p, yhat = pr["label"], pr["p_covid"], pr["pred"]
         fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
         ConfusionMatrixDisplay.from_predictions(y, yhat, labels=[1, 0], display_labels=["COVID-19", "NORMAL"],
                                                 ax=ax[0], colorbar=False)

@@ -16,14 +16,16 @@ from pathlib import Path
 
 from .backbones import list_backbones
 from .cache import open_cache
-from .extract import ExtractConfig, extract
-from .head import HeadConfig
+from .config import ExtractConfig, FitConfig
+from .extract import extract
+from .metrics import COUNT_KEYS, METRIC_ROWS, TABLE2_KEYS
 from .report import NOT_PRETRAINED, banners, load_run, render_text, report
+from .runs import is_finished
 from .train import fit_head
 
-CELLS = [("COVID-19 precision", "covid_precision"), ("COVID-19 recall", "covid_recall"), ("COVID-19 f1", "covid_f1"),
-         ("NORMAL precision", "normal_precision"), ("NORMAL recall", "normal_recall"), ("NORMAL f1", "normal_f1"),
-         ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("accuracy", "accuracy")]
+# The published cells, then the test counts they rest on.
+CELLS = [(label, key) for label, key in METRIC_ROWS if key in TABLE2_KEYS or key in ("n_covid", "n_normal")]
+PAPER_TEST_COUNTS = {"n_covid": 42, "n_normal": 282}
 
 
 def paper_table2() -> dict:
@@ -31,11 +33,11 @@ def paper_table2() -> dict:
     return json.loads(resources.files("covfeat").joinpath("data/paper_table2.json").read_text())
 
 
-def _head_tag(cfg: HeadConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).hexdigest()[:8]
+def _fit_tag(fit: FitConfig) -> str:
+    return hashlib.sha256(json.dumps(fit.run_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def reproduce(sources, base: ExtractConfig, head: HeadConfig, cache_dir="cache", runs_dir="runs",
+def reproduce(sources, base: ExtractConfig, fit: FitConfig, cache_dir="cache", runs_dir="runs",
               backbones: list[str] | None = None, progress: bool = True) -> tuple[dict[str, Path], str]:
     """Run (or resume) the reproduction; returns the run folder per backbone and the comparison text."""
     runs = {}
@@ -43,14 +45,19 @@ def reproduce(sources, base: ExtractConfig, head: HeadConfig, cache_dir="cache",
         print(f"== {name}", file=sys.stderr, flush=True)
         cache = extract(sources, replace(base, backbone=name), cache_dir, progress=progress)
         fc = open_cache(cache)
-        tag = f"reproduce-{name}-{fc.content_hash()}-{_head_tag(head)}"
+        tag = f"reproduce-{name}-{fc.content_hash()}-{_fit_tag(fit)}"
         run = Path(runs_dir) / tag
-        if (run / "metrics.json").is_file():
+        if is_finished(run):
             print(f"Head run already finished: {run}", file=sys.stderr)
         else:
-            run = fit_head(cache, head, runs_dir, name=tag, progress=progress, fc=fc)
+            run = fit_head(cache, fit, runs_dir, name=tag, progress=progress, fc=fc)
         runs[name] = run
     return runs, compare(runs)
+
+
+def report_folder(runs_dir: str | Path, runs: dict[str, Path]) -> Path:
+    """Where the side-by-side report of a reproduction goes: named by its runs' keys."""
+    return Path(runs_dir) / f"reproduce-report-{'-'.join(sorted(Path(p).name.split('-')[-1] for p in runs.values()))}"
 
 
 def compare(runs: dict[str, Path]) -> str:
@@ -61,12 +68,12 @@ def compare(runs: dict[str, Path]) -> str:
     for name in runs:
         header += [f"{name} paper", "measured", "diff"]
     body = []
-    for label, key in CELLS + [("test COVID-19 images", "n_covid"), ("test NORMAL images", "n_normal")]:
+    for label, key in CELLS:
         row = [label]
         for name in runs:
             got = ms[name]["argmax"].get(key)
-            want = paper[name].get(key, {"n_covid": 42, "n_normal": 282}.get(key))
-            if key in ("TP", "FP", "FN", "TN", "n_covid", "n_normal"):
+            want = paper[name].get(key, PAPER_TEST_COUNTS.get(key))
+            if key in COUNT_KEYS:
                 row += [str(want), str(got), f"{got - want:+d}"]
             else:
                 row += [f"{want:.2f}", f"{got:.2f}", f"{got - want:+.2f}"]
@@ -79,6 +86,7 @@ def compare(runs: dict[str, Path]) -> str:
 
 def full_report(runs: dict[str, Path], out: Path) -> str:
     text = compare(runs)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper_vs_measured.txt").write_text(text + "\n")
     return text + "\n\n" + report(list(runs.values()), out)

@@ -2,37 +2,19 @@
 
 Grouping by patient is the default because several radiographs of one patient in both
 train and test inflate every metric; ``by="image"`` reproduces the paper's naive split.
+The split is a stage-two setting (:class:`covfeat.config.SplitConfig`): it is made from a
+cache's manifest when a head is fitted, never stored in the cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
+from .config import SplitConfig
 from .errors import ConfigError
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VAL: "validation", TEST: "test"}
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    val: float = 0.1
-    test: float = 0.3  # the paper's 324 of 1,079
-    by: str = "patient"  # "patient" | "image"
-    seed: int = 0
-
-    def __post_init__(self):
-        if not (0 < self.test < 1 and 0 <= self.val < 1 and self.val + self.test < 1):
-            raise ConfigError(
-                f"Split ratios must satisfy 0 < test < 1, 0 <= val and val + test < 1; got val={self.val}, test={self.test}."
-            )
-        if self.by not in ("patient", "image"):
-            raise ConfigError(f"--split-by must be 'patient' or 'image', got {self.by!r}.")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _groups(patients: np.ndarray, by: str) -> np.ndarray:

@@ -58,20 +58,30 @@ def mini(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_cache(tmp_path_factory, mini):
     """inception_v3, random init, 2 jittered views: the cache most stage-two tests use."""
-    from covfeat.extract import ExtractConfig, extract
-    from covfeat.split import SplitConfig
+    from covfeat.config import ExtractConfig
+    from covfeat.extract import extract
 
     out = tmp_path_factory.mktemp("cache")
-    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=2, split=SplitConfig(val=0.2, test=0.3))
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=2)
     return extract([mini["cohen"], mini["normal"]], cfg, out, progress=False)
+
+
+MINI_SPLIT = {"val": 0.2, "test": 0.3}
+
+
+def fit(epochs: int = 5, target_recall=None, folds: int = 0, split: dict | None = None, **head):
+    """A FitConfig on the mini split (val 0.2, test 0.3) with the given head settings."""
+    from covfeat.config import FitConfig, HeadConfig, SplitConfig
+
+    return FitConfig(head=HeadConfig(epochs=epochs, **head), split=SplitConfig(**{**MINI_SPLIT, **(split or {})}),
+                     target_recall=target_recall, folds=folds)
 
 
 @pytest.fixture(scope="session")
 def mini_run(tmp_path_factory, mini_cache):
-    from covfeat.head import HeadConfig
     from covfeat.train import fit_head
 
-    return fit_head(mini_cache, HeadConfig(epochs=5), tmp_path_factory.mktemp("runs"), progress=False)
+    return fit_head(mini_cache, fit(5), tmp_path_factory.mktemp("runs"), progress=False)
 
 
 def pytest_collection_modifyitems(config, items):

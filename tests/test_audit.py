@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import fit
 from covfeat.audit import audit, source_probe
 from covfeat.cache import open_cache
 from covfeat.cli import app
-from covfeat.extract import ExtractConfig, extract
-from covfeat.head import HeadConfig
-from covfeat.split import SplitConfig
+from covfeat.config import ExtractConfig
+from covfeat.extract import extract
 from covfeat.train import fit_head
 
 runner = CliRunner()
-FAST_HEAD = HeadConfig(epochs=25, learning_rate=0.02, momentum=0.9)
+FAST_HEAD = fit(25, learning_rate=0.02, momentum=0.9)
 
 
 def synthetic(root: Path, kind: str, n: int = 30, seed: int = 0) -> list[Path]:
@@ -54,7 +54,7 @@ def synthetic(root: Path, kind: str, n: int = 30, seed: int = 0) -> list[Path]:
 
 def _run(tmp_path, kind):
     src = synthetic(tmp_path / kind, kind)
-    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=0, split=SplitConfig(val=0.2, test=0.3))
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=0)
     cache = extract(src, cfg, tmp_path / "cache", progress=False)
     return fit_head(cache, FAST_HEAD, tmp_path / "runs", progress=False)
 
@@ -105,7 +105,7 @@ def test_external_validation_reports_the_drop(tmp_path):
 
 def test_cross_validation_and_report_intervals(mini_cache, tmp_path):
     r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--folds", "3", "--epochs", "2",
-                            "--runs-dir", str(tmp_path)])
+                            "--val", "0.2", "--runs-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     parent = Path(r.stdout.strip().splitlines()[-1])
     m = json.loads((parent / "metrics.json").read_text())
@@ -125,7 +125,7 @@ def test_cross_validation_and_report_intervals(mini_cache, tmp_path):
 
 
 def test_target_recall_picks_the_threshold_on_validation(mini_cache, tmp_path):
-    run = fit_head(mini_cache, HeadConfig(epochs=3), tmp_path, target_recall=0.99, progress=False)
+    run = fit_head(mini_cache, fit(3, target_recall=0.99), tmp_path, progress=False)
     op = json.loads((run / "metrics.json").read_text())["operating_point"]
     assert op["validation"]["covid_recall"] >= 0.99
     assert op["threshold"] == json.loads((run / "config.json").read_text())["threshold"]

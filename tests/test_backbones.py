@@ -1,6 +1,8 @@
 """The backbone registry and the weights paths: imagenet through Keras's cache, FILE, none."""
 
+import dataclasses
 import hashlib
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -74,7 +76,7 @@ def test_offline_without_cached_weights_names_the_file_and_folder(monkeypatch, m
 
 def test_a_foreign_file_in_kerass_cache_is_refused_not_deleted(monkeypatch, tmp_path):
     _offline(monkeypatch)
-    target = backbones.keras_cache_dir() / get_backbone("inception_v3").weights_file
+    target = backbones.keras_cache_dir() / get_backbone("inception_v3").imagenet.file
     target.parent.mkdir(parents=True)
     _legacy_weights_file(target)
     with pytest.raises(WeightsUnavailable, match=r"is not the published ImageNet weights for inception_v3 \(md5 "):
@@ -86,11 +88,11 @@ def test_imagenet_path_loads_a_file_found_in_kerass_cache(monkeypatch, tmp_path)
     """The real imagenet path (Keras's get_file, its cache, its hash check) on a file we made."""
     _offline(monkeypatch)
     bb = get_backbone("inception_v3")
-    target = backbones.keras_cache_dir() / bb.weights_file
+    target = backbones.keras_cache_dir() / bb.imagenet.file
     target.parent.mkdir(parents=True)
     made = _legacy_weights_file(target, seed=7)
     md5 = hashlib.md5(target.read_bytes()).hexdigest()
-    fake = backbones.Backbone(**{**bb.__dict__, "weights_md5": md5})
+    fake = dataclasses.replace(bb, imagenet=dataclasses.replace(bb.imagenet, md5=md5))
     spec = resolve_weights(fake, "imagenet")
     assert spec.kind == "imagenet" and spec.pretrained and spec.path == str(target)
     model = build_backbone(fake, spec, seed=0)  # seed 0 would give other random weights
@@ -104,3 +106,46 @@ def test_weights_file_identity_is_its_hash(tmp_path):
     assert spec.identity == "file:sha256=" + hashlib.sha256(f.read_bytes()).hexdigest()
     with pytest.raises(WeightsUnavailable, match="no such file; expected 'imagenet', 'none' or the path"):
         resolve_weights(get_backbone("inception_v3"), str(tmp_path / "nope.h5"))
+
+
+def _tiny_build(input_shape):
+    import keras
+
+    inp = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 4, strides=4, activation="relu")(inp)  # 56 x 56
+    return keras.Model(inp, keras.layers.AveragePooling2D(8)(x), name="tiny")  # 7 x 7 x 8
+
+
+def test_a_backbone_added_by_one_registration_runs_end_to_end(monkeypatch, mini, tmp_path):
+    """extract, fit-head, predict and export with a new backbone and no other edit."""
+    from typer.testing import CliRunner
+
+    from covfeat.backbones import Backbone, Scaling
+    from covfeat.cli import app
+    from covfeat.predict import Predictor, load_exported
+    from covfeat.runs import Run
+
+    monkeypatch.setitem(REGISTRY, "tiny", Backbone("tiny", _tiny_build, Scaling("tiny", 255.0, -0.5), (7, 7, 8), 0.3))
+    runner = CliRunner()
+    r = runner.invoke(app, ["extract", "--backbone", "tiny", "--weights", "none", "--augment", "1",
+                            "--preprocess", "backbone", "--data", str(mini["cohen"]), "--data", str(mini["normal"])])
+    assert r.exit_code == 0, r.output
+    cache = r.stdout.strip().splitlines()[-1]
+    assert Path(cache).name.startswith("tiny-none-")
+    r = runner.invoke(app, ["fit-head", "--cache", cache, "--epochs", "3", "--val", "0.2"])
+    assert r.exit_code == 0, r.output
+    run = Run(r.stdout.strip().splitlines()[-1])
+    assert run.fit_config().head.dropout == 0.3  # the registry's dropout, resolved into the run
+    imgs = sorted((mini["cohen"] / "images").iterdir())[:3]
+    r = runner.invoke(app, ["predict", "--run", str(run.path), *map(str, imgs)])
+    assert r.exit_code == 0, r.output
+    assert len([l for l in r.stdout.splitlines() if l.endswith(("COVID-19", "NORMAL"))]) == 3
+    r = runner.invoke(app, ["export", "--run", str(run.path), "--out", str(tmp_path / "tiny.keras")])
+    assert r.exit_code == 0, r.output
+    model = load_exported(tmp_path / "tiny.keras")
+    pr = Predictor(run.path)
+    x = np.stack([pr.pipeline.decode(p) for p in imgs])
+    probs, _ = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs[:, 1], pr.p_covid(np.stack([pr.pipeline(p) for p in imgs])), atol=1e-5)
+    # the export's scaling layers are the registry's: x / 255 - 0.5
+    np.testing.assert_allclose(np.asarray(model.get_layer("preprocess_tiny")(x[:1])), x[:1] / 255.0 - 0.5, atol=1e-6)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from covfeat.backbones import get_backbone, list_backbones
-from covfeat.head import HeadConfig, build_head, compile_head, epoch_plan, one_hot, pooled_mean, probability_bce, train_fast
+from covfeat.config import HeadConfig
+from covfeat.head import build_head, compile_head, one_hot, pooled_mean, probability_bce
 from covfeat.kernels import NO_PARENTS, dropout_pool, keep_q
+from covfeat.loop import MemorySource, epoch_plan, train
 
 
 @pytest.mark.parametrize("name", list_backbones())
@@ -13,8 +15,8 @@ def test_head_layers_and_hyperparameters_are_the_papers(name):
     import keras
 
     bb = get_backbone(name)
-    cfg = HeadConfig()
-    model, _ = build_head(bb.feature_shape, cfg, bb.dropout)
+    cfg = HeadConfig().resolved(bb)
+    model, _ = build_head(bb.feature_shape, cfg)
     kinds = [type(l).__name__ for l in model.layers]
     assert kinds == ["InputLayer", "Dropout", "GlobalAveragePooling2D", "Dense", "BatchNormalization", "Dense"]
     drop, dense, out = model.layers[1], model.layers[3], model.layers[5]
@@ -54,12 +56,12 @@ def test_fast_training_equals_keras_fit(engine):
     n, C = 48, 64
     maps = rng.standard_normal((n, 3, 3, C)).astype(np.float32) + (np.arange(n) % 2)[:, None, None, None] * 0.3
     lab = np.arange(n) % 2
-    cfg = HeadConfig(epochs=3, seed=1, engine=engine)
-    fast, tail = build_head((3, 3, C), cfg, 0.0)
-    ref, _ = build_head((3, 3, C), cfg, 0.0)
+    cfg = HeadConfig(epochs=3, seed=1, engine=engine, dropout=0.0)
+    fast, tail = build_head((3, 3, C), cfg)
+    ref, _ = build_head((3, 3, C), cfg)
     ref.set_weights(fast.get_weights())
     pool = maps.astype(np.float16).astype(np.float32).reshape(n, 1, 9, C)
-    hist = train_fast(pool, np.arange(n), lab, np.ones(n, np.int64), pooled_mean(maps), lab, tail, cfg, 0.0)
+    hist = train(MemorySource(pool), lab, np.ones(n, np.int64), pooled_mean(maps), lab, tail, cfg)
     compile_head(ref, cfg)
     plan = epoch_plan(cfg.seed, cfg.epochs, n, np.ones(n, np.int64))
     src = pool.reshape(n, 3, 3, C)

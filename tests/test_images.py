@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from covfeat.images import JitterConfig, UnreadableImage, apply_view, decode, resize, view_params
+from covfeat.config import JitterConfig
+from covfeat.images import UnreadableImage, apply_view, decode, resize, view_params
 
 
 def _grad(h=60, w=80):
@@ -106,3 +107,23 @@ def test_views_are_deterministic_and_differ(tmp_path):
     assert img.shape == (224, 224, 3)
     np.testing.assert_allclose(apply_view(img, np.array([0, 0, 0, 1], np.float32)), img, atol=1e-4)
     assert not np.allclose(apply_view(img, a), img)
+
+
+KERAS_MODULE = {"inception_v3": "inception_v3", "inception_resnet_v2": "inception_resnet_v2",
+                "densenet201": "densenet", "resnet101_v2": "resnet_v2"}
+
+
+@pytest.mark.parametrize("name", list(KERAS_MODULE))
+def test_each_backbones_scaling_is_its_keras_preprocess_input_in_numpy_and_as_layers(name):
+    """One Scaling serves extraction (numpy) and export (Keras layers); both equal Keras's own."""
+    import keras
+
+    from covfeat.backbones import get_backbone
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    want = getattr(keras.applications, KERAS_MODULE[name]).preprocess_input(x.copy())
+    scaling = get_backbone(name).scaling_for("backbone")
+    np.testing.assert_allclose(scaling.apply(x), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(scaling.layers()(x)), want, atol=1e-6)
+    paper = get_backbone(name).scaling_for("paper")
+    np.testing.assert_array_equal(paper.apply(x), np.multiply(x, np.float32(1 / 255)))

@@ -29,39 +29,52 @@ def test_predict_folder_with_a_corrupt_file(mini, mini_run, tmp_path):
 
 def test_predict_matches_the_cached_features_path(mini, mini_run):
     """New-image prediction = the run's head on the cached maps of the same images."""
-    import keras
-
     from covfeat.cache import open_cache
     from covfeat.predict import predict
-    from covfeat.train import _row_samples
+    from covfeat.runs import Run
 
-    fc = open_cache(json.loads((mini_run / "cache.json").read_text())["path"])
-    samples, _ = _row_samples(fc)
+    run = Run(mini_run)
+    fc = open_cache(run.cache_info["path"])
     paths = list(fc.manifest["path"][:4])
     got = [r["p_covid"] for r in predict(mini_run, paths)]
-    head = keras.models.load_model(mini_run / "head.keras")
-    want = head.predict(fc.read_features(np.array([samples[i][0] for i in range(4)])), verbose=0)[:, 1]
+    want = run.load_head().predict(fc.read_features(fc.originals(range(4))), verbose=0)[:, 1]
     np.testing.assert_allclose(got, want, atol=2e-3)  # the cache stores float16
 
 
-def test_export_matches_predict(mini, mini_run, tmp_path):
-    import keras
+def test_export_after_target_recall_gives_predicts_labels(mini, mini_cache, tmp_path):
+    """The exported model carries the run's threshold: its labels equal covfeat predict's."""
+    from conftest import fit
+    from covfeat.predict import Predictor, load_exported, predict
+    from covfeat.runs import Run
+    from covfeat.train import fit_head
 
-    from covfeat.extract import decode_min_side
-    from covfeat.images import load
-    from covfeat.predict import predict
-
-    r = runner.invoke(app, ["export", "--run", str(mini_run), "--out", str(tmp_path / "m.keras")])
+    run = fit_head(mini_cache, fit(20, target_recall=0.9, learning_rate=0.02, momentum=0.9), tmp_path / "runs",
+                   progress=False)
+    thr = Run(run).threshold
+    assert thr != 0.5  # the operating point moved the threshold
+    r = runner.invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "m.keras")])
     assert r.exit_code == 0, r.output
-    model = keras.models.load_model(r.stdout.strip().splitlines()[-1])
-    paths = sorted(mini["cohen"].glob("images/*"))[:3]
-    x = np.stack([load(p, min_side=decode_min_side(True)) for p in paths])
-    got = model.predict(x, verbose=0)[:, 1]
-    want = [row["p_covid"] for row in predict(mini_run, paths)]
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    model = load_exported(r.stdout.strip().splitlines()[-1])
+    assert model.get_layer("covid").threshold == thr
+    paths = sorted(mini["cohen"].glob("images/*")) + sorted(mini["normal"].iterdir())
+    pipeline = Predictor(run).pipeline
+    probs, covid = model.predict(np.stack([pipeline.decode(p) for p in paths]), verbose=0)
+    rows = predict(run, paths)
+    np.testing.assert_allclose(probs[:, 1], [row["p_covid"] for row in rows], atol=1e-5)
+    exported = ["COVID-19" if c else "NORMAL" for c in covid[:, 0]]
+    assert exported == [row["label"] for row in rows]
+    # the threshold is what decides: at 0.5 some of these labels would differ
+    assert [("COVID-19" if row["p_covid"] >= 0.5 else "NORMAL") for row in rows] != exported
 
 
-def test_a_run_whose_weights_are_gone_is_refused(mini_run, tmp_path):
+def test_export_refuses_another_suffix_before_work(mini_run, tmp_path):
+    r = runner.invoke(app, ["export", "--run", str(mini_run), "--out", str(tmp_path / "model.txt")])
+    assert r.exit_code == 1
+    assert r.stderr == f"error: --out: expected a file name ending in .keras, got '{tmp_path / 'model.txt'}'.\n"
+    assert not (tmp_path / "model.txt").exists()
+
+
+def test_a_run_whose_weights_are_gone_is_refused(mini, mini_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(mini_run, run)
     info = json.loads((run / "cache.json").read_text())
@@ -70,6 +83,15 @@ def test_a_run_whose_weights_are_gone_is_refused(mini_run, tmp_path):
     cfg["extract"]["weights"] = info["weights"]
     (run / "cache.json").write_text(json.dumps(info))
     (run / "config.json").write_text(json.dumps(cfg))
-    r = runner.invoke(app, ["predict", "--run", str(run), str(tmp_path)])
+    r = runner.invoke(app, ["predict", "--run", str(run), str(mini["normal"])])
     assert r.exit_code == 1
     assert r.stderr.strip() == f"error: The run's backbone weights file '{tmp_path / 'gone.h5'}' is gone; put it back to predict."
+
+
+def test_predict_with_no_images_and_a_bad_out_are_one_line_errors(mini, mini_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["predict", "--run", str(mini_run), str(tmp_path / "empty")])
+    assert r.exit_code == 1 and r.stderr.startswith("error: No image files given (folders are searched for ")
+    r = runner.invoke(app, ["predict", "--run", str(mini_run), str(mini["normal"]), "--out", str(tmp_path / "p.txt")])
+    assert r.exit_code == 1
+    assert r.stderr == f"error: --out: expected a file name ending in .csv or .json, got '{tmp_path / 'p.txt'}'.\n"

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from covfeat.errors import ConfigError
-from covfeat.split import TEST, TRAIN, VAL, SplitConfig, assign_split, cv_folds
+from covfeat.config import SplitConfig
+from covfeat.split import TEST, TRAIN, VAL, assign_split, cv_folds
 
 
 def _data():

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import MINI_SPLIT, fit
+from covfeat.balance import balance
 from covfeat.cache import open_cache
 from covfeat.cli import app
+from covfeat.config import HeadConfig, SplitConfig
 from covfeat.errors import CacheError, DataError
-from covfeat.head import HeadConfig
 from covfeat.split import TEST, TRAIN, VAL
-from covfeat.train import balance, fit_head, prepare_rows
+from covfeat.train import fit_head, make_split, rows_by_split
 
 runner = CliRunner()
 
@@ -42,7 +44,8 @@ def test_balance_reduces_k_for_a_tiny_minority_and_refuses_one_row():
 
 
 def test_fit_head_cli_writes_a_complete_run(mini_cache, tmp_path):
-    r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--epochs", "4", "--runs-dir", "runs"])
+    r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--epochs", "4", "--runs-dir", "runs",
+                            "--val", "0.2", "--test", "0.3"])
     assert r.exit_code == 0, r.output
     run = Path(r.stdout.strip().splitlines()[-1])
     assert sorted(p.name for p in run.iterdir()) == [
@@ -53,15 +56,17 @@ def test_fit_head_cli_writes_a_complete_run(mini_cache, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["pretrained"] is False and m["backbone"] == "inception_v3"
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["head"]["epochs"] == 4 and cfg["head"]["learning_rate"] == 1e-4 and cfg["dropout_used"] == 0.5
+    assert cfg["head"]["epochs"] == 4 and cfg["head"]["learning_rate"] == 1e-4
+    assert cfg["head"]["dropout"] == 0.5  # resolved from the backbone, once, into the config
+    assert cfg["split"] == {"val": 0.2, "test": 0.3, "by": "patient", "seed": 0}
     info = json.loads((run / "cache.json").read_text())
     assert info["path"] == str(Path(mini_cache).resolve()) and info["key"] in Path(mini_cache).name
 
 
 def test_smote_rows_never_reach_validation_or_test(mini_cache, tmp_path):
     fc = open_cache(mini_cache)
-    parts = prepare_rows(fc, fc.manifest["split"])
-    run = fit_head(mini_cache, HeadConfig(epochs=2), tmp_path, progress=False)
+    parts = rows_by_split(fc, make_split(fc, SplitConfig(**MINI_SPLIT)))
+    run = fit_head(mini_cache, fit(2), tmp_path, progress=False)
     m = json.loads((run / "metrics.json").read_text())
     counts = np.bincount(fc.manifest["label"][parts[TRAIN]], minlength=2)
     assert m["n_train_real"] == len(parts[TRAIN]) and m["n_train_smote"] == abs(counts[1] - counts[0])
@@ -73,17 +78,19 @@ def test_smote_rows_never_reach_validation_or_test(mini_cache, tmp_path):
 
 
 def test_same_seed_same_metrics_other_seed_other_run(mini_cache, tmp_path):
-    a = fit_head(mini_cache, HeadConfig(epochs=3), tmp_path / "a", progress=False)
-    b = fit_head(mini_cache, HeadConfig(epochs=3), tmp_path / "b", progress=False)
-    c = fit_head(mini_cache, HeadConfig(epochs=3, seed=5), tmp_path / "c", progress=False)
+    a = fit_head(mini_cache, fit(3), tmp_path / "a", progress=False)
+    b = fit_head(mini_cache, fit(3), tmp_path / "b", progress=False)
+    c = fit_head(mini_cache, fit(3, seed=5), tmp_path / "c", progress=False)
     ha, hb, hc = ((r / "history.csv").read_text() for r in (a, b, c))
     assert ha == hb and ha != hc
     assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
 
 
 def test_streaming_from_hdf5_gives_the_same_training(mini_cache, tmp_path):
-    mem = fit_head(mini_cache, HeadConfig(epochs=3), tmp_path / "m", progress=False)
-    st = fit_head(mini_cache, HeadConfig(epochs=3), tmp_path / "s", memory_budget_gb=1e-6, progress=False)
+    from dataclasses import replace
+
+    mem = fit_head(mini_cache, fit(3), tmp_path / "m", progress=False)
+    st = fit_head(mini_cache, replace(fit(3), memory_budget_gb=1e-6), tmp_path / "s", progress=False)
     assert json.loads((st / "metrics.json").read_text())["streamed"] is True
     hm = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(mem / "history.csv"))]
     hs = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(st / "history.csv"))]
@@ -93,23 +100,18 @@ def test_streaming_from_hdf5_gives_the_same_training(mini_cache, tmp_path):
 
 
 def test_reloaded_run_gives_the_same_predictions(mini_run):
-    import keras
+    from covfeat.runs import Run
 
-    from covfeat.train import _row_samples
-
-    info = json.loads((mini_run / "cache.json").read_text())
-    fc = open_cache(info["path"])
-    samples, _ = _row_samples(fc)
-    preds = list(csv.DictReader(open(mini_run / "predictions.csv")))
-    maps = fc.read_features(np.array([samples[int(p["row"])][0] for p in preds]))
-    head = keras.models.load_model(mini_run / "head.keras")
-    p = head.predict(maps, verbose=0)[:, 1]
-    np.testing.assert_allclose(p, [float(x["p_covid"]) for x in preds], atol=1e-5)
+    run = Run(mini_run)
+    fc = open_cache(run.cache_info["path"])
+    preds = run.predictions()
+    p = run.load_head().predict(fc.read_features(fc.originals(preds["row"])), verbose=0)[:, 1]
+    np.testing.assert_allclose(p, preds["p_covid"], atol=1e-5)
 
 
 @pytest.mark.parametrize("balance_kind", ["none", "class-weight"])
 def test_other_balancing(mini_cache, tmp_path, balance_kind):
-    run = fit_head(mini_cache, HeadConfig(epochs=2, balance=balance_kind), tmp_path, progress=False)
+    run = fit_head(mini_cache, fit(2, balance=balance_kind), tmp_path, progress=False)
     assert json.loads((run / "metrics.json").read_text())["n_train_smote"] == 0
 
 
@@ -134,3 +136,77 @@ def test_fit_head_errors_are_one_line(tmp_path):
     bad.write_bytes(b"not hdf5")
     with pytest.raises(CacheError, match="is not a readable HDF5 cache"):
         open_cache(bad)
+
+
+def test_changing_the_split_reuses_the_cache(mini_cache, tmp_path):
+    """fit-head --test 0.25 trains on the existing cache: no extraction, another split, recorded."""
+    before = sorted(p.name for p in Path(mini_cache).parent.iterdir())
+    r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--epochs", "1", "--test", "0.25",
+                            "--split-by", "image", "--runs-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    run = Path(r.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in Path(mini_cache).parent.iterdir()) == before
+    assert json.loads((run / "cache.json").read_text())["path"] == str(Path(mini_cache).resolve())
+    fc = open_cache(mini_cache)
+    want = make_split(fc, SplitConfig(test=0.25, by="image"))
+    np.testing.assert_array_equal(np.load(run / "split.npy"), want)
+    assert not np.array_equal(want, make_split(fc, SplitConfig()))
+
+
+def test_the_default_split_groups_patients(mini_cache):
+    fc = open_cache(mini_cache)
+    split = make_split(fc, SplitConfig())
+    man = fc.manifest
+    for p in np.unique(man["patient_id"]):
+        assert len(np.unique(split[man["patient_id"] == p])) == 1
+
+
+def _synthetic_cache(path: Path) -> Path:
+    """A cache written straight from seeded synthetic maps (no backbone): stage two alone."""
+    from covfeat.cache import ShardStore, assemble
+
+    rng = np.random.default_rng(0)
+    n_covid, n_normal, V, shape = 24, 36, 3, (3, 3, 32)
+    labels = np.array([1] * n_covid + [0] * n_normal)
+    patients = [f"c:{i // 2}" for i in range(n_covid)] + [f"n:{i}" for i in range(n_normal)]
+    direction = rng.standard_normal(shape)
+    base = rng.standard_normal((len(labels), *shape)) + 0.6 * labels[:, None, None, None] * direction
+    feats = np.stack([base + 0.3 * rng.standard_normal(base.shape) * (v > 0) for v in range(V)], 1).astype(np.float16)
+    n = len(labels)
+    config = {"backbone": "pinfake", "seed": 0,
+              "weights": {"identity": "none:seed=0", "kind": "none", "pretrained": False, "label": "random"}}
+    store = ShardStore(path, config)
+    store.write(0, n, feats.reshape(n * V, *shape), np.repeat(np.arange(n), V).astype(np.int32),
+                np.tile(np.arange(V), n).astype(np.int8), np.zeros((n * V, 4), np.float32), {})
+    rows = [{"path": f"/img/{i:03d}.png", "label": int(labels[i]), "patient_id": patients[i], "source": "syn",
+             "view": "", "sha256": f"{i:064x}"} for i in range(n)]
+    assemble(path, store, config=config, manifest=rows, feature_shape=shape, dtype="float16", extra={})
+    return path
+
+
+@pytest.mark.parametrize("name", ["default", "recall"])
+def test_stage_two_numbers_are_pinned(monkeypatch, tmp_path, name):
+    """The split, SMOTE, the epochs and the threshold give the numbers the code gave before the
+    restructuring (tests/data/pinned_stage_two.json, written by commit ca3506f's code)."""
+    import dataclasses
+
+    from covfeat.backbones import REGISTRY
+    from covfeat.config import FitConfig
+    from covfeat.runs import Run
+
+    monkeypatch.setitem(REGISTRY, "pinfake", dataclasses.replace(REGISTRY["inception_v3"], name="pinfake",
+                                                                 feature_shape=(3, 3, 32), dropout=0.5))
+    cache = _synthetic_cache(tmp_path / "pinfake-none-0.h5")
+    head = {"default": HeadConfig(epochs=12, learning_rate=0.01, momentum=0.9),
+            "recall": HeadConfig(epochs=12, learning_rate=0.01, momentum=0.9, seed=2, balance="class-weight")}[name]
+    fitc = FitConfig(head=head, split=SplitConfig(val=0.2, test=0.3), target_recall=0.9 if name == "recall" else None)
+    run = Run(fit_head(cache, fitc, tmp_path / "runs", progress=False))
+    pinned = json.loads((Path(__file__).parent / "data" / "pinned_stage_two.json").read_text())[name]
+    pr = run.predictions()
+    assert sorted(pr["path"]) == sorted(pinned["predictions"])  # the same test rows
+    for path, p, pred in zip(pr["path"], pr["p_covid"], pr["pred"]):
+        want_p, want_pred = pinned["predictions"][path]
+        assert p == pytest.approx(want_p, abs=2e-4), path
+        assert pred == want_pred or abs(p - run.threshold) < 1e-3, path
+    assert run.threshold == pytest.approx(pinned["threshold"], abs=2e-4)
+    np.testing.assert_allclose([h["loss"] for h in run.history()], pinned["loss"], atol=2e-4)
