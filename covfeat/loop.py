@@ -87,7 +87,6 @@ def train(source: FeatureSource, labels: np.ndarray, n_views: np.ndarray, val_po
     -------
     history : one dict per epoch: epoch, loss, accuracy, val_loss, val_accuracy
     """
-    import tensorflow as tf
 
     n = len(labels)
     plan = epoch_plan(cfg.seed, cfg.epochs, n, n_views)

@@ -1,7 +1,7 @@
 """Settings check themselves before any work, in one style, and the cache key is derived from them."""
 
 import json
-from dataclasses import MISSING, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest

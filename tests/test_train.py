@@ -9,38 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import MINI_SPLIT, fit
-from covfeat.balance import balance
 from covfeat.cache import open_cache
 from covfeat.cli import app
 from covfeat.config import HeadConfig, SplitConfig
-from covfeat.errors import CacheError, DataError
+from covfeat.errors import CacheError
 from covfeat.split import TEST, TRAIN, VAL
 from covfeat.train import fit_head, make_split, rows_by_split
 
 runner = CliRunner()
-
-
-def test_balance_is_imblearns_smote_with_parents_read_back():
-    from imblearn.over_sampling import SMOTE
-
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((40, 30)).astype(np.float32)
-    y = np.array([1] * 9 + [0] * 31)
-    bal = balance(X, y, HeadConfig(seed=3))
-    Xr, yr = SMOTE(k_neighbors=5, random_state=3).fit_resample(X, y)
-    assert len(bal.parents) == 31 - 9 and (bal.labels == yr).all()
-    assert (y[bal.parents] == 1).all()  # parents are minority training rows
-    np.testing.assert_allclose(bal.weights.sum(1), 1, atol=1e-6)
-    mine = X[bal.parents[:, 0]] * bal.weights[:, :1] + X[bal.parents[:, 1]] * bal.weights[:, 1:]
-    np.testing.assert_allclose(mine, Xr[40:], atol=1e-4)
-
-
-def test_balance_reduces_k_for_a_tiny_minority_and_refuses_one_row():
-    X = np.random.default_rng(0).standard_normal((12, 5))
-    bal = balance(X, np.array([1, 1, 1] + [0] * 9), HeadConfig())
-    assert len(bal.parents) == 6
-    with pytest.raises(DataError, match="SMOTE needs at least 2 training rows of the minority class, found 1"):
-        balance(X, np.array([1] + [0] * 11), HeadConfig())
 
 
 def test_fit_head_cli_writes_a_complete_run(mini_cache, tmp_path):
