@@ -1,15 +1,23 @@
-"""The shortcut audit: does a run read the lungs, or where the image came from?
+"""The shortcut audit: does a run read the lungs, or where and how its images were made?
 
-Three probes, each with its numbers and a plain verdict, kept in ``RUN/audit.json`` (the
-report shows them):
+Five probes, each with the number it rests on, an interval, a plain verdict and what
+would change it, kept in ``RUN/audit.json`` (``report`` shows them):
 
-a. occlusion: extract again with the lung field replaced by a constant (a central box, or
-   masks), train the same head on the same split; if it still separates the classes far
-   above chance, it is reading something outside the lungs;
-b. source: how well the cached features predict the data source, within a class that has
-   more than one source (patient-grouped cross-validated logistic regression); when every
-   class has a single source, the audit says that source and diagnosis are confounded;
-c. external: the run scored on another labelled source, and the drop against its own test.
+a. metadata: a logistic regression on file metadata alone (height, width, aspect ratio,
+   channels, bit depth, format, bytes per pixel), cross-validated by patient group; if it
+   separates the classes, the data carry a shortcut no pixel model needs to look for;
+b. control: the same head on a random-init backbone's features of the same images and
+   split; if it reaches the run's AUC, the task is solvable without ImageNet features and
+   the score says nothing about transfer learning (a random-init run is its own control);
+c. occlusion: the lung field blanked (a central box, or lung masks), the same head
+   retrained on the same split, its AUC compared with the run's own and with chance;
+d. source: within a class that has two or more sources, how well the features tell them
+   apart; when each class has one source, that source and diagnosis are confounded;
+e. external: the run scored on another labelled source at the same threshold as its own
+   test (argmax, and the run's threshold when set), per source, with near-duplicates of
+   the run's own images left out.
+
+Intervals resample patient groups (patients joined with their near-duplicates), not images.
 """
 
 from __future__ import annotations
@@ -25,43 +33,141 @@ from .config import ExtractConfig, FitConfig, OcclusionConfig
 from .errors import RunError
 from .extract import extract
 from .head import pooled_mean
-from .metrics import classification_metrics
+from .images import METADATA_FIELDS, UnreadableImage, file_metadata
+from .metrics import by_source, classification_metrics
+from .neardup import find_pairs
 from .runs import Run
-from .train import fit_head
+from .split import groups_for
+from .train import fit_head, usable_pairs
 
-FLAG_AUC = 0.7  # a probe whose AUC's lower 95% bound clears this separates "far above chance"
+N_BOOT = 1000
 
 
-def bootstrap_auc(y, p, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """ROC AUC and a stratified percentile-bootstrap 95% interval."""
+def group_bootstrap_auc(y, p, groups=None, n: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """ROC AUC and a percentile-bootstrap 95% interval that resamples whole groups (patients),
+    so several images of one patient count once; (nan, nan, nan) with one class."""
     from sklearn.metrics import roc_auc_score
 
-    y = np.asarray(y)
-    p = np.asarray(p)
+    y = np.asarray(y, int)
+    p = np.asarray(p, float)
     if len(np.unique(y)) < 2:
         return (float("nan"),) * 3
+    groups = np.arange(len(y)).astype(str) if groups is None else np.asarray(groups).astype(str)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     stats = []
     for _ in range(n):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        stats.append(roc_auc_score(y[idx], p[idx]))
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if len(np.unique(y[idx])) == 2:
+            stats.append(roc_auc_score(y[idx], p[idx]))
     return float(roc_auc_score(y, p)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def _verdict_auc(auc, lo, hi, what: str, flagged: str) -> tuple[str, str]:
+def separation(auc: float, lo: float, hi: float) -> str:
+    """Words for an AUC interval: below chance, near chance, partial or full separation."""
     if np.isnan(auc):
-        return "not testable", f"{what}: not testable (one class only)."
-    nums = f"ROC AUC {auc:.2f} [95% CI {lo:.2f}, {hi:.2f}]"
-    if lo >= FLAG_AUC:
-        return "FLAGGED", f"FLAGGED: {flagged} ({nums})."
-    if hi < FLAG_AUC:
-        return "not flagged", f"not flagged: {what} is near chance ({nums})."
-    return "inconclusive", f"inconclusive: {what}, {nums}; too few test images to say."
+        return "not testable"
+    if hi < 0.5:
+        return "below chance"
+    if lo <= 0.5:
+        return "near chance"
+    if lo >= 0.9:
+        return "full separation"
+    return "partial separation"
 
 
-def _config_from(fc) -> ExtractConfig:
-    return ExtractConfig.from_stored(fc.config, weights=_weights_arg(fc))
+def _nums(auc, lo, hi) -> str:
+    return f"ROC AUC {auc:.2f} [95% CI {lo:.2f}, {hi:.2f}]"
+
+
+def _change(kind: str) -> str:
+    """What would change a separation verdict."""
+    return {"below chance": "it would read near chance if the interval reached 0.50",
+            "near chance": "it would be flagged if the interval's lower end rose above 0.50",
+            "partial separation": "it would read near chance if the interval's lower end fell to 0.50, "
+                                  "and full separation at 0.90",
+            "full separation": "it would read partial separation if the interval's lower end fell below 0.90"}.get(
+        kind, "more images of both classes would make it testable")
+
+
+def _groups(fc, rows, pairs_mode="group"):
+    """Patient groups of manifest ``rows``, joined with the cache's near-duplicates."""
+    from .config import SplitConfig
+
+    return groups_for(fc.manifest["patient_id"][rows], "patient",
+                      usable_pairs(fc, SplitConfig(near_duplicates=pairs_mode), rows))
+
+
+def _cv_probabilities(X, y, groups, seed: int = 0, C: float = 1.0) -> np.ndarray:
+    """Out-of-fold P(class 1) of a standardised logistic regression, folds grouped by patient."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(5, int(np.bincount(y).min()), len(np.unique(groups)))
+    p = np.full(len(y), np.nan)
+    if folds < 2:
+        return p
+    for tr, te in StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=C))
+        clf.fit(X[tr], y[tr])
+        p[te] = clf.predict_proba(X[te])[:, 1]
+    return p
+
+
+# --------------------------------------------------------------------------- a. metadata
+
+def metadata_features(meta: list[dict]) -> tuple[np.ndarray, list[str]]:
+    """The metadata probe's features: log sizes, aspect ratio, channels, bit depth, log bytes
+    per pixel, and one column per file format."""
+    formats = sorted({m["format"] for m in meta})
+    cols = ["log_height", "log_width", "aspect", "channels", "bit_depth", "log_bytes_per_pixel"] + \
+        [f"format={f}" for f in formats]
+    X = np.array([[np.log(m["height"]), np.log(m["width"]), m["width"] / m["height"], m["channels"], m["bit_depth"],
+                   np.log(m["file_bytes"] / (m["height"] * m["width"]))] + [float(m["format"] == f) for f in formats]
+                  for m in meta], float)
+    return X, cols
+
+
+def metadata_probe(fc, seed: int = 0) -> dict:
+    """Patient-grouped cross-validated logistic regression from file metadata to the class."""
+    rows = np.flatnonzero(fc.has_features())
+    meta, keep, unreadable = [], [], 0
+    for r in rows:
+        try:
+            meta.append(file_metadata(fc.manifest["path"][r]))
+            keep.append(r)
+        except UnreadableImage:
+            unreadable += 1
+    rows = np.array(keep, np.int64)
+    y = fc.manifest["label"][rows]
+    if len(rows) < 10 or len(np.unique(y)) < 2:
+        return {"status": "not testable", "verdict": "not testable: the files of both classes are needed "
+                f"({len(rows)} readable, {unreadable} gone since extraction)."}
+    X, cols = metadata_features(meta)
+    groups = _groups(fc, rows)
+    p = _cv_probabilities(X, y, groups, seed)
+    auc, lo, hi = group_bootstrap_auc(y, p, groups, seed=seed)
+    kind = separation(auc, lo, hi)
+    flagged = kind in ("partial separation", "full separation")
+    formats = {name: sorted({f"{m['format']} {m['bit_depth']}-bit {m['channels']}ch" for m, lab in zip(meta, y)
+                             if lab == c}) for c, name in ((1, "COVID-19"), (0, "NORMAL"))}
+    text = (f"{'FLAGGED' if flagged else 'not flagged'}: file metadata alone (sizes, aspect, channels, bit depth, "
+            f"format, bytes per pixel; no pixels) gives {kind} of COVID-19 from NORMAL, {_nums(auc, lo, hi)}, "
+            f"patient-grouped {min(5, int(np.bincount(y).min()))}-fold CV of a logistic regression. "
+            + ("A model can reach its score from how the files were made. " if flagged else "")
+            + f"({_change(kind)}.)")
+    return {"status": "FLAGGED" if flagged else "not flagged", "separation": kind, "verdict": text,
+            "roc_auc": [auc, lo, hi], "n": [int((y == 0).sum()), int((y == 1).sum())], "features": cols,
+            "unreadable": unreadable, "kinds_by_class": formats}
+
+
+# --------------------------------------------------------------------------- helpers of b, c
+
+def _config_from(fc, **change) -> ExtractConfig:
+    return replace(ExtractConfig.from_stored(fc.config, weights=_weights_arg(fc)), **change)
 
 
 def _weights_arg(fc) -> str:
@@ -85,35 +191,83 @@ def _manifest_csv(fc, rows, path: Path) -> Path:
     return path
 
 
-def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True) -> dict:
+def _retrain(run: Run, fc, fit: FitConfig, cfg: ExtractConfig, cache_dir, name: str, progress: bool) -> Run:
+    """Extract the run's own images with ``cfg`` and train the run's head on the run's split."""
     split = run.split()
     rows = np.flatnonzero(split >= 0)
     src = _manifest_csv(fc, rows, Path(cache_dir) / f"audit-{fc.content_hash()}.csv")
-    cache = extract([src], replace(_config_from(fc), occlusion=occlusion), cache_dir, progress=progress)
-    occ = open_cache(cache)
+    other = open_cache(extract([src], cfg, cache_dir, progress=progress))
     by_hash = dict(zip(fc.manifest["sha256"], split))
-    occ_split = np.array([by_hash.get(h, -1) for h in occ.manifest["sha256"]], np.int8)
-    occ_split[~occ.has_features()] = -1  # unreadable after all
-    out = Run(fit_head(cache, fit, run.path / "audit-runs", split=occ_split, progress=progress, fc=occ,
-                       name="occlusion"))
-    preds = out.predictions()
-    y, p = preds["label"], preds["p_covid"]
-    auc, lo, hi = bootstrap_auc(y, p)
-    status, text = _verdict_auc(auc, lo, hi, "with the lung field blanked the head",
-                                "with the lung field blanked the head still separates COVID-19 from NORMAL; "
-                                "it reads something outside the lungs (labels, borders, body size, the source)")
-    m = classification_metrics(y, p)
-    return {"status": status, "verdict": text, "roc_auc": [auc, lo, hi], "accuracy": m["accuracy"],
-            "n_covid": m["n_covid"], "n_normal": m["n_normal"], "occlusion": occlusion.as_dict(), "run": str(out.path)}
+    other_split = np.array([by_hash.get(h, -1) for h in other.manifest["sha256"]], np.int8)
+    other_split[~other.has_features()] = -1  # unreadable after all (for example, no lung mask)
+    return Run(fit_head(other.path, fit, run.path / "audit-runs", split=other_split, progress=progress, fc=other,
+                        name=name))
 
+
+def _run_auc(run: Run, fc) -> tuple[float, float, float]:
+    pr = run.predictions()
+    return group_bootstrap_auc(pr["label"], pr["p_covid"], _groups(fc, pr["row"]))
+
+
+# --------------------------------------------------------------------------- b. control
+
+def control_probe(run: Run, fc, fit: FitConfig, cache_dir, progress=True) -> dict:
+    """The same head on a random-init backbone's features of the same images and split."""
+    own = _run_auc(run, fc)
+    if not fc.pretrained:
+        return {"status": "own control", "roc_auc_run": list(own), "verdict":
+                f"own control: this run's backbone is itself random-init (NOT PRETRAINED) and reaches "
+                f"{_nums(*own)}; whatever it scores, it scores without ImageNet features. (A run with pretrained "
+                "weights gets a random-init control here.)"}
+    ctl = _retrain(run, fc, fit, _config_from(fc, weights="none"), cache_dir, "control", progress)
+    pr = ctl.predictions()
+    auc = group_bootstrap_auc(pr["label"], pr["p_covid"], _groups(fc, pr["row"]) if len(pr["row"]) else None)
+    solvable = auc[2] >= own[0]  # the control's interval reaches the run's own AUC
+    text = (f"{'FLAGGED' if solvable else 'not flagged'}: a random-init backbone with the same head and split "
+            f"reaches {_nums(*auc)} against the run's {_nums(*own)}; "
+            + ("the task is solvable without ImageNet features, so this score says nothing about transfer learning"
+               if solvable else f"ImageNet features add {own[0] - auc[0]:+.2f} AUC")
+            + f". (It would {'clear' if solvable else 'be flagged'} if the control's upper bound "
+            f"{'fell below' if solvable else 'reached'} {own[0]:.2f}.)")
+    return {"status": "FLAGGED" if solvable else "not flagged", "verdict": text, "roc_auc": list(auc),
+            "roc_auc_run": list(own), "run": str(ctl.path)}
+
+
+# --------------------------------------------------------------------------- c. occlusion
+
+def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True) -> dict:
+    """The lung field blanked, the same head retrained on the same split; AUC against the run's and chance."""
+    occ = _retrain(run, fc, fit, _config_from(fc, occlusion=occlusion), cache_dir, "occlusion", progress)
+    pr = occ.predictions()
+    own = _run_auc(run, fc)
+    y, p = pr["label"], pr["p_covid"]
+    auc, lo, hi = group_bootstrap_auc(y, p, _groups(fc, pr["row"]) if len(y) else None)
+    kind = separation(auc, lo, hi)
+    what = "the lung field blanked" + (f" (masks from {occlusion.masks})" if occlusion.kind == "masks" else
+                                       f" (central box {tuple(round(b, 2) for b in occlusion.box)})")
+    if kind == "not testable":
+        return {"status": "not testable", "verdict": f"not testable: with {what} the test rows hold one class "
+                f"({len(y)} images); masks must exist for images of both classes.", "run": str(occ.path)}
+    no_drop = lo >= own[1]
+    flagged = kind in ("partial separation", "full separation")
+    text = (f"{'FLAGGED' if flagged else 'not flagged'}: with {what}, the same head gives {kind}, "
+            f"{_nums(auc, lo, hi)}, against the run's own {_nums(*own)}"
+            + ("; no measurable drop: it reads something outside the lungs as well as the run reads the image"
+               if flagged and no_drop else "; it still reads something outside the lungs (labels, borders, body size,"
+               " the source)" if flagged else "; the signal is inside the blanked field" if kind == "near chance"
+               else "; below chance: what remains points the other way")
+            + f". ({_change(kind)}.)")
+    m = classification_metrics(y, p)
+    return {"status": "FLAGGED" if flagged else "not flagged", "separation": kind, "verdict": text,
+            "roc_auc": [auc, lo, hi], "roc_auc_run": list(own), "accuracy": m["accuracy"], "n_covid": m["n_covid"],
+            "n_normal": m["n_normal"], "occlusion": occlusion.as_dict(), "run": str(occ.path)}
+
+
+# --------------------------------------------------------------------------- d. source
 
 def source_probe(fc, seed: int = 0) -> dict:
-    """Cross-validated (grouped by patient) logistic regression from pooled features to source."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """Within a class with two or more sources: cross-validated (grouped by patient) logistic
+    regression from pooled features to the source."""
     man = fc.manifest
     rows = np.flatnonzero(fc.has_features())
     by_class = {}
@@ -122,87 +276,122 @@ def source_probe(fc, seed: int = 0) -> dict:
         by_class[name] = dict(zip(srcs.tolist(), counts.tolist()))
     results = {}
     for lab, name in ((1, "COVID-19"), (0, "NORMAL")):
-        srcs = [s for s, c in by_class[name].items() if c >= 5]
+        srcs = sorted((s for s, c in by_class[name].items() if c >= 5), key=lambda s: -by_class[name][s])
         if len(srcs) < 2:
             continue
         r = rows[(man["label"][rows] == lab) & np.isin(man["source"][rows], srcs[:2])]
         y = (man["source"][r] == srcs[1]).astype(int)
-        X = pooled_mean(fc.read_features(fc.originals(r)))
-        folds = min(5, int(np.bincount(y).min()))
-        if folds < 2:
+        groups = _groups(fc, r)
+        p = _cv_probabilities(pooled_mean(fc.read_features(fc.originals(r))), y, groups, seed, C=0.1)
+        if np.isnan(p).any():
             continue
-        p = np.zeros(len(r))
-        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        for tr, te in cv.split(X, y, man["patient_id"][r]):
-            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
-            clf.fit(X[tr], y[tr])
-            p[te] = clf.predict_proba(X[te])[:, 1]
-        auc, lo, hi = bootstrap_auc(y, p)
-        status, text = _verdict_auc(auc, lo, hi, f"within {name}, telling {srcs[0]} from {srcs[1]}",
-                                    f"within {name}, the features tell {srcs[0]} from {srcs[1]}: the source "
-                                    "leaves a strong mark that a classifier can use")
-        results[name] = {"status": status, "verdict": text, "roc_auc": [auc, lo, hi], "sources": srcs[:2],
-                         "n": [int((y == 0).sum()), int((y == 1).sum())]}
+        auc, lo, hi = group_bootstrap_auc(y, p, groups, seed=seed)
+        kind = separation(auc, lo, hi)
+        flagged = kind in ("partial separation", "full separation")
+        text = (f"{'FLAGGED' if flagged else 'not flagged'}: within {name}, the features give {kind} of "
+                f"{srcs[0]} from {srcs[1]}, {_nums(auc, lo, hi)}"
+                + ("; the source leaves a mark a classifier can use" if flagged else "")
+                + f". ({_change(kind)}.)")
+        results[name] = {"status": "FLAGGED" if flagged else "not flagged", "separation": kind, "verdict": text,
+                         "roc_auc": [auc, lo, hi], "sources": srcs[:2], "n": [int((y == 0).sum()), int((y == 1).sum())]}
     single = {n: list(v) for n, v in by_class.items() if len(v) == 1}
     if not results:
         confounded = len(single) == 2 and single["COVID-19"] != single["NORMAL"]
         text = ("CONFOUNDED: every COVID-19 image comes from " + ", ".join(single.get("COVID-19", [])) +
                 " and every NORMAL image from " + ", ".join(single.get("NORMAL", [])) +
                 "; the source cannot be probed within a class, and any classifier of these classes is also a "
-                "classifier of their source. Add images of both classes from one source, or use --external."
+                "classifier of their source. Add images of both classes from one source, a second source for a "
+                "class, or use --external."
                 if confounded else "not testable: no class has two sources with at least 5 images each.")
-        return {"status": "CONFOUNDED" if confounded else "not testable", "verdict": text, "sources_by_class": by_class}
+        return {"status": "CONFOUNDED" if confounded else "not testable", "verdict": text,
+                "sources_by_class": by_class}
     worst = max(results.values(), key=lambda v: v["roc_auc"][1])
     return {"status": worst["status"], "verdict": worst["verdict"], "by_class": results, "sources_by_class": by_class}
 
 
-def external_probe(run: Run, fc, sources, cache_dir, progress=True) -> dict:
-    """Score the run on another labelled source; the drop against the run's own test, with intervals."""
-    cfg = replace(_config_from(fc), augment=0)  # every external row is scored on its original view
-    cache = extract(sources, cfg, cache_dir, progress=progress)
-    ext = open_cache(cache)
+# --------------------------------------------------------------------------- e. external
+
+def external_probe(run: Run, fc, sources, cache_dir, progress=True, keep_overlap: bool = False) -> dict:
+    """The run on another labelled source, at the same thresholds as its own test, per source,
+    with near-duplicates of the run's own images left out (and listed)."""
+    ext = open_cache(extract(sources, _config_from(fc, augment=0), cache_dir, progress=progress))
     rows = np.flatnonzero(ext.has_features())
+    mine = np.flatnonzero(fc.has_features())
+    h_ext, t_ext = ext.fingerprints(rows)
+    h_own, t_own = fc.fingerprints(mine)
+    overlap = find_pairs(h_ext, t_ext, h_own, t_own)
+    overlap_list = [[str(ext.manifest["path"][rows[i]]), str(fc.manifest["path"][mine[j]]), d, c]
+                    for i, j, d, c in overlap]
+    if not keep_overlap and overlap:
+        rows = np.delete(rows, sorted({i for i, *_ in overlap}))
+    if not len(rows):
+        return {"status": "not testable", "verdict": "not testable: every external image is a near-duplicate of "
+                "the run's own images.", "overlap": overlap_list}
     p = run.load_head().predict(ext.read_features(ext.originals(rows)), verbose=0)[:, 1]
     y = ext.manifest["label"][rows]
-    m_ext = classification_metrics(y, p, run.threshold)
-    m_int = run.metrics["argmax"]
-    drops = {}
+    src = ext.manifest["source"][rows]
+    pr = run.predictions()
+    thresholds = {"argmax": 0.5}
+    if "operating_point" in run.metrics:
+        thresholds["run threshold"] = run.threshold
+    auc_int = group_bootstrap_auc(pr["label"], pr["p_covid"], _groups(fc, pr["row"]))
+    auc_ext = group_bootstrap_auc(y, p, _groups(ext, rows))
     flags = []
-    preds = run.predictions()
-    auc_int = bootstrap_auc(preds["label"], preds["p_covid"])
-    auc_ext = bootstrap_auc(y, p)
-    drops["roc_auc"] = auc_int[0] - auc_ext[0]
     if not np.isnan(auc_ext[2]) and auc_ext[2] < auc_int[1]:
         flags.append(f"ROC AUC {auc_int[0]:.2f} -> {auc_ext[0]:.2f}")
-    for k in ("accuracy", "covid_recall", "specificity"):
-        drops[k] = m_int[k] - m_ext[k]
-        ci_int, ci_ext = m_int["ci"].get(k), m_ext["ci"].get(k)
-        if ci_int and ci_ext and not np.isnan(ci_ext[1]) and ci_ext[1] < ci_int[0]:
-            flags.append(f"{k} {m_int[k]:.2f} -> {m_ext[k]:.2f}")
-    status = "FLAGGED" if flags else "not flagged"
-    text = (f"FLAGGED: on the external data the run drops beyond its intervals ({'; '.join(flags)}); "
-            "what it learned does not carry over." if flags else
-            f"not flagged: external ROC AUC {auc_ext[0]:.2f} vs internal {auc_int[0]:.2f}, accuracy "
-            f"{m_ext['accuracy']:.2f} vs {m_int['accuracy']:.2f}, within their intervals.")
-    return {"status": status, "verdict": text, "external": m_ext, "internal": m_int, "drop": drops,
-            "roc_auc_internal": list(auc_int), "roc_auc_external": list(auc_ext),
-            "sources": [str(s) for s in sources], "cache": str(cache)}
+    at = {}
+    for name, thr in thresholds.items():
+        m_int = classification_metrics(pr["label"], pr["p_covid"], thr)
+        m_ext = classification_metrics(y, p, thr)
+        at[name] = {"threshold": thr, "internal": m_int, "external": m_ext,
+                    "external_by_source": by_source(y, p, src, thr)}
+        for k in ("accuracy", "covid_recall", "specificity"):
+            ci_int, ci_ext = m_int["ci"].get(k), m_ext["ci"].get(k)
+            if ci_int and ci_ext and not np.isnan(ci_ext[1]) and not np.isnan(ci_int[0]) and ci_ext[1] < ci_int[0]:
+                flags.append(f"{k} at {name} ({thr:.3f}) {m_int[k]:.2f} -> {m_ext[k]:.2f}")
+    n_over = len({i for i, *_ in overlap})
+    over = (f" {n_over} external image(s) are near-duplicates of the run's own and are "
+            f"{'kept' if keep_overlap else 'left out'}." if overlap else " No external image is a near-duplicate "
+            "of the run's own.")
+    a = at["argmax"]
+    text = ((f"FLAGGED: on the external data the run drops beyond its intervals ({'; '.join(flags)}); what it "
+             "learned does not carry over." if flags else
+             f"not flagged: external {_nums(*auc_ext)} vs internal {_nums(*auc_int)}; accuracy at argmax "
+             f"{a['external']['accuracy']:.2f} vs {a['internal']['accuracy']:.2f}, within their intervals.")
+            + over + " Both sides are scored at the same threshold(s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in thresholds.items()) + ". ("
+            + ("it would clear if no external interval lay wholly below the internal one"
+               if flags else "it would be flagged if an external interval lay wholly below the internal one")
+            + ".)")
+    return {"status": "FLAGGED" if flags else "not flagged", "verdict": text, "at": at,
+            "roc_auc_internal": list(auc_int), "roc_auc_external": list(auc_ext), "overlap": overlap_list,
+            "n_external": int(len(rows)), "sources": [str(s) for s in sources], "cache": str(ext.path)}
+
+
+# --------------------------------------------------------------------------- the audit
+
+PROBES = ("metadata", "control", "occlusion", "source")
 
 
 def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external: list | None = None,
-          cache_dir: str | Path = "cache", probes=("occlusion", "source"), progress: bool = True) -> dict:
+          cache_dir: str | Path = "cache", probes=PROBES, progress: bool = True,
+          keep_overlap: bool = False) -> dict:
     """Run the probes on a finished run and write RUN/audit.json; returns the results."""
     run = Run(run).require_single("the audit")
     fc = open_cache(run.cache_info["path"])
     fit = run.fit_config()
     out = {"pretrained": fc.pretrained, "weights": fc.config["weights"]["label"]}
+    if "metadata" in probes:
+        out["metadata"] = metadata_probe(fc, seed=fit.head.seed)
+    if "control" in probes:
+        out["control"] = control_probe(run, fc, fit, cache_dir, progress)
     if "occlusion" in probes:
         out["occlusion"] = occlusion_probe(run, fc, fit, occlusion or OcclusionConfig(kind="box"), cache_dir,
                                            progress)
     if "source" in probes:
         out["source"] = source_probe(fc, seed=fit.head.seed)
     if external:
-        out["external"] = external_probe(run, fc, external, cache_dir, progress)
+        out["external"] = external_probe(run, fc, external, cache_dir, progress, keep_overlap)
     run.write_audit(out)
     return out
 
@@ -211,8 +400,11 @@ def summary(result: dict) -> str:
     lines = []
     if not result.get("pretrained", True):
         lines.append("NOTE: features from a NOT PRETRAINED (random-init) backbone.")
-    for k in ("occlusion", "source", "external"):
+    for k in PROBES + ("external",):
         if k in result:
             lines.append(f"{k} probe: {result[k]['verdict']}")
     return "\n".join(lines)
 
+
+__all__ = ["audit", "summary", "metadata_probe", "control_probe", "occlusion_probe", "source_probe",
+           "external_probe", "group_bootstrap_auc", "separation", "METADATA_FIELDS"]

@@ -134,11 +134,33 @@ class ShardStore:
         return n
 
     def write(self, start: int, stop: int, features: np.ndarray, rows: np.ndarray, views: np.ndarray,
-              params: np.ndarray, skipped: dict[int, str]) -> None:
+              params: np.ndarray, skipped: dict[int, str], fingerprints: dict | None = None) -> None:
+        """One shard: the maps of rows [start, stop), their skip reasons, and the near-duplicate
+        fingerprint (hashes, thumbnails) of every readable row."""
         path = self.dir / f"shard_{start:08d}_{stop:08d}.npz"
         meta = json.dumps({str(k): v for k, v in skipped.items()})
-        _atomic_write(path, lambda f: np.savez(f, features=features, rows=rows, views=views,
-                                                params=params, skipped=np.array(meta)))
+        from .neardup import CROPS, THUMB
+
+        fp = fingerprints or {}
+        fp_rows = np.array(sorted(fp), np.int64)
+        fp_hash = np.array([fp[r][0] for r in fp_rows], np.uint64).reshape(len(fp_rows), len(CROPS))
+        fp_thumb = np.array([fp[r][1] for r in fp_rows], np.uint8).reshape(len(fp_rows), len(CROPS), THUMB, THUMB)
+        _atomic_write(path, lambda f: np.savez(f, features=features, rows=rows, views=views, params=params,
+                                                skipped=np.array(meta), fp_rows=fp_rows, fp_hash=fp_hash,
+                                                fp_thumb=fp_thumb))
+
+    def fingerprints(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(hashes (n, 4) uint64, thumbnails (n, 4, 32, 32) uint8) of every row; zeros where none."""
+        from .neardup import CROPS, THUMB
+
+        hashes = np.zeros((n, len(CROPS)), np.uint64)
+        thumbs = np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
+        for _, _, p in self.shards():
+            with np.load(p) as z:
+                if "fp_rows" in z and len(z["fp_rows"]):
+                    hashes[z["fp_rows"]] = z["fp_hash"]
+                    thumbs[z["fp_rows"]] = z["fp_thumb"]
+        return hashes, thumbs
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -179,6 +201,10 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
         g = h.create_group("manifest")
         for f in MANIFEST_FIELDS:
             _str_ds(g, f, [r[f] for r in manifest])
+        hashes, thumbs = store.fingerprints(len(manifest))
+        g.create_dataset("phash", data=hashes)
+        g.create_dataset("thumb", data=thumbs, chunks=(min(len(manifest), 256), *thumbs.shape[1:]) if len(manifest)
+                         else None)
         s = h.create_group("skipped")
         _str_ds(s, "path", [manifest[k]["path"] for k in sorted(skipped)])
         _str_ds(s, "reason", [skipped[k] for k in sorted(skipped)])
@@ -248,6 +274,27 @@ class FeatureCache:
             self._samples = {int(rows_sorted[s]): order[s:s + V] for s in starts}
         return self._samples
 
+    def fingerprints(self, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """Near-duplicate fingerprints (hashes, thumbnails) of manifest ``rows`` (all when None)."""
+        with h5py.File(self.path, "r") as h:
+            g = h["manifest"]
+            if "phash" not in g:
+                from .neardup import CROPS, THUMB
+
+                n = self.n_rows if rows is None else len(rows)
+                return np.zeros((n, len(CROPS)), np.uint64), np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
+            thumbs = g["thumb"][:]
+        hashes = self.manifest["phash"]
+        if rows is None:
+            return hashes, thumbs
+        rows = np.asarray(rows, np.int64)
+        return hashes[rows], thumbs[rows]
+
+    def near_duplicate_pairs(self) -> list[tuple[int, int, int, float]]:
+        """The near-duplicate pairs (row i, row j, bits, correlation) found at extraction."""
+        nd = self.attrs.get("near_duplicates")
+        return [tuple(p) for p in json.loads(nd)["pairs"]] if nd is not None else []
+
     def has_features(self) -> np.ndarray:
         """Per manifest row: True when the image was readable and has features."""
         ok = np.zeros(self.n_rows, bool)
@@ -311,7 +358,7 @@ def open_cache(path: str | Path) -> FeatureCache:
                     f"{FORMAT_VERSION}; extract again."
                 )
             config = json.loads(h.attrs["config"])
-            man = {k: h["manifest"][k][:] for k in h["manifest"]}
+            man = {k: h["manifest"][k][:] for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
             for k in MANIFEST_FIELDS:
                 man[k] = np.array([v.decode() if isinstance(v, bytes) else v for v in man[k]])
             man["label"] = man["label"].astype(int)

@@ -125,6 +125,7 @@ def fit_head(
     test: Annotated[Optional[float], typer.Option(help="Test share \\[default: 0.3]")] = None,
     split_by: Annotated[Optional[str], typer.Option(help="patient (no patient in two splits) or image (the paper's naive split) \\[default: patient]")] = None,
     split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split and the folds \\[default: 0]")] = None,
+    near_duplicates: Annotated[Optional[str], typer.Option(help="group (near-duplicate images on one side of every split) or ignore \\[default: group]")] = None,
     target_recall: Annotated[Optional[float], typer.Option(help="Pick the threshold on validation rows to reach this COVID-19 recall.")] = None,
     folds: Annotated[Optional[int], typer.Option(help="Cross-validation folds (0: one split) \\[default: 0]")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Cross-validation repeats \\[default: 1]")] = None,
@@ -140,7 +141,7 @@ def fit_head(
     fit = _guard(fit_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                  momentum=momentum, dropout=dropout, dense_units=dense_units, activity_l1=activity_l1,
                  activity_l2=activity_l2, balance=balance, smote_k=smote_k, seed=seed, engine=engine, val=val,
-                 test=test, split_by=split_by, split_seed=split_seed, target_recall=target_recall, folds=folds,
+                 test=test, split_by=split_by, split_seed=split_seed, near_duplicates=near_duplicates, target_recall=target_recall, folds=folds,
                  repeats=repeats, memory_budget=memory_budget)
     from .cache import choose_cache
 
@@ -221,9 +222,10 @@ def audit(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
     occlude: Annotated[str, typer.Option(help="box (a central lung box) or a folder of lung masks named like the images.")] = "box",
     external: Annotated[Optional[list[Path]], typer.Option(exists=True, help="Another labelled source to score the run on (repeatable).")] = None,
+    keep_overlap: Annotated[bool, typer.Option(help="Keep external images that are near-duplicates of the run's own (default: left out, listed).")] = False,
     cache_dir: CacheDir = Path("cache"),
 ):
-    """Shortcut audit: occlusion probe, source probe, and (with --external) external validation.
+    """Shortcut audit: metadata, control, occlusion and source probes, and (with --external) external validation.
 
     Verdicts are printed and kept in RUN/audit.json; `covfeat report RUN` shows them.
     """
@@ -231,7 +233,8 @@ def audit(
     from .config import OcclusionConfig
 
     occl = _guard(OcclusionConfig.parse, occlude)
-    res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress())
+    res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),
+                 keep_overlap=keep_overlap)
     typer.echo(au.summary(res))
     typer.echo(str(run / "audit.json"))
 
@@ -240,11 +243,12 @@ def audit(
 def explain(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
     images: Annotated[list[Path], typer.Argument(exists=True, help="Image files or folders.")],
-    out: Annotated[Path, typer.Option(help="Folder for the heat-map PNGs.")] = Path("gradcam"),
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the heat-map PNGs [default: RUN/gradcam, where report finds them]")] = None,
 ):
     """Grad-CAM heat maps (one PNG per image) through the run's preprocessing, backbone and head."""
     from . import explain as ex
 
+    out = out if out is not None else run / "gradcam"
     rows = _guard(ex.explain, run, images, out)
     for r in rows:
         typer.echo(f"{r['path']}: skipped: {r['error']}" if r["error"] else f"{r['png']}  p_covid {r['p_covid']:.4f}")

@@ -278,6 +278,7 @@ class SplitConfig(Checked):
     test: float = setting(0.3, number(0, 1, lo_open=True, hi_open=True), flag="--test")  # the paper's 324 of 1,079
     by: str = setting("patient", one_of("patient", "image"), flag="--split-by")
     seed: int = setting(0, integer(0), flag="--split-seed")
+    near_duplicates: str = setting("group", one_of("group", "ignore"), flag="--near-duplicates")  # keep pairs together
 
     def _check(self):
         if self.val + self.test >= 1:
@@ -338,7 +339,7 @@ class FitConfig(Checked):
 
 # Keys of a fit-head config file (and the flags): head fields as they are, the rest here.
 FIT_KEYS = {"val": ("split", "val"), "test": ("split", "test"), "split_by": ("split", "by"),
-            "split_seed": ("split", "seed"), "target_recall": (None, "target_recall"), "folds": (None, "folds"),
+            "split_seed": ("split", "seed"), "near_duplicates": ("split", "near_duplicates"), "target_recall": (None, "target_recall"), "folds": (None, "folds"),
             "repeats": (None, "repeats"), "memory_budget": (None, "memory_budget_gb")}
 
 

@@ -26,7 +26,8 @@ from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
 from .cache import CacheLock, ShardStore, assemble, cache_key, cache_name, open_cache
 from .config import ExtractConfig, key_config
 from .errors import ConfigError, DataError
-from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, view_params
+from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
+from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
@@ -42,22 +43,26 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one file once and return its model inputs for every view, and their jitter.
+def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
+    """Decode one file once and return its model inputs for every view, their jitter, and
+    its near-duplicate fingerprint (of the image before any occlusion).
 
     Returns
     -------
     inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
+    fingerprint : (hashes, thumbnails), see :mod:`covfeat.neardup`
     """
-    base = pipeline.decode(path)
+    raw = pipeline.decode(path, occluded=False)
+    fp = fingerprint(raw)
+    base = occlude(raw, path, pipeline.occlusion)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
     params = np.zeros((cfg.augment + 1, 4), np.float32)
     pipeline.scale(base, out=inputs[0])
     for v in range(1, cfg.augment + 1):
         params[v] = view_params(sha256, v, cfg.seed, cfg.jitter)
         pipeline.scale(apply_view(base, params[v]), out=inputs[v])
-    return inputs, params
+    return inputs, params, fp
 
 
 def resolved_config(cfg: ExtractConfig, spec) -> dict:
@@ -176,7 +181,8 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             _log(f"Skipped {len(skipped)} unreadable file(s):")
             for k in sorted(skipped)[:10]:
                 _log(f"  {rows[k]['path']}: {skipped[k]}")
-        extra = {"missing": [list(m) for m in manifest.missing],
+        near = near_duplicates(store, rows)
+        extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
                  "duplicates": [list(d) for d in manifest.duplicates],
                  "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or "",
                  "timings": timings}
@@ -185,6 +191,22 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     if not spec.pretrained:
         _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
     return target
+
+
+def near_duplicates(store: ShardStore, rows: list[dict]) -> dict:
+    """Near-duplicate pairs among the extracted images, logged and kept in the cache."""
+    hashes, thumbs = store.fingerprints(len(rows))
+    pairs = find_pairs(hashes, thumbs)
+    paths = [r["path"] for r in rows]
+    patients = [r["patient_id"] for r in rows]
+    cross = sum(1 for i, j, *_ in pairs if patients[i] != patients[j])
+    if pairs:
+        _log(f"Near-duplicates: {len(pairs)} pair(s) of images, {cross} of them under two patient IDs "
+             f"(fit-head keeps each pair on one side of every split):")
+        for line in describe(pairs, paths, patients):
+            _log(line)
+    return {"max_bits": MAX_BITS, "min_corr": MIN_CORR,
+            "pairs": [[int(i), int(j), int(d), round(float(c), 4)] for i, j, d, c in pairs]}
 
 
 def _lower_priority() -> None:
@@ -242,7 +264,7 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
     try:
         for s0 in range(start, n, SHARD_ROWS):
             s1 = min(n, s0 + SHARD_ROWS)
-            inputs, rows_v, views_v, params_v, skipped = [], [], [], [], {}
+            inputs, rows_v, views_v, params_v, skipped, fps = [], [], [], [], {}, {}
             for i in range(s0, s1):
                 while nxt < n and len(pending) < lookahead:
                     pending.append(pool.submit(job, nxt))
@@ -256,6 +278,7 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
                     continue
                 inputs.append(res[0])
                 params_v.append(res[1])
+                fps[i] = res[2]
                 rows_v += [i] * n_views
                 views_v += list(range(n_views))
             if inputs:
@@ -283,7 +306,7 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
             if written is not None:
                 written.result()  # one shard in flight at most; shards land in order
             written = writer.submit(store.write, s0, s1, feats, np.array(rows_v, np.int32),
-                                    np.array(views_v, np.int8), params, skipped)
+                                    np.array(views_v, np.int8), params, skipped, fps)
         if written is not None:
             written.result()
     finally:

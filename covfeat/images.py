@@ -240,3 +240,43 @@ class InputPipeline:
     def __call__(self, path: str | Path) -> np.ndarray:
         """The scaled model input of one file (view 0)."""
         return self.scale(self.decode(path))
+
+
+METADATA_FIELDS = ("height", "width", "channels", "bit_depth", "format", "file_bytes")
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+
+
+def file_metadata(path: str | Path) -> dict:
+    """What a file says about itself, without the pixels: height, width, channels, bit depth,
+    format and size in bytes (PNG and JPEG from their headers; others by decoding).
+
+    Raises
+    ------
+    UnreadableImage
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        return {"height": h, "width": w, "channels": _PNG_CHANNELS.get(head[25], 0), "bit_depth": head[24],
+                "format": "png", "file_bytes": size}
+    if head[:3] == b"\xff\xd8\xff":
+        i = 2
+        while i + 9 < len(head) and head[i] == 0xFF:
+            marker, seg = head[i + 1], int.from_bytes(head[i + 2:i + 4], "big")
+            if marker in _SOF:
+                return {"height": int.from_bytes(head[i + 5:i + 7], "big"),
+                        "width": int.from_bytes(head[i + 7:i + 9], "big"), "channels": head[i + 9],
+                        "bit_depth": head[i + 4], "format": "jpeg", "file_bytes": size}
+            i += 2 + seg
+    img = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
+    return {"height": img.shape[0], "width": img.shape[1], "channels": 1 if img.ndim == 2 else img.shape[2],
+            "bit_depth": img.dtype.itemsize * 8, "format": path.suffix.lower().lstrip(".") or "other",
+            "file_bytes": size}

@@ -79,6 +79,57 @@ def threshold_for_recall(y_true, p_covid, target: float) -> float:
     return float(min(thr[i], 1.0))
 
 
+def by_source(y_true, p_covid, sources, threshold: float = 0.5) -> dict:
+    """Per source of the test rows: COVID-19 recall and NORMAL specificity at ``threshold``,
+    each as [value, lo, hi, k, n] (Wilson interval, the counts behind it)."""
+    y = np.asarray(y_true, int)
+    pred = (np.asarray(p_covid, float) >= threshold).astype(int)
+    src = np.asarray(sources).astype(str)
+    out = {}
+    for s in sorted(set(src)):
+        m = src == s
+        entry = {"n_covid": int((y[m] == 1).sum()), "n_normal": int((y[m] == 0).sum())}
+        for key, lab, hit in (("covid_recall", 1, 1), ("specificity", 0, 0)):
+            sel = m & (y == lab)
+            n = int(sel.sum())
+            if n:
+                k = int((pred[sel] == hit).sum())
+                entry[key] = [k / n, *wilson(k, n), k, n]
+        out[s] = entry
+    return out
+
+
+CV_INTERVAL = ("approximate 95% interval: Nadeau-Bengio corrected variance of the fold scores, "
+               "t with folds - 1 degrees of freedom")
+
+
+def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95) -> dict:
+    """Mean of per-fold scores (every fold of every repeat) and an approximate interval that
+    does not shrink with repeats alone.
+
+    The fold scores share training data, so they are not independent: the Nadeau-Bengio
+    corrected variance (1/J + n_test/n_train) * s^2 replaces s^2 / J, with J the number of
+    scores, and the t quantile uses ``folds - 1`` degrees of freedom (the number of
+    independent test partitions of one repeat), so repeating a k-fold cross-validation never
+    gives a narrower interval than one repeat justifies.  Undefined fold scores (nan, e.g.
+    precision when a fold made no positive call) are counted, not silently dropped.
+    """
+    from scipy.stats import t
+
+    raw = [np.nan if x is None else float(x) for x in values]
+    v = np.array([x for x in raw if not math.isnan(x)], float)
+    out = {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": int(len(v)),
+           "undefined": int(len(raw) - len(v))}
+    if len(v) == 0:
+        return out
+    out["mean"] = float(v.mean())
+    if len(v) >= 2 and folds >= 2:
+        var = (1.0 / len(v) + test_over_train) * float(v.var(ddof=1))
+        half = float(t.ppf(0.5 + level / 2, folds - 1) * math.sqrt(var))
+        out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
 def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     """Mean and the t interval of the mean over folds (nan-safe)."""
     from scipy.stats import t

@@ -51,11 +51,14 @@ def table_cells(m: dict) -> dict[str, str]:
     out = {}
     if "cv" in m:
         cv = m["cv"]
+        n_scores = cv["n_folds"] * cv["n_repeats"]
         for label, key in METRIC_ROWS:
             if key in cv:
-                mean, lo, hi = cv[key]
-                out[label] = _fmt(key, mean, None if key in COUNT_KEYS else (lo, hi))
-        out["folds"] = f"{cv['n_folds']} folds x {cv['n_repeats']} repeats (mean [95% t interval])"
+                c = cv[key]
+                out[label] = _fmt(key, c["mean"], None if key in COUNT_KEYS else (c["lo"], c["hi"]))
+                if c["undefined"]:
+                    out[label] += f" ({c['n']} of {n_scores} folds; {c['undefined']} undefined)"
+        out["folds"] = f"{cv['n_folds']} folds x {cv['n_repeats']} repeats: mean [{cv['interval']}]"
     else:
         a = m["argmax"]
         ci = a.get("ci", {})
@@ -70,6 +73,18 @@ def table_cells(m: dict) -> dict[str, str]:
             out[f"at recall target {op['target_recall']:.2f}: threshold"] = f"{op['threshold']:.3f}"
             for k, nm in (("covid_recall", "recall"), ("covid_precision", "precision"), ("specificity", "specificity")):
                 out[f"at recall target {op['target_recall']:.2f}: test {nm}"] = _fmt(k, t[k], t["ci"].get(k))
+    for kind, rows in m.get("by_source", {}).items():
+        tag = "" if kind == "argmax" else f" at threshold {m['operating_point']['threshold']:.3f}"
+        for src, e in rows.items():
+            for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
+                if key in e:
+                    v, lo, hi, k, n = e[key]
+                    out[f"{name}, {src}{tag}"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
+    nd = m.get("near_duplicates")
+    if nd and nd.get("n_pairs"):
+        out["near-duplicate pairs kept together"] = (f"{nd['n_pairs']} ({nd['n_pairs_across_patients']} across "
+                                                      f"patient IDs)" if nd["mode"] == "group" else
+                                                      f"{nd['n_pairs']} found, NOT grouped (--near-duplicates ignore)")
     out["weights"] = "NOT PRETRAINED" if not m.get("pretrained", True) else m["weights"]["label"]
     for k, v in m.get("audit", {}).items():
         if isinstance(v, dict) and "status" in v:
@@ -187,5 +202,114 @@ def report(runs: list[str | Path], out_dir: str | Path | None = None) -> str:
         files = []
         for m in ms:
             files += plot_run(m, out)
-        text += "\n\nWrote " + ", ".join(str(p) for p in [out / "table2.md", out / "table2.csv", out / "table2.json"] + files)
+        html = write_html(ms, out, files)
+        text += "\n\nWrote " + ", ".join(str(p) for p in [html, out / "table2.md", out / "table2.csv",
+                                                            out / "table2.json"] + files)
     return text
+
+
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
+color:#1d232a;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.15em;margin-top:28px;border-bottom:1px solid #d6dbe0;padding-bottom:4px}
+.banner{padding:10px 14px;border-radius:6px;margin:8px 0;font-weight:600}
+.warn{background:#fff4e5;border:1px solid #f0a030}.bad{background:#fdecec;border:1px solid #d9534f}
+table{border-collapse:collapse;font-size:.92em;margin:8px 0}td,th{border:1px solid #d6dbe0;padding:4px 8px;text-align:left}
+th{background:#f3f5f7}td.num{font-variant-numeric:tabular-nums}
+.FLAGGED{color:#b02a2a;font-weight:700}.CONFOUNDED{color:#b02a2a;font-weight:700}.ok{color:#2a7a2a;font-weight:700}
+img{max-width:100%;border:1px solid #d6dbe0;margin:6px 0}.cams img{width:260px;margin-right:8px}
+.small{color:#5a6570;font-size:.88em}
+"""
+
+
+def _embed(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _table_html(header, body) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td class='num'>{escape(str(v))}</td>" for v in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
+    """One self-contained page (figures embedded): banners, Table 2 beside the paper's, the
+    per-source breakdown, every audit verdict with its number, the deviations from the paper
+    that apply, the figures, and Grad-CAM overlays when ``covfeat explain`` made them."""
+    from html import escape
+
+    from .deviations import applying
+    from .reproduce import paper_table2
+
+    paper = paper_table2()
+    parts = [f"<h1>covfeat report: {escape(', '.join(m['_name'] for m in ms))}</h1>",
+             f"<p class='small'>{len(ms)} run(s): " + "; ".join(
+                 f"{escape(m['backbone'])}, weights {escape(str(m['weights']['label']))}" for m in ms) + "</p>"]
+    for b in banners(ms):
+        parts.append(f"<div class='banner {'bad' if b.startswith('!!!') else 'warn'}'>{escape(b)}</div>")
+
+    parts.append("<h2>Table 2, measured beside the paper</h2>")
+    header = ["metric"]
+    for m in ms:
+        header += [f"{m['backbone']} paper", f"{m['_name']} measured"]
+    cols = [table_cells(m) for m in ms]
+    body = []
+    for label, key in METRIC_ROWS:
+        row = [label]
+        for m, c in zip(ms, cols):
+            pv = paper.get(m["backbone"], {}).get(key)
+            row += ["" if pv is None else (str(pv) if key in COUNT_KEYS else f"{pv:.2f}"), c.get(label, "")]
+        body.append(row)
+    parts.append(_table_html(header, body))
+    if any("cv" in m for m in ms):
+        parts.append("<p class='small'>Cross-validation: " + escape(next(m["cv"]["interval"] for m in ms if "cv" in m))
+                     + ".</p>")
+
+    src_rows = []
+    for m in ms:
+        for kind, rows in m.get("by_source", {}).items():
+            for src, e in rows.items():
+                for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
+                    if key in e:
+                        v, lo, hi, k, n = e[key]
+                        src_rows.append([m["_name"], src, name, "argmax" if kind == "argmax" else "run threshold",
+                                         f"{v:.2f} [{lo:.2f}, {hi:.2f}]", f"{k}/{n}"])
+    parts.append("<h2>Per source (test images)</h2>")
+    parts.append(_table_html(["run", "source", "metric", "at", "value [95% Wilson]", "count"], src_rows)
+                 if src_rows else "<p>No per-source breakdown in these runs.</p>")
+
+    parts.append("<h2>Audit</h2>")
+    audited = False
+    for m in ms:
+        for k, v in m.get("audit", {}).items():
+            if isinstance(v, dict) and "verdict" in v:
+                audited = True
+                status = v.get("status", "")
+                cls = status if status in ("FLAGGED", "CONFOUNDED") else "ok"
+                parts.append(f"<p><b>{escape(m['_name'])}, {escape(k)} probe</b>: <span class='{cls}'>"
+                             f"{escape(status)}</span> &mdash; {escape(v['verdict'])}</p>")
+    if not audited:
+        parts.append("<p>Not audited yet: run <code>covfeat audit --run RUN</code>, then this report again.</p>")
+
+    parts.append("<h2>How these runs differ from the paper</h2>")
+    for m in ms:
+        devs = applying(Run(m["_path"]).config)
+        parts.append(f"<p><b>{escape(m['_name'])}</b></p><ul>" +
+                     "".join(f"<li>{escape(d.text)}</li>" for d in devs) + "</ul>")
+
+    parts.append("<h2>Figures</h2>")
+    parts += [f"<img alt='{escape(f.name)}' src='{_embed(f)}'>" for f in figures]
+    cams = [p for m in ms for p in sorted((Path(m["_path"]) / "gradcam").glob("*_gradcam.png"))[:6]]
+    if cams:
+        parts.append("<h2>Grad-CAM</h2><div class='cams'>" +
+                     "".join(f"<img alt='{escape(p.name)}' title='{escape(p.name)}' src='{_embed(p)}'>" for p in cams)
+                     + "</div>")
+    html = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>covfeat report</title>"
+            f"<style>{HTML_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    path = Path(out) / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path

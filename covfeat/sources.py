@@ -100,8 +100,17 @@ def kermany_patient(filename: str) -> str:
     return stem
 
 
+_KERMANY_NAME = re.compile(r"^((NORMAL2-)?IM-\d+|person\d+_)")
+
+
+def _kermany_named(folder: Path) -> bool:
+    """Most image names follow Kermany's patterns (IM-0115-0001, NORMAL2-IM-..., person1_...)."""
+    names = [p.name for p in folder.iterdir() if _is_image(p)]
+    return bool(names) and sum(bool(_KERMANY_NAME.match(n)) for n in names) >= 0.9 * len(names)
+
+
 def detect_layout(src: Path) -> str:
-    """Name the layout of a --data source: cohen, kermany, folders or csv."""
+    """Name the layout of a --data source: cohen, kermany, class (one class folder), folders or csv."""
     if src.is_file():
         if src.suffix.lower() == ".csv":
             return "csv"
@@ -109,11 +118,12 @@ def detect_layout(src: Path) -> str:
     if (src / "metadata.csv").is_file() and (src / "images").is_dir():
         return "cohen"
     labelled = {parse_label(d.name) for d in src.iterdir() if d.is_dir()} - {None}
-    if src.name.upper() == "NORMAL":
-        return "kermany"
+    if parse_label(src.name) is not None:  # a class folder itself: Kermany's NORMAL, or another source's
+        return "kermany" if parse_label(src.name) == NORMAL and _kermany_named(src) else "class"
     if COVID in labelled:  # a class-folder root; Kermany's chest_xray has no COVID-19 folder
         return "folders"
-    if any((src / d / "NORMAL").is_dir() for d in ("", "train", "test", "val")):
+    kermany = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
+    if kermany and all(_kermany_named(k) for k in kermany):
         return "kermany"
     if labelled:
         return "folders"
@@ -177,6 +187,14 @@ def _load_folders(src: Path, m: Manifest) -> list[Record]:
     return out
 
 
+def _load_class_folder(src: Path) -> list[Record]:
+    """``ROOT/NORMAL`` (or ``ROOT/COVID-19``) given directly: the class from the folder's name,
+    the source from its parent's (``openist/NORMAL`` -> source ``openist``), one patient per file."""
+    label = parse_label(src.name)
+    source = src.resolve().parent.name or src.name
+    return [Record(str(p), label, f"{source}:{p.stem}", source) for p in sorted(src.rglob("*")) if _is_image(p)]
+
+
 def _load_csv(src: Path, m: Manifest) -> list[Record]:
     out = []
     with open(src, newline="", encoding="utf-8") as f:
@@ -223,6 +241,8 @@ def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",)) ->
             found += _load_kermany(src)
         elif layout == "folders":
             found += _load_folders(src, m)
+        elif layout == "class":
+            found += _load_class_folder(src)
         else:
             found += _load_csv(src, m)
     seen: dict[str, str] = {}

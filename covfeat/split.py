@@ -12,24 +12,30 @@ import numpy as np
 
 from .config import SplitConfig
 from .errors import ConfigError
+from .neardup import join_groups
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", VAL: "validation", TEST: "test"}
 
 
-def _groups(patients: np.ndarray, by: str) -> np.ndarray:
-    return patients if by == "patient" else np.arange(len(patients)).astype(str)
+def groups_for(patients, by: str = "patient", pairs=()) -> np.ndarray:
+    """The unit a split keeps whole: the patient (or the image, ``by="image"``), joined with
+    its near-duplicates (``pairs`` of row indices, see :mod:`covfeat.neardup`)."""
+    patients = np.asarray(patients).astype(str)
+    groups = patients if by == "patient" else np.array([f"image:{i}" for i in range(len(patients))])
+    return join_groups(groups, pairs) if len(pairs) else groups
 
 
-def assign_split(labels: np.ndarray, patients: np.ndarray, cfg: SplitConfig) -> np.ndarray:
-    """Return 0/1/2 (train/val/test) per image, stratified by label, grouped by ``cfg.by``.
+def assign_split(labels: np.ndarray, patients: np.ndarray, cfg: SplitConfig, pairs=()) -> np.ndarray:
+    """Return 0/1/2 (train/val/test) per image, stratified by label, grouped by ``cfg.by``
+    and by near-duplicate ``pairs``.
 
     Within each label, whole groups are shuffled with the seed and dealt to test, then
     validation, until each reaches its share of that label's images; the rest train.
     A patient whose images carry both labels is placed by its majority label.
     """
     labels = np.asarray(labels)
-    groups = _groups(np.asarray(patients).astype(str), cfg.by)
+    groups = groups_for(patients, cfg.by, pairs)
     rng = np.random.default_rng(cfg.seed)
     uniq, inverse = np.unique(groups, return_inverse=True)
     sizes = np.bincount(inverse)
@@ -51,7 +57,7 @@ def assign_split(labels: np.ndarray, patients: np.ndarray, cfg: SplitConfig) -> 
 
 
 def cv_folds(labels: np.ndarray, patients: np.ndarray, folds: int, repeats: int = 1,
-             by: str = "patient", seed: int = 0, val: float = 0.1):
+             by: str = "patient", seed: int = 0, val: float = 0.1, pairs=()):
     """Yield (repeat, fold, split array) for stratified, grouped k-fold cross-validation.
 
     Each fold's held-out part is its test set; a validation share is carved from the rest,
@@ -60,7 +66,7 @@ def cv_folds(labels: np.ndarray, patients: np.ndarray, folds: int, repeats: int 
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = np.asarray(labels)
-    groups = _groups(np.asarray(patients).astype(str), by)
+    groups = groups_for(patients, by, pairs)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}.")
     min_groups = min(len(np.unique(groups[labels == c])) for c in np.unique(labels))

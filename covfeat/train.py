@@ -9,6 +9,7 @@ so changing it never re-extracts.  Balancing is :mod:`covfeat.balance`, the mode
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -24,7 +25,8 @@ from .config import FitConfig, SplitConfig
 from .errors import CacheError, DataError
 from .head import build_head, pooled_mean
 from .loop import MemorySource, StreamedSource, train
-from .metrics import METRIC_KEYS, classification_metrics, mean_interval, threshold_for_recall
+from .metrics import (CV_INTERVAL, METRIC_KEYS, by_source, classification_metrics, cv_interval,
+                      threshold_for_recall)
 from .runs import AtomicDir, write_cv, write_run
 from .split import TEST, TRAIN, VAL, assign_split, cv_folds
 
@@ -45,13 +47,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def usable_pairs(fc: FeatureCache, cfg: SplitConfig, rows: np.ndarray) -> list[tuple[int, int]]:
+    """The cache's near-duplicate pairs among ``rows``, as positions in ``rows`` (none when
+    ``cfg.near_duplicates`` is "ignore")."""
+    if cfg.near_duplicates == "ignore":
+        return []
+    pos = {int(r): k for k, r in enumerate(rows)}
+    return [(pos[i], pos[j]) for i, j, *_ in fc.near_duplicate_pairs() if i in pos and j in pos]
+
+
 def make_split(fc: FeatureCache, cfg: SplitConfig) -> np.ndarray:
-    """Train/val/test (0/1/2) per manifest row, -1 for images without features."""
-    ok = fc.has_features()
+    """Train/val/test (0/1/2) per manifest row, -1 for images without features; patients and
+    near-duplicates are kept whole."""
+    ok = np.flatnonzero(fc.has_features())
     split = np.full(fc.n_rows, -1, np.int8)
     man = fc.manifest
-    split[ok] = assign_split(man["label"][ok], man["patient_id"][ok], cfg)
+    split[ok] = assign_split(man["label"][ok], man["patient_id"][ok], cfg, usable_pairs(fc, cfg, ok))
     return split
+
+
+def near_duplicate_summary(fc: FeatureCache, cfg: SplitConfig) -> dict:
+    """What the run records of the near-duplicate grouping: thresholds, pairs, groups joined."""
+    nd = json.loads(fc.attrs["near_duplicates"]) if "near_duplicates" in fc.attrs else {"pairs": []}
+    man = fc.manifest
+    pairs = [p for p in nd["pairs"]]
+    joined = sum(1 for i, j, *_ in pairs if man["patient_id"][i] != man["patient_id"][j])
+    return {"mode": cfg.near_duplicates, "max_bits": nd.get("max_bits"), "min_corr": nd.get("min_corr"),
+            "n_pairs": len(pairs), "n_pairs_across_patients": joined,
+            "pairs": [[str(man["path"][i]), str(man["path"][j]), str(man["patient_id"][i]), str(man["patient_id"][j]),
+                       d, c] for i, j, d, c in pairs]}
 
 
 def rows_by_split(fc: FeatureCache, split: np.ndarray) -> dict[int, np.ndarray]:
@@ -92,7 +116,14 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     fc = _open(cache_path, fc)
     fit = fit.resolved(get_backbone(fc.backbone))  # dropout resolved once, here
     cfg = fit.head
-    split = make_split(fc, fit.split) if split is None else np.asarray(split, np.int8)
+    if split is None:
+        split = make_split(fc, fit.split)
+        nd = near_duplicate_summary(fc, fit.split)
+        if nd["n_pairs"] and fit.split.near_duplicates == "group":
+            _log(f"Near-duplicates: {nd['n_pairs']} pair(s) kept on one side of the split "
+                 f"({nd['n_pairs_across_patients']} joining two patient IDs).")
+    else:
+        split = np.asarray(split, np.int8)
     parts = rows_by_split(fc, split)
     labels_m = fc.manifest["label"]
     for s, nm in ((TRAIN, "training"), (TEST, "test")):
@@ -167,6 +198,10 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
         n_train_real=int(n_real), n_train_smote=int(n_syn), n_val=int(len(val_rows)), n_test=int(len(test_rows)),
         fit_seconds=train_seconds, fit_stages_seconds=marks, peak_rss_mb=peak_rss_mb(), streamed=bool(streamed),
         sources_test=_sources(fc, test_rows),
+        by_source={"argmax": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows], 0.5),
+                   **({"operating_point": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows],
+                                                    threshold)} if fit.target_recall is not None else {})},
+        near_duplicates=near_duplicate_summary(fc, fit.split),
     )
     with AtomicDir(runs_dir, name or f"{fc.backbone}-{time.strftime('%Y%m%d-%H%M%S')}") as d:
         write_run(d.path, model=model, fit=fit, fc=fc, history=history, test_rows=test_rows, p_test=p_test,
@@ -212,7 +247,8 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
     stamp = f"{fc.backbone}-cv{fit.folds}x{fit.repeats}-{time.strftime('%Y%m%d-%H%M%S')}"
     with AtomicDir(runs_dir, stamp) as d:
         for r, f, sp in cv_folds(man["label"][idx], man["patient_id"][idx], fit.folds, fit.repeats,
-                                 by=fit.split.by, seed=fit.split.seed, val=fit.split.val):
+                                 by=fit.split.by, seed=fit.split.seed, val=fit.split.val,
+                                 pairs=usable_pairs(fc, fit.split, idx)):
             split = np.full(fc.n_rows, -1, np.int8)
             split[idx] = sp
             _log(f"fold {f + 1}/{fit.folds}, repeat {r + 1}/{fit.repeats}")
@@ -220,11 +256,13 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
             from .runs import Run
 
             fold_metrics.append(Run(run).metrics)
-        cv = {k: mean_interval([m["argmax"][k] for m in fold_metrics]) for k in METRIC_KEYS}
+        ratio = float(np.mean([m["n_test"] / m["n_train_real"] for m in fold_metrics]))
+        cv = {k: cv_interval([m["argmax"][k] for m in fold_metrics], ratio, fit.folds) for k in METRIC_KEYS}
         if fit.target_recall is not None:
             for k in ("covid_recall", "covid_precision", "specificity"):
-                cv[f"op_{k}"] = mean_interval([m["operating_point"]["test"][k] for m in fold_metrics])
-        cv.update(n_folds=fit.folds, n_repeats=fit.repeats, grouped_by=fit.split.by)
+                cv[f"op_{k}"] = cv_interval([m["operating_point"]["test"][k] for m in fold_metrics], ratio, fit.folds)
+        cv.update(n_folds=fit.folds, n_repeats=fit.repeats, grouped_by=fit.split.by, interval=CV_INTERVAL,
+                  test_over_train=ratio)
         first = fold_metrics[0]
         metrics = {"cv": cv, "backbone": fc.backbone, "weights": first["weights"], "pretrained": first["pretrained"],
                    "sources_test": first["sources_test"], "fit_seconds": time.perf_counter() - t0,

@@ -127,3 +127,21 @@ def test_each_backbones_scaling_is_its_keras_preprocess_input_in_numpy_and_as_la
     np.testing.assert_allclose(np.asarray(scaling.layers()(x)), want, atol=1e-6)
     paper = get_backbone(name).scaling_for("paper")
     np.testing.assert_array_equal(paper.apply(x), np.multiply(x, np.float32(1 / 255)))
+
+
+def test_lung_masks_blank_exactly_their_pixels_and_a_missing_mask_is_a_reason(tmp_path):
+    from covfeat.config import OcclusionConfig
+    from covfeat.images import occlude
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    mask = np.zeros((100, 80), np.uint8)
+    mask[20:60, 10:30] = 255  # drawn at the original size; resized to the image's
+    cv2.imwrite(str(masks / "lungs.png"), mask)
+    img = np.full((224, 224, 3), 10.0, np.float32)
+    occ = OcclusionConfig(kind="masks", masks=str(masks), fill=200.0)
+    out = occlude(img, tmp_path / "lungs.jpg", occ)
+    want = cv2.resize(mask, (224, 224), interpolation=cv2.INTER_NEAREST) > 0
+    assert (out[want] == 200).all() and (out[~want] == 10).all()
+    with pytest.raises(UnreadableImage, match=r"no lung mask named other\.\* in "):
+        occlude(img, tmp_path / "other.png", occ)

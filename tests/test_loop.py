@@ -8,29 +8,89 @@ from covfeat.head import build_head, compile_head, one_hot, pooled_mean
 from covfeat.loop import MemorySource, epoch_plan, train
 
 
+# Settings under which every term of the head's gradient matters: a partial last batch
+# (45 = 5 x 8 + 5), class weights, activity L1/L2 strong enough to move the weights, a large
+# learning rate and momentum.
+N, C = 45, 64
+STRONG = dict(epochs=3, seed=1, dropout=0.0, batch_size=8, learning_rate=0.05, momentum=0.9, activity_l1=0.02,
+              activity_l2=0.02)
+TOL = 2e-5
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    lab = (np.arange(N) % 3 == 0).astype(int)  # 15 COVID-19, 30 NORMAL: class weights differ
+    maps = rng.standard_normal((N, 3, 3, C)).astype(np.float32) + lab[:, None, None, None] * 0.3
+    maps = maps.astype(np.float16).astype(np.float32)
+    weights = (N / (2.0 * np.bincount(lab)))[lab].astype(np.float32)
+    return maps, lab, weights
+
+
+def _fast(cfg, maps, lab, weights, source=None):
+    fast, tail = build_head((3, 3, C), cfg)
+    init = fast.get_weights()
+    hist = train(source or MemorySource(maps.reshape(N, 1, 9, C)), lab, np.ones(N, np.int64), pooled_mean(maps), lab,
+                 tail, cfg, sample_weight=weights)
+    return hist, fast, init
+
+
 @pytest.mark.parametrize("engine", ["numba", "tf"])
 def test_fast_training_equals_keras_fit(engine):
-    """Same rows, same order, no dropout: every epoch's loss and accuracy and the final
-    predictions match keras.Model.fit of the full head on the maps."""
-    rng = np.random.default_rng(0)
-    n, C = 48, 64
-    maps = rng.standard_normal((n, 3, 3, C)).astype(np.float32) + (np.arange(n) % 2)[:, None, None, None] * 0.3
-    lab = np.arange(n) % 2
-    cfg = HeadConfig(epochs=3, seed=1, engine=engine, dropout=0.0)
-    fast, tail = build_head((3, 3, C), cfg)
+    """Same rows, same order: every epoch's loss, accuracy and validation numbers, and every
+    weight of the head afterwards, equal keras.Model.fit of the full head on the maps."""
+    maps, lab, weights = _data()
+    cfg = HeadConfig(engine=engine, **STRONG)
+    hist, fast, init = _fast(cfg, maps, lab, weights)
     ref, _ = build_head((3, 3, C), cfg)
-    ref.set_weights(fast.get_weights())
-    pool = maps.astype(np.float16).astype(np.float32).reshape(n, 1, 9, C)
-    hist = train(MemorySource(pool), lab, np.ones(n, np.int64), pooled_mean(maps), lab, tail, cfg)
+    ref.set_weights(init)
     compile_head(ref, cfg)
-    plan = epoch_plan(cfg.seed, cfg.epochs, n, np.ones(n, np.int64))
-    src = pool.reshape(n, 3, 3, C)
-    for e, (order, _) in enumerate(plan):
-        h = ref.fit(src[order], one_hot(lab[order]), batch_size=8, epochs=1, shuffle=False, verbose=0,
-                    validation_data=(maps, one_hot(lab)))
+    for e, (order, _) in enumerate(epoch_plan(cfg.seed, cfg.epochs, N, np.ones(N, np.int64))):
+        h = ref.fit(maps[order], one_hot(lab[order]), sample_weight=weights[order], batch_size=cfg.batch_size,
+                    epochs=1, shuffle=False, verbose=0, validation_data=(maps, one_hot(lab)))
         for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
-            assert hist[e][k] == pytest.approx(h.history[k][0], abs=2e-5), (e, k)
-    np.testing.assert_allclose(fast.predict(maps, verbose=0), ref.predict(maps, verbose=0), atol=2e-5)
+            assert hist[e][k] == pytest.approx(h.history[k][0], abs=TOL), (e, k)
+    for mine, theirs in zip(fast.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(mine, theirs, atol=TOL)
+
+
+def test_the_equivalence_test_is_sensitive_to_every_term():
+    """Without the activity regularisers, or without the class weights, or with the last
+    batch dropped, the weights move far more than the tolerance above: a kernel that forgot
+    any of them would fail the Keras comparison."""
+    maps, lab, weights = _data()
+    _, base, _ = _fast(HeadConfig(**STRONG), maps, lab, weights)
+    variants = {
+        "no activity regularisation": (HeadConfig(**{**STRONG, "activity_l1": 0.0, "activity_l2": 0.0}), weights),
+        "no class weights": (HeadConfig(**STRONG), np.ones(N, np.float32)),
+    }
+    for name, (cfg, w) in variants.items():
+        _, other, _ = _fast(cfg, maps, lab, w)
+        gap = max(float(np.abs(a - b).max()) for a, b in zip(base.get_weights(), other.get_weights()))
+        assert gap > 100 * TOL, name
+
+
+def test_numba_and_tf_engines_agree_with_dropout():
+    """With dropout, both engines train on the same pooled rows (the same masks): the same
+    losses and weights.  Keras's own Dropout keeps the same share with the same scaling."""
+    import keras
+
+    maps, lab, weights = _data()
+    views = np.stack([maps, maps * 1.1], 1).reshape(N, 2, 9, C)  # two views per row
+    runs = {}
+    for engine in ("numba", "tf"):
+        cfg = HeadConfig(**{**STRONG, "dropout": 0.5, "engine": engine})
+        fast, tail = build_head((3, 3, C), cfg)
+        hist = train(MemorySource(views), lab, np.full(N, 2, np.int64), pooled_mean(maps), lab, tail, cfg,
+                     sample_weight=weights)
+        runs[engine] = (hist, fast.get_weights())
+    for a, b in zip(runs["numba"][0], runs["tf"][0]):
+        for k in ("loss", "accuracy", "val_loss"):
+            assert a[k] == pytest.approx(b[k], abs=TOL)
+    for a, b in zip(runs["numba"][1], runs["tf"][1]):
+        np.testing.assert_allclose(a, b, atol=TOL)
+    ones = np.ones((200, 49, 64), np.float32)
+    out = np.asarray(keras.layers.Dropout(0.5, seed=3)(ones, training=True))
+    assert set(np.unique(out)) == {0.0, 2.0} and (out > 0).mean() == pytest.approx(0.5, abs=0.01)
 
 
 def test_each_epoch_draws_fresh_views_and_order():

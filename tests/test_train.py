@@ -34,7 +34,7 @@ def test_fit_head_cli_writes_a_complete_run(mini_cache, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["head"]["epochs"] == 4 and cfg["head"]["learning_rate"] == 1e-4
     assert cfg["head"]["dropout"] == 0.5  # resolved from the backbone, once, into the config
-    assert cfg["split"] == {"val": 0.2, "test": 0.3, "by": "patient", "seed": 0}
+    assert cfg["split"] == {"val": 0.2, "test": 0.3, "by": "patient", "seed": 0, "near_duplicates": "group"}
     info = json.loads((run / "cache.json").read_text())
     assert info["path"] == str(Path(mini_cache).resolve()) and info["key"] in Path(mini_cache).name
 
