@@ -81,12 +81,10 @@ class CacheLock:
         return self
 
     def __exit__(self, *exc):
+        # The lock file stays: deleting it would let a process that opened the old file and a
+        # process that creates a new one both hold "the" lock.
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
-        try:
-            self.path.unlink()
-        except OSError:
-            pass
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -182,10 +180,12 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
             skipped.update({int(k): v for k, v in json.loads(str(z["skipped"])).items()})
     tmp = target.with_name(target.name + ".tmp")
     with h5py.File(tmp, "w") as h:
-        feats = h.create_dataset("features", shape=(n, *feature_shape), dtype=dtype, chunks=(1, *feature_shape))
-        rows = h.create_dataset("row", shape=(n,), dtype="i4")
-        views = h.create_dataset("view", shape=(n,), dtype="i1")
-        params = h.create_dataset("aug_params", shape=(n, 4), dtype="f4")
+        # Fletcher-32 on every numeric dataset: HDF5 verifies each chunk whenever it is read.
+        feats = h.create_dataset("features", shape=(n, *feature_shape), dtype=dtype, chunks=(1, *feature_shape),
+                                 fletcher32=True)
+        rows = h.create_dataset("row", shape=(n,), dtype="i4", chunks=True, fletcher32=True)
+        views = h.create_dataset("view", shape=(n,), dtype="i1", chunks=True, fletcher32=True)
+        params = h.create_dataset("aug_params", shape=(n, 4), dtype="f4", chunks=True, fletcher32=True)
         i = 0
         for _, _, p in shards:
             with np.load(p) as z:
@@ -197,14 +197,13 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
                 i += k
         row_idx = rows[:]
         labels = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
-        h.create_dataset("label", data=labels[row_idx])
+        h.create_dataset("label", data=labels[row_idx], chunks=True, fletcher32=True)
         g = h.create_group("manifest")
         for f in MANIFEST_FIELDS:
             _str_ds(g, f, [r[f] for r in manifest])
         hashes, thumbs = store.fingerprints(len(manifest))
-        g.create_dataset("phash", data=hashes)
-        g.create_dataset("thumb", data=thumbs, chunks=(min(len(manifest), 256), *thumbs.shape[1:]) if len(manifest)
-                         else None)
+        g.create_dataset("phash", data=hashes, chunks=True, fletcher32=True)
+        g.create_dataset("thumb", data=thumbs, chunks=(min(len(manifest), 256), *thumbs.shape[1:]), fletcher32=True)
         s = h.create_group("skipped")
         _str_ds(s, "path", [manifest[k]["path"] for k in sorted(skipped)])
         _str_ds(s, "reason", [skipped[k] for k in sorted(skipped)])
@@ -213,11 +212,75 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
         h.attrs["format_version"] = FORMAT_VERSION
         for k, v in extra.items():
             h.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        h.attrs["digest"] = _digest(h)  # what Fletcher-32 cannot cover: attributes and strings
         h.flush()
         h.attrs["complete"] = True  # last, so a crash above leaves an incomplete .tmp
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def _digest(h: h5py.File) -> str:
+    """SHA-256 of the attributes (config, versions, skip lists...) and the string datasets."""
+    d = hashlib.sha256()
+    for k in sorted(h.attrs):
+        if k not in ("digest", "complete"):
+            d.update(k.encode() + b"=" + str(h.attrs[k]).encode() + b"\n")
+    for grp in ("manifest", "skipped"):
+        for k in sorted(h[grp]):
+            ds = h[grp][k]
+            if ds.dtype.kind == "O":
+                d.update(f"{grp}/{k}:".encode() + b"\x00".join(v if isinstance(v, bytes) else str(v).encode()
+                                                                 for v in ds[:]))
+    return d.hexdigest()
+
+
+REBUILD = "run the same `covfeat extract` with --rebuild to move it aside and extract again"
+
+
+def damaged(path: Path, what: str) -> CacheError:
+    return CacheError(f"{path} is damaged ({what}); {REBUILD}.")
+
+
+def verify_cache(path: str | Path, progress=None) -> dict:
+    """Check a whole cache: complete, of this format, its digest, and every chunk of every
+    dataset against its Fletcher-32 checksum.  Returns counts; raises CacheError naming the
+    cache and the way out.
+
+    Raises
+    ------
+    CacheError
+    """
+    path = Path(path)
+    fc = open_cache(path)  # complete, format, digest
+    n_chunks = 0
+    try:
+        with h5py.File(path, "r") as h:
+            def visit(name, obj):
+                nonlocal n_chunks
+                if isinstance(obj, h5py.Dataset) and obj.chunks is not None:
+                    step = obj.chunks[0] * 64
+                    for a in range(0, obj.shape[0], step):
+                        obj[a:a + step]
+                    n_chunks += obj.id.get_num_chunks()
+            h.visititems(visit)
+    except OSError as exc:
+        raise damaged(path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
+    return {"path": str(path), "samples": int(len(fc.labels)), "images": int(fc.n_rows), "chunks": n_chunks}
+
+
+def move_aside(target: Path) -> list[Path]:
+    """Rename a (damaged or unwanted) cache and its shard folder out of the way; never delete."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for p in (target, target.with_name(target.name + ".partial")):
+        if p.exists():
+            dest = p.with_name(f"{p.name}.damaged-{stamp}")
+            os.replace(p, dest)
+            moved.append(dest)
+    return moved
 
 
 @dataclass
@@ -314,6 +377,12 @@ class FeatureCache:
 
         With ``out`` (a float32 array of shape (len(idx), ...)) they are written there.
         """
+        try:
+            return self._read_features(idx, dtype, out)
+        except OSError as exc:
+            raise damaged(self.path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
+
+    def _read_features(self, idx, dtype, out):
         from .kernels import f16_rows_into
 
         with h5py.File(self.path, "r") as h:
@@ -351,12 +420,14 @@ def open_cache(path: str | Path) -> FeatureCache:
     try:
         with h5py.File(path, "r") as h:
             if not h.attrs.get("complete", False):
-                raise CacheError(f"{path} is incomplete; run the same `covfeat extract` again to resume it.")
+                raise damaged(path, "not marked complete")
             if int(h.attrs.get("format_version", -1)) != FORMAT_VERSION:
                 raise CacheError(
                     f"{path} has format version {h.attrs.get('format_version')}, this covfeat reads "
-                    f"{FORMAT_VERSION}; extract again."
+                    f"{FORMAT_VERSION}; {REBUILD}."
                 )
+            if h.attrs.get("digest") != _digest(h):
+                raise damaged(path, "its attributes or manifest do not match their digest")
             config = json.loads(h.attrs["config"])
             man = {k: h["manifest"][k][:] for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
             for k in MANIFEST_FIELDS:
@@ -366,30 +437,114 @@ def open_cache(path: str | Path) -> FeatureCache:
                                (r.decode() for r in h["skipped"]["reason"][:])))
             attrs = {k: h.attrs[k] for k in h.attrs}
             return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs)
-    except OSError as exc:
-        raise CacheError(f"{path} is not a readable HDF5 cache ({exc}).") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise damaged(path, f"not a readable HDF5 cache: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
 
 
-def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str | Path) -> Path:
-    """The cache a stage-two command works on: ``cache`` if given, else the newest complete
-    cache of ``backbone`` in ``cache_dir``."""
+def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str | Path,
+                 data: list | None = None) -> Path:
+    """The cache a stage-two command works on, never a guess.
+
+    ``cache`` if given; else the complete caches of ``backbone`` in ``cache_dir``: exactly one
+    is taken; with ``data``, the one whose images are exactly those of the data (by content);
+    several are an error that lists them.
+
+    Raises
+    ------
+    ConfigError, CacheError
+    """
     from .errors import ConfigError
 
     if cache is not None:
         return Path(cache)
     if backbone is None:
-        raise ConfigError("pass --cache FILE or --backbone NAME (the newest complete cache of it in --cache-dir).")
-    return find_latest_cache(cache_dir, backbone)
+        raise ConfigError("pass --cache FILE or --backbone NAME (with --data SRC when several caches of it exist).")
+    found = complete_caches(cache_dir, backbone)
+    if not found:
+        raise CacheError(f"No complete cache of {backbone} in {cache_dir}; run `covfeat extract --backbone {backbone}` "
+                         "first.")
+    if data:
+        from .sources import load_sources
+
+        want = {r.sha256 for r in load_sources(data).records}
+        found = [p for p in found if set(open_cache(p).manifest["sha256"]) == want]
+        if not found:
+            raise CacheError(f"No complete cache of {backbone} in {cache_dir} holds exactly the images of --data; "
+                             f"run `covfeat extract --backbone {backbone} --data ...` first.")
+    if len(found) > 1:
+        listing = "; ".join(describe_cache(p) for p in found)
+        raise ConfigError(f"{len(found)} complete caches of {backbone} in {cache_dir}: {listing}. Pass --cache FILE, "
+                          "or --data SRC to pick the one made from those images.")
+    return found[0]
 
 
-def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
-    """The newest complete cache of a backbone in ``cache_dir``."""
-    cands = sorted(Path(cache_dir).glob(f"{backbone}-*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in cands:
+def complete_caches(cache_dir: str | Path, backbone: str) -> list[Path]:
+    out = []
+    for p in sorted(Path(cache_dir).glob(f"{backbone}-*.h5")):
         try:
             with h5py.File(p, "r") as h:
                 if h.attrs.get("complete", False):
-                    return p
+                    out.append(p)
         except OSError:
             continue
-    raise CacheError(f"No complete cache of {backbone} in {cache_dir}; run `covfeat extract --backbone {backbone}` first.")
+    return out
+
+
+def describe_cache(path: str | Path) -> str:
+    """One line: path, backbone, weights, image counts, date."""
+    import time
+
+    fc = open_cache(path)
+    labels = fc.manifest["label"][fc.has_features()]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(path).stat().st_mtime))
+    return (f"{path} ({fc.backbone}, weights {fc.weights_label}, {len(labels)} images: {int((labels == 1).sum())} "
+            f"COVID-19, {int((labels == 0).sum())} NORMAL, {len(fc.skipped)} skipped; made {when})")
+
+
+def info(path: str | Path) -> str:
+    """Everything a user may want to know about a cache: config, counts, and every file that is
+    not in it, with the reason."""
+    fc = open_cache(path)
+    a = fc.attrs
+    lines = [describe_cache(path), "config: " + json.dumps(fc.config, sort_keys=True)]
+    nd = json.loads(a.get("near_duplicates", '{"pairs": []}'))
+    lines.append(f"near-duplicate pairs: {len(nd['pairs'])}")
+    for i, j, d, c in nd["pairs"]:
+        lines.append(f"  {fc.manifest['path'][i]} ~ {fc.manifest['path'][j]} ({d} bits, correlation {c})")
+    for key, title in (("missing", "listed but missing"), ("broken_links", "broken links"),
+                       ("not_images", "not opened (not an image file name)"), ("conflicts", "conflicting labels"),
+                       ("duplicates", "byte-identical duplicates dropped")):
+        items = json.loads(a.get(key, "[]"))
+        lines.append(f"{title}: {len(items)}")
+        lines += [f"  {x[0]}: {x[1]}" for x in items]
+    lines.append(f"skipped at extraction: {len(fc.skipped)}")
+    lines += [f"  {p}: {why}" for p, why in fc.skipped]
+    return "\n".join(lines)
+
+
+def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
+    """Kept for callers of covfeat 0.1: the single complete cache of a backbone (see choose_cache)."""
+    return choose_cache(None, backbone, cache_dir)
+
+
+def clean_cache_dir(cache_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Remove shard folders and temporary files of caches no live process is writing (the
+    lock tells); return (removed, moved-aside caches left for the user)."""
+    removed, kept = [], []
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return removed, kept
+    for p in sorted(cache_dir.iterdir()):
+        if ".damaged-" in p.name:
+            kept.append(p)
+            continue
+        if p.name.endswith(".partial") or p.name.endswith(".h5.tmp"):
+            target = p.with_name(p.name.rsplit(".", 1)[0])
+            try:
+                with CacheLock(target):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(p)
+            except CacheLocked:
+                continue
+    return removed, kept

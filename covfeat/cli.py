@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import typer  # noqa: E402
 
 from .errors import CovfeatError  # noqa: E402
+from .quiet import import_tensorflow  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning COVID-19 vs NORMAL chest-radiograph classifiers on a cached feature store.")
@@ -31,6 +32,7 @@ def _fail(msg: str, code: int = 1):
 
 def _guard(fn, *args, **kwargs):
     """Run a library call; expected errors become one line on stderr and exit code 1."""
+    import_tensorflow()  # quietly, before any library code can import it noisily
     try:
         return fn(*args, **kwargs)
     except CovfeatError as exc:
@@ -86,6 +88,12 @@ def extract(
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
     occlude: Annotated[str, typer.Option(help="none, box (a central lung box) or a folder of lung masks: blanked before extraction.")] = "none",
     full_decode: Annotated[bool, typer.Option(help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 px, then the same resize).")] = False,
+    max_pixels: Annotated[int, typer.Option(help="Skip images with more pixels (read from the header, before decoding).")] = 64_000_000,
+    max_file_mb: Annotated[float, typer.Option(help="Skip larger files, before reading them.")] = 256.0,
+    min_side: Annotated[int, typer.Option(help="Skip images whose shorter side is smaller.")] = 64,
+    max_aspect: Annotated[float, typer.Option(help="Skip images whose longer side exceeds the shorter this many times.")] = 4.0,
+    on_conflict: Annotated[str, typer.Option(help="error (stop, listing them) or skip (drop every copy): the same bytes under two labels.")] = "error",
+    rebuild: Annotated[bool, typer.Option(help="Move a damaged or unwanted cache (and its shards) aside and extract again.")] = False,
     cache_dir: CacheDir = Path("cache"),
 ):
     """Run one frozen backbone over the radiographs and cache the pre-pool feature maps (HDF5).
@@ -97,15 +105,17 @@ def extract(
 
     cfg = _guard(_extract_config, backbone=backbone, weights=weights, preprocess=preprocess, augment=augment,
                  seed=seed, views=views, dtype=dtype, batch_size=batch_size, workers=workers, occlude=occlude,
-                 full_decode=full_decode)
-    path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress())
+                 full_decode=full_decode, max_pixels=max_pixels, max_file_mb=max_file_mb, min_side=min_side,
+                 max_aspect=max_aspect, on_conflict=on_conflict)
+    path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress(), rebuild=rebuild)
     typer.echo(str(path))
 
 
 @app.command("fit-head")
 def fit_head(
     cache: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, resolve_path=True, help="Feature cache (.h5).")] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Use the newest complete cache of this backbone.")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Use the complete cache of this backbone (refused when there are several, unless --data picks one).")] = None,
+    data: Data = None,
     cache_dir: CacheDir = Path("cache"),
     runs_dir: RunsDir = Path("runs"),
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON or TOML file of settings (keys as the flags, with _).")] = None,
@@ -145,7 +155,7 @@ def fit_head(
                  repeats=repeats, memory_budget=memory_budget)
     from .cache import choose_cache
 
-    path = _guard(choose_cache, cache, backbone, cache_dir)
+    path = _guard(choose_cache, cache, backbone, cache_dir, data)
     typer.echo(str(_guard(train.fit_head, path, fit, runs_dir, progress=_progress())))
 
 
@@ -253,6 +263,44 @@ def explain(
     for r in rows:
         typer.echo(f"{r['path']}: skipped: {r['error']}" if r["error"] else f"{r['png']}  p_covid {r['p_covid']:.4f}")
     typer.echo(str(out))
+
+
+@app.command()
+def info(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Feature cache (.h5).")]):
+    """A cache's config and counts, and every file that is not in it, with the reason."""
+    from .cache import info as cache_info
+
+    typer.echo(_guard(cache_info, cache))
+
+
+@app.command()
+def verify(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Feature cache (.h5).")]):
+    """Check every checksum of a cache (Fletcher-32 on every chunk, a digest of the rest)."""
+    from .cache import verify_cache
+
+    r = _guard(verify_cache, cache)
+    typer.echo(f"{r['path']}: verified ({r['images']} images, {r['samples']} feature maps, {r['chunks']} chunks)")
+
+
+@app.command()
+def clean(
+    cache_dir: CacheDir = Path("cache"),
+    runs_dir: RunsDir = Path("runs"),
+):
+    """Remove covfeat's leftovers of killed runs: shard folders and temporary files no live process holds.
+
+    Interrupted extractions lose their resumable shards; moved-aside damaged caches are listed, not removed.
+    """
+    from .cache import clean_cache_dir
+    from .runs import remove_stale_tmp
+
+    removed, kept = _guard(clean_cache_dir, cache_dir)
+    removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
+    for p in removed:
+        typer.echo(f"removed {p}")
+    for p in kept:
+        typer.echo(f"kept {p} (moved aside by --rebuild; delete it yourself when you no longer need it)")
+    typer.echo(f"{len(removed)} leftover(s) removed")
 
 
 def main():

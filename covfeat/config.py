@@ -225,6 +225,11 @@ class ExtractConfig(Checked):
     jitter: JitterConfig = setting(factory=JitterConfig, nested=True)
     occlusion: OcclusionConfig = setting(factory=OcclusionConfig, nested=True)
     scaled_decode: bool = setting(True, BOOL, flag="--full-decode")  # large JPEGs decoded at 1/2..1/8 scale
+    max_pixels: int = setting(64_000_000, integer(1), flag="--max-pixels")  # read from the header, before decoding
+    max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb")
+    min_side: int = setting(64, integer(1), flag="--min-side")
+    max_aspect: float = setting(4.0, number(1), flag="--max-aspect")  # longer side / shorter side
+    on_conflict: str = setting("error", one_of("error", "skip"), flag="--on-conflict")
     batch_size: int = setting(16, integer(1, 4096), flag="--batch-size")
     workers: int = setting(2, integer(1, 64), flag="--workers")
 
@@ -258,6 +263,7 @@ NOT_IN_KEY = {
     "weights": "replaced by the resolved weights identity (a file's hash, never its path)",
     "batch_size": "the forward pass's batch size does not change the features",
     "workers": "the number of decoding threads does not change the features",
+    "on_conflict": "decides which files enter the manifest, whose content and labels are in the key already",
 }
 
 

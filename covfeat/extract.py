@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
-from .cache import CacheLock, ShardStore, assemble, cache_key, cache_name, open_cache
+from .cache import CacheLock, ShardStore, assemble, cache_key, cache_name, move_aside, verify_cache
 from .config import ExtractConfig, key_config
 from .errors import ConfigError, DataError
 from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
@@ -130,12 +130,14 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     if not sources:
         sources = sample_sources()
         _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
-    manifest = load_sources(sources, views=cfg.views)
+    manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict)
     _log(f"Data: {manifest.summary()}")
-    for path, reason in manifest.missing[:3]:
-        _log(f"  missing: {path} ({reason})")
-    if len(manifest.missing) > 3:
-        _log(f"  ... and {len(manifest.missing) - 3} more missing files")
+    for what, items in (("missing", manifest.missing), ("broken link", manifest.broken_links),
+                        ("not opened", manifest.not_images), ("conflicting label", manifest.conflicts)):
+        for path, reason in items[:3]:
+            _log(f"  {what}: {path} ({reason})")
+        if len(items) > 3:
+            _log(f"  ... and {len(items) - 3} more ({what}); `covfeat info CACHE` lists every one")
     _check_classes(manifest)
     config = resolved_config(cfg, spec)
     rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
@@ -147,20 +149,29 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
 
 
 def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
-            progress: bool = True) -> Path:
+            progress: bool = True, rebuild: bool = False) -> Path:
     """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
+
+    A cache already at the target is verified (every checksum) before it is reused; a damaged
+    one is an error that names ``--rebuild``, which moves it (and any shards) aside and starts
+    over.
 
     Raises
     ------
-    WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked
+    WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked, CacheError
     """
     p = plan(sources, cfg, cache_dir)
     target, manifest, config, rows, spec = p.target, p.manifest, p.config, p.rows, p.spec
     backbone = get_backbone(cfg.backbone)
     pipeline = cfg.pipeline()
-    if target.exists():
-        open_cache(target)  # raises if it is somehow not complete
-        _log(f"Cache is complete; nothing to do ({spec.label}).")
+    if rebuild:
+        with CacheLock(target):
+            moved = move_aside(target)
+        for m in moved:
+            _log(f"Moved aside: {m}")
+    elif target.exists():
+        verify_cache(target)  # raises, naming --rebuild, if anything is damaged
+        _log(f"Cache is complete and verified; nothing to do ({spec.label}).")
         return target
 
     with CacheLock(target):
@@ -181,9 +192,14 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             _log(f"Skipped {len(skipped)} unreadable file(s):")
             for k in sorted(skipped)[:10]:
                 _log(f"  {rows[k]['path']}: {skipped[k]}")
+            if len(skipped) > 10:
+                _log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
         near = near_duplicates(store, rows)
         extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
                  "duplicates": [list(d) for d in manifest.duplicates],
+                 "broken_links": [list(b) for b in manifest.broken_links],
+                 "not_images": [list(b) for b in manifest.not_images],
+                 "conflicts": [list(c) for c in manifest.conflicts], "outside_manifest_folder": manifest.outside,
                  "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or "",
                  "timings": timings}
         assemble(target, store, config=config, manifest=rows, feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)

@@ -101,7 +101,8 @@ _REDUCED = {2: (cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2),
             8: (cv2.IMREAD_REDUCED_GRAYSCALE_8, cv2.IMREAD_REDUCED_COLOR_8)}
 
 
-def decode(path: str | Path, min_side: int | None = None, size: int | None = None) -> np.ndarray:
+def decode(path: str | Path, min_side: int | None = None, size: int | None = None,
+           limits: "ImageLimits | None" = None) -> np.ndarray:
     """Decode one file to float32 RGB in [0, 255] at its own size.
 
     With ``min_side``, a large JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
@@ -129,24 +130,44 @@ def decode(path: str | Path, min_side: int | None = None, size: int | None = Non
         raise UnreadableImage("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, np.uint8)
     flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    hw = header_size_of(data)
     if min_side and data[:3] == b"\xff\xd8\xff":
-        hw = jpeg_size(data)
         if hw is not None:
             for factor in (8, 4, 2):
                 if min(hw) // factor >= min_side:
                     flags = _REDUCED[factor][1]
                     break
-    img = cv2.imdecode(buf, flags)
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error:  # OpenCV refuses beyond OPENCV_IO_MAX_IMAGE_PIXELS, among others
+        raise UnreadableImage("not a decodable image (refused by the decoder: corrupt or too large)") from None
     if img is None or img.size == 0:
         raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
+    if limits is not None and hw is None:
+        limits.check_size(*img.shape[:2])
     if img.ndim == 3 and img.shape[2] >= 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _to_rgb_float(img, size)
 
 
-def load(path: str | Path, min_side: int | None = None) -> np.ndarray:
+def load(path: str | Path, min_side: int | None = None, limits: "ImageLimits | None" = None) -> np.ndarray:
     """Decode once and resize to the 224 x 224 model input: float32 RGB in [0, 255]."""
-    return decode(path, min_side=min_side, size=INPUT_SIZE)
+    return decode(path, min_side=min_side, size=INPUT_SIZE, limits=limits)
+
+
+def header_size_of(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG or JPEG header, without decoding; None for other formats."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:3] == b"\xff\xd8\xff":
+        return jpeg_size(data)
+    return None
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the first 64 KiB of a PNG or JPEG file."""
+    with open(path, "rb") as f:
+        return header_size_of(f.read(1 << 16))
 
 
 SCALED_DECODE_MIN_SIDE = 2 * INPUT_SIZE
@@ -209,6 +230,38 @@ def occlude(img: np.ndarray, path: str | Path, occ: OcclusionConfig) -> np.ndarr
 
 
 @dataclass(frozen=True)
+class ImageLimits:
+    """What a file may cost before covfeat decodes it: a file over a limit is skipped with a
+    reason that names the limit and the flag that raises it.  The defaults are far beyond
+    any real radiograph (the largest in the reproduction set is 4,248 x 3,480)."""
+
+    max_pixels: int = 64_000_000
+    max_file_mb: float = 256.0
+    min_side: int = 64
+    max_aspect: float = 4.0
+
+    def check_file(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+        if size > self.max_file_mb * 2**20:
+            raise UnreadableImage(f"file of {size / 2**20:.0f} MB exceeds --max-file-mb {self.max_file_mb:g}")
+        hw = header_size(path)
+        if hw is not None:
+            self.check_size(*hw)
+
+    def check_size(self, h: int, w: int) -> None:
+        if h * w > self.max_pixels:
+            raise UnreadableImage(f"{w} x {h} = {h * w / 1e6:.0f} Mpx exceeds --max-pixels {self.max_pixels}")
+        if min(h, w) < self.min_side:
+            raise UnreadableImage(f"{w} x {h}: shorter side below --min-side {self.min_side}")
+        if max(h, w) / max(min(h, w), 1) > self.max_aspect:
+            raise UnreadableImage(f"{w} x {h}: aspect ratio {max(h, w) / max(min(h, w), 1):.1f} exceeds "
+                                  f"--max-aspect {self.max_aspect:g}")
+
+
+@dataclass(frozen=True)
 class InputPipeline:
     """File -> 224 x 224 RGB in [0, 255] (decoded, resized, occluded) -> scaled model input.
 
@@ -220,18 +273,23 @@ class InputPipeline:
     scaling: Scaling
     scaled_decode: bool = True
     occlusion: OcclusionConfig = OcclusionConfig()
+    limits: ImageLimits = ImageLimits()
 
     @classmethod
     def for_config(cls, cfg: ExtractConfig) -> "InputPipeline":
-        return cls(get_backbone(cfg.backbone).scaling_for(cfg.preprocess), cfg.scaled_decode, cfg.occlusion)
+        limits = ImageLimits(cfg.max_pixels, cfg.max_file_mb, cfg.min_side, cfg.max_aspect)
+        return cls(get_backbone(cfg.backbone).scaling_for(cfg.preprocess), cfg.scaled_decode, cfg.occlusion, limits)
 
     @property
     def min_side(self) -> int | None:
         return SCALED_DECODE_MIN_SIDE if self.scaled_decode else None
 
     def decode(self, path: str | Path, occluded: bool = True) -> np.ndarray:
-        """224 x 224 RGB in [0, 255], the input of an exported model (and of the jitter)."""
-        img = load(path, min_side=self.min_side)
+        """224 x 224 RGB in [0, 255], the input of an exported model (and of the jitter).
+
+        The file's size and its header's dimensions are checked against the limits first."""
+        self.limits.check_file(Path(path))
+        img = load(path, min_side=self.min_side, limits=self.limits)
         return occlude(img, path, self.occlusion) if occluded else img
 
     def scale(self, img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

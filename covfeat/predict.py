@@ -20,7 +20,7 @@ from .backbones import INPUT_SIZE, WeightsSpec, build_backbone, file_digest, get
 from .config import ExtractConfig
 from .errors import ConfigError, DataError, WeightsUnavailable
 from .images import UnreadableImage
-from .runs import Run
+from .runs import Run, check_writable
 from .sources import IMAGE_SUFFIXES
 
 TABLE_FIELDS = ["path", "p_covid", "label", "error"]
@@ -92,6 +92,7 @@ def check_table_path(out: str | Path | None) -> None:
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--out: expected a file name ending in .csv or .json, got {str(out)!r}.")
+    check_writable(out.parent, "--out")
 
 
 def predict(run: str | Path, items: list[str | Path], batch_size: int = 16) -> list[dict]:
@@ -196,6 +197,7 @@ def export(run: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.suffix != ".keras":
         raise ConfigError(f"--out: expected a file name ending in .keras, got {str(out)!r}.")
+    check_writable(out.parent, "--out")
     pr = Predictor(run)
     inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="rgb_0_255")
     x = pr.pipeline.scaling.layers()(inp)

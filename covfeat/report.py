@@ -80,6 +80,9 @@ def table_cells(m: dict) -> dict[str, str]:
                 if key in e:
                     v, lo, hi, k, n = e[key]
                     out[f"{name}, {src}{tag}"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
+    nu = {k: v for k, v in m.get("not_used", {}).items() if v}
+    if nu:
+        out["images not used"] = ", ".join(f"{v} {k}" for k, v in nu.items()) + " (`covfeat info CACHE` lists them)"
     nd = m.get("near_duplicates")
     if nd and nd.get("n_pairs"):
         out["near-duplicate pairs kept together"] = (f"{nd['n_pairs']} ({nd['n_pairs_across_patients']} across "

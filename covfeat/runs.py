@@ -40,14 +40,17 @@ class AtomicDir:
         self.final: Path | None = None
 
     def __enter__(self) -> "AtomicDir":
+        remove_stale_tmp(self.parent)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
+        (self.path / OWNER).write_text(str(os.getpid()))
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return False
+        (self.path / OWNER).unlink(missing_ok=True)
         final = self.parent / self.name
         k = 1
         while final.exists():
@@ -56,6 +59,52 @@ class AtomicDir:
         os.replace(self.path, final)
         self.final = final
         return False
+
+
+OWNER = ".covfeat-owner"  # pid of the process writing a temporary run folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(parent: str | Path) -> list[Path]:
+    """Remove covfeat's own temporary run folders (``.NAME.tmp`` holding an owner file) whose
+    writer is gone; folders of live writers, and anything not covfeat's, are left alone."""
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for d in parent.glob(".*.tmp"):
+        owner = d / OWNER
+        if d.is_dir() and owner.is_file():
+            try:
+                pid = int(owner.read_text().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Refuse an output folder that cannot be written, before any work."""
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: expected a folder covfeat can write, got {str(folder)!r} ({probe} is not writable).")
+    return folder
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,11 @@ class Manifest:
 
     records: list[Record] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, kept)
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed but not there
+    broken_links: list[tuple[str, str]] = field(default_factory=list)  # (link, target)
+    not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never opened
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, other path): same bytes, two labels
+    outside: int = 0  # manifest paths outside the manifest's folder
     ignored: dict[str, int] = field(default_factory=dict)  # reason -> count
 
     def counts(self) -> dict[str, int]:
@@ -72,6 +77,14 @@ class Manifest:
             s += f", {len(self.duplicates)} byte-identical duplicates dropped"
         if self.missing:
             s += f", {len(self.missing)} listed files missing"
+        if self.broken_links:
+            s += f", {len(self.broken_links)} broken links"
+        if self.not_images:
+            s += f", {len(self.not_images)} non-image files not opened"
+        if self.conflicts:
+            s += f", {len(self.conflicts)} listings dropped for conflicting labels"
+        if self.outside:
+            s += f", {self.outside} manifest paths outside its folder"
         return s
 
 
@@ -85,6 +98,40 @@ def _sha256(path: Path) -> str:
 
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def _broken_link(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
+def _scan(folder: Path, m: "Manifest", recursive: bool = False) -> list[Path]:
+    """Image files of a folder, sorted; broken links counted (they would vanish otherwise)."""
+    out = []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if _broken_link(p) and p.suffix.lower() in IMAGE_SUFFIXES:
+            m.broken_links.append((str(p), os.readlink(p)))
+        elif _is_image(p):
+            out.append(p)
+    return out
+
+
+def _read_table(path: Path, what: str, needed: set[str]) -> tuple[list[dict], list[str]]:
+    """Rows of a CSV read as UTF-8 (with or without a byte-order mark), its columns checked.
+
+    Raises DataError naming the columns needed and those found, or the encoding problem.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        "save it as UTF-8 and run again.") from None
+    reader = csv.DictReader(text.splitlines())
+    found = [c.strip() for c in (reader.fieldnames or [])]
+    missing = sorted(needed - set(found))
+    if missing:
+        raise DataError(f"{path}: {what} needs the column(s) {', '.join(missing)}; found "
+                        f"{', '.join(found) if found else 'none'}.")
+    return [{(k or "").strip(): v for k, v in row.items()} for row in reader], found
 
 
 def kermany_patient(filename: str) -> str:
@@ -136,37 +183,39 @@ def detect_layout(src: Path) -> str:
 
 def _load_cohen(src: Path, views: tuple[str, ...], m: Manifest) -> list[Record]:
     out = []
-    with open(src / "metadata.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            findings = {s.strip() for s in row.get("finding", "").split(",")}
-            if "COVID-19" not in findings:
-                m.ignored["cohen: finding is not COVID-19"] = m.ignored.get("cohen: finding is not COVID-19", 0) + 1
-                continue
-            if row.get("modality", "X-ray") != "X-ray":
-                m.ignored["cohen: not an X-ray"] = m.ignored.get("cohen: not an X-ray", 0) + 1
-                continue
-            if row.get("view", "").strip().upper() not in views:
-                key = f"cohen: view not in {','.join(views)}"
-                m.ignored[key] = m.ignored.get(key, 0) + 1
-                continue
-            path = src / row.get("folder", "images") / row["filename"]
-            if not path.is_file():
-                m.missing.append((str(path), "listed in metadata.csv but not on disk"))
-                continue
-            out.append(Record(str(path), COVID, f"cohen:{row['patientid']}", "cohen", row["view"].strip().upper()))
+    rows, _ = _read_table(src / "metadata.csv", "Cohen's metadata.csv", {"filename", "patientid", "finding", "view"})
+    for row in rows:
+        findings = {s.strip() for s in (row.get("finding") or "").split(",")}
+        if "COVID-19" not in findings:
+            m.ignored["cohen: finding is not COVID-19"] = m.ignored.get("cohen: finding is not COVID-19", 0) + 1
+            continue
+        if (row.get("modality") or "X-ray") != "X-ray":
+            m.ignored["cohen: not an X-ray"] = m.ignored.get("cohen: not an X-ray", 0) + 1
+            continue
+        if (row.get("view") or "").strip().upper() not in views:
+            key = f"cohen: view not in {','.join(views)}"
+            m.ignored[key] = m.ignored.get(key, 0) + 1
+            continue
+        path = src / (row.get("folder") or "images") / row["filename"]
+        if _broken_link(path):
+            m.broken_links.append((str(path), os.readlink(path)))
+            continue
+        if not path.is_file():
+            m.missing.append((str(path), "listed in metadata.csv but not on disk"))
+            continue
+        out.append(Record(str(path), COVID, f"cohen:{row['patientid']}", "cohen", row["view"].strip().upper()))
     return out
 
 
-def _load_kermany(src: Path) -> list[Record]:
+def _load_kermany(src: Path, m: Manifest) -> list[Record]:
     if src.name.upper() == "NORMAL":
         folders = [src]
     else:
         folders = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
     out = []
     for folder in folders:
-        for p in sorted(folder.iterdir()):
-            if _is_image(p):
-                out.append(Record(str(p), NORMAL, f"kermany:{kermany_patient(p.name)}", "kermany"))
+        for p in _scan(folder, m):
+            out.append(Record(str(p), NORMAL, f"kermany:{kermany_patient(p.name)}", "kermany"))
     return out
 
 
@@ -181,44 +230,58 @@ def _load_folders(src: Path, m: Manifest) -> list[Record]:
                 1 for _ in d.iterdir()
             )
             continue
-        for p in sorted(d.rglob("*")):
-            if _is_image(p):
-                out.append(Record(str(p), label, f"{src.name}:{p.stem}", src.name))
+        for p in _scan(d, m, recursive=True):
+            out.append(Record(str(p), label, f"{src.name}:{p.stem}", src.name))
     return out
 
 
-def _load_class_folder(src: Path) -> list[Record]:
+def _load_class_folder(src: Path, m: Manifest) -> list[Record]:
     """``ROOT/NORMAL`` (or ``ROOT/COVID-19``) given directly: the class from the folder's name,
     the source from its parent's (``openist/NORMAL`` -> source ``openist``), one patient per file."""
     label = parse_label(src.name)
     source = src.resolve().parent.name or src.name
-    return [Record(str(p), label, f"{source}:{p.stem}", source) for p in sorted(src.rglob("*")) if _is_image(p)]
+    return [Record(str(p), label, f"{source}:{p.stem}", source) for p in _scan(src, m, recursive=True)]
 
 
 def _load_csv(src: Path, m: Manifest) -> list[Record]:
+    """A manifest: only files with an image or DICOM extension are opened (others are listed as
+    not opened, before any read); paths outside the manifest's folder are allowed and counted."""
     out = []
-    with open(src, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{src}: a manifest CSV needs the columns path,label[,patient_id,source].")
-        for i, row in enumerate(reader, start=2):
-            label = parse_label(row["label"])
-            if label is None:
-                raise DataError(f"{src}, line {i}: label {row['label']!r} is neither COVID-19 nor NORMAL.")
-            path = Path(row["path"])
-            if not path.is_absolute():
-                path = src.parent / path
-            if not path.is_file():
-                m.missing.append((str(path), f"listed in {src.name} but not on disk"))
-                continue
-            source = row.get("source") or src.stem
-            patient = row.get("patient_id") or path.stem
-            out.append(Record(str(path), label, f"{source}:{patient}", source))
+    rows, _ = _read_table(src, "a manifest CSV (path,label[,patient_id,source])", {"path", "label"})
+    base = src.resolve().parent
+    for i, row in enumerate(rows, start=2):
+        label = parse_label(row["label"] or "")
+        if label is None:
+            raise DataError(f"{src}, line {i}: label {row['label']!r} is neither COVID-19 nor NORMAL.")
+        path = Path(row["path"] or "")
+        if not path.is_absolute():
+            path = src.parent / path
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            m.not_images.append((str(path), f"{src.name}, line {i}: not an image or DICOM file name; not opened"))
+            continue
+        if _broken_link(path):
+            m.broken_links.append((str(path), os.readlink(path)))
+            continue
+        if not path.is_file():
+            m.missing.append((str(path), f"listed in {src.name} but not on disk"))
+            continue
+        if not path.resolve().is_relative_to(base):
+            m.outside += 1
+        source = row.get("source") or src.stem
+        patient = row.get("patient_id") or path.stem
+        out.append(Record(str(path), label, f"{source}:{patient}", source))
     return out
 
 
-def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",)) -> Manifest:
+def _sha_of(path: str, listings: dict) -> str | None:
+    return next((h for h, rs in listings.items() if any(r.path == path for r in rs)), None)
+
+
+def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on_conflict: str = "error") -> Manifest:
     """Read every source, hash every file, and merge into one de-duplicated manifest.
+
+    The same bytes under two labels is an error listing the files (``on_conflict="skip"``
+    drops every copy of them instead, and counts them).
 
     Raises
     ------
@@ -238,20 +301,36 @@ def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",)) ->
         if layout == "cohen":
             found += _load_cohen(src, views, m)
         elif layout == "kermany":
-            found += _load_kermany(src)
+            found += _load_kermany(src, m)
         elif layout == "folders":
             found += _load_folders(src, m)
         elif layout == "class":
-            found += _load_class_folder(src)
+            found += _load_class_folder(src, m)
         else:
             found += _load_csv(src, m)
-    seen: dict[str, str] = {}
+    seen: dict[str, Record] = {}
+    listings: dict[str, list[Record]] = {}
     for r in found:
         r.path = str(Path(r.path).resolve())
         r.sha256 = _sha256(Path(r.path))
-        if r.sha256 in seen:
-            m.duplicates.append((r.path, seen[r.sha256]))
-            continue
-        seen[r.sha256] = r.path
-        m.records.append(r)
+        listings.setdefault(r.sha256, []).append(r)
+        first = seen.get(r.sha256)
+        if first is None:
+            seen[r.sha256] = r
+            m.records.append(r)
+        elif first.label == r.label:
+            m.duplicates.append((r.path, first.path))
+    conflicted = {h for h, rs in listings.items() if len({r.label for r in rs}) > 1}
+    if conflicted:
+        described = [" = ".join(f"{r.path} ({LABEL_NAMES[r.label]})" for r in listings[h]) for h in sorted(conflicted)]
+        if on_conflict != "skip":
+            more = f" and {len(described) - 3} more" if len(described) > 3 else ""
+            raise DataError(f"{len(described)} image(s) have the same bytes under both labels: "
+                            f"{'; '.join(described[:3])}{more}. Fix the labels, or pass --on-conflict skip to drop "
+                            "every copy of them.")
+        m.records = [r for r in m.records if r.sha256 not in conflicted]
+        m.duplicates = [d for d in m.duplicates if _sha_of(d[0], listings) not in conflicted]
+        m.conflicts = [(r.path, "dropped: the same bytes are listed as " +
+                        " and ".join(sorted({LABEL_NAMES[x.label] for x in listings[h]})))
+                       for h in sorted(conflicted) for r in listings[h]]
     return m

@@ -27,7 +27,7 @@ from .head import build_head, pooled_mean
 from .loop import MemorySource, StreamedSource, train
 from .metrics import (CV_INTERVAL, METRIC_KEYS, by_source, classification_metrics, cv_interval,
                       threshold_for_recall)
-from .runs import AtomicDir, write_cv, write_run
+from .runs import AtomicDir, check_writable, write_cv, write_run
 from .split import TEST, TRAIN, VAL, assign_split, cv_folds
 
 
@@ -66,6 +66,14 @@ def make_split(fc: FeatureCache, cfg: SplitConfig) -> np.ndarray:
     return split
 
 
+def not_used(fc: FeatureCache) -> dict:
+    """How many files of the data are not in the run, by reason (``covfeat info`` lists them)."""
+    out = {"skipped at extraction": len(fc.skipped)}
+    for key in ("missing", "broken_links", "not_images", "conflicts"):
+        out[key.replace("_", " ")] = len(json.loads(fc.attrs.get(key, "[]")))
+    return out
+
+
 def near_duplicate_summary(fc: FeatureCache, cfg: SplitConfig) -> dict:
     """What the run records of the near-duplicate grouping: thresholds, pairs, groups joined."""
     nd = json.loads(fc.attrs["near_duplicates"]) if "near_duplicates" in fc.attrs else {"pairs": []}
@@ -85,7 +93,11 @@ def rows_by_split(fc: FeatureCache, split: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _open(cache_path, fc: FeatureCache | None) -> FeatureCache:
-    fc = fc or open_cache(cache_path)
+    if fc is None:
+        from .cache import describe_cache
+
+        fc = open_cache(cache_path)
+        _log(f"Cache: {describe_cache(cache_path)}")
     bb = get_backbone(fc.backbone)
     if tuple(fc.feature_shape) != tuple(bb.feature_shape):
         raise CacheError(f"{fc.path} holds maps of shape {fc.feature_shape}, but {bb.name} gives "
@@ -107,6 +119,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     """
     fit = fit or FitConfig()
     fit.validate()
+    check_writable(runs_dir, "--runs-dir")
     if fit.folds:
         return cross_validate(cache_path, fit, runs_dir, progress=progress, fc=fc)
     t0 = time.perf_counter()
@@ -197,7 +210,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
         backbone=fc.backbone, weights=fc.config["weights"], pretrained=fc.pretrained,
         n_train_real=int(n_real), n_train_smote=int(n_syn), n_val=int(len(val_rows)), n_test=int(len(test_rows)),
         fit_seconds=train_seconds, fit_stages_seconds=marks, peak_rss_mb=peak_rss_mb(), streamed=bool(streamed),
-        sources_test=_sources(fc, test_rows),
+        sources_test=_sources(fc, test_rows), not_used=not_used(fc),
         by_source={"argmax": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows], 0.5),
                    **({"operating_point": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows],
                                                     threshold)} if fit.target_recall is not None else {})},

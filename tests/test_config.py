@@ -27,7 +27,8 @@ def test_every_setting_has_a_rule(cls):
 OTHER_VALUE = {
     "backbone": "densenet201", "preprocess": "backbone", "augment": 2, "seed": 1, "views": ("PA", "AP"),
     "dtype": "float32", "jitter": JitterConfig(rotation=5), "occlusion": OcclusionConfig(kind="box"),
-    "scaled_decode": False, "weights": "/some/file.h5", "batch_size": 4, "workers": 1,
+    "scaled_decode": False, "weights": "/some/file.h5", "batch_size": 4, "workers": 1, "max_pixels": 10**6,
+    "max_file_mb": 10.0, "min_side": 32, "max_aspect": 8.0, "on_conflict": "skip",
 }
 
 

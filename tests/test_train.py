@@ -110,7 +110,7 @@ def test_fit_head_errors_are_one_line(tmp_path):
                                 "run `covfeat extract --backbone densenet201` first.")
     bad = tmp_path / "x.h5"
     bad.write_bytes(b"not hdf5")
-    with pytest.raises(CacheError, match="is not a readable HDF5 cache"):
+    with pytest.raises(CacheError, match=r"is damaged \(not a readable HDF5 cache: .*--rebuild"):
         open_cache(bad)
 
 
