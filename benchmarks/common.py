@@ -14,12 +14,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 
 
+def cpu() -> dict:
+    """The CPU model and its vector extensions, so numbers from different machines are never
+    compared blindly (TensorFlow runs about twice as fast on AVX-512 here)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("unknown", ""):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vec = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))
+    return {"model": model, "vector_extensions": vec}
+
+
 def machine() -> dict:
     import tensorflow as tf
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu(), "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "tensorflow": tf.__version__, "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def machine_line(m: dict) -> str:
+    """One Markdown line naming the machine of a result."""
+    c = m["cpu"]
+    return (f"Machine: {c['model']}, {m['cpus']} CPUs, vector extensions {' '.join(c['vector_extensions'])}; "
+            f"GPUs: {', '.join(m['gpus']) or 'none'}; TensorFlow {m['tensorflow']}; {m['date']}.")
 
 
 def peak_rss_mb() -> float:

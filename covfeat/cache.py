@@ -1,14 +1,15 @@
 """How features are stored: the HDF5 cache, its key, its lock, and crash-safe progress.
 
-A cache is one HDF5 file per (extraction config -- every field but those of
+A cache is one HDF5 index file per (extraction config -- every field but those of
 :data:`covfeat.config.NOT_IN_KEY` --, weights identity, content and labels of the data,
-format version), named by a short hash of all of them, defaults included.  It holds
-features, labels, patients, sources, views and image hashes; no split: the split is a
-stage-two setting, so changing it reuses the cache.  While extraction runs, finished work lives in
-``<name>.partial/`` as shard files, each written to a temporary name, fsynced and
-renamed, so a kill -9 or power loss loses at most the shard in flight.  The HDF5 file is
-assembled from the shards under a temporary name, marked ``complete`` and renamed last:
-a file at the final path is always complete.
+format version), named by a short hash of all of them, defaults included, over a folder
+``<name>.shards/`` of immutable shard files.  It holds features, labels, patients,
+sources, views and image hashes; no split: the split is a stage-two setting.  Each shard
+is written to a temporary name, fsynced and renamed, by whichever driver computes it, so
+a kill -9 or power loss loses at most the shards in flight.  The index's ``features`` is
+a virtual dataset over the shards (no feature data is copied); it is written under a
+temporary name once every shard is present and verified, marked ``complete`` and renamed
+last: a file at the final path is always complete.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from .errors import CacheError, CacheLocked
 
-FORMAT_VERSION = 2  # 2: no split in the cache (it moved to fit-head)
+FORMAT_VERSION = 3  # 2: no split in the cache; 3: an index over immutable shard files
 MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
 
 
@@ -96,120 +97,204 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-class ShardStore:
-    """Finished extraction work of one cache, as durable shard files in ``<name>.partial/``.
+SHARD_IMAGES = 32  # images per shard
 
-    A shard covers a contiguous range of manifest rows: the features of every view of
-    every readable row in it, and the skip reason of every unreadable one.
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard: a fixed bucket of images, chosen by content hash alone (the manifest sorted by
+    SHA-256, cut every SHARD_IMAGES), named by the hashes it holds and the cache key, so any
+    driver, on any machine, retried any number of times, writes the same shard file."""
+
+    index: int
+    rows: tuple[int, ...]  # manifest rows in this shard, in SHA-256 order
+    name: str
+
+
+def plan_shards(rows: list[dict], key: str, size: int = SHARD_IMAGES) -> list[ShardSpec]:
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["sha256"])
+    out = []
+    for k, a in enumerate(range(0, len(order), size)):
+        members = tuple(order[a:a + size])
+        h = hashlib.sha256((key + "".join(rows[i]["sha256"] for i in members)).encode()).hexdigest()[:16]
+        out.append(ShardSpec(k, members, f"shard-{h}.h5"))
+    return out
+
+
+def _data_sha(ds) -> str:
+    """SHA-256 of a dataset's values: Fletcher-32 cannot tell a 16-bit word 0x0000 from 0xFFFF."""
+    d = hashlib.sha256()
+    for a in range(0, ds.shape[0], 256):
+        d.update(np.ascontiguousarray(ds[a:a + 256]).tobytes())
+    return d.hexdigest()
+
+
+def _shard_digest(h: h5py.File) -> str:
+    d = hashlib.sha256()
+    for k in ("sha256", "skipped"):
+        d.update(k.encode() + b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in h[k][:]))
+    d.update(str(h.attrs.get("key", "")).encode())
+    return d.hexdigest()
+
+
+class ShardStore:
+    """The immutable shard files of one cache, in ``<name>.shards/``.
+
+    Each shard file holds the features of every view of every readable image of its bucket,
+    their jitter, the skip reason of every unreadable one and every image's near-duplicate
+    fingerprint.  It is written under a temporary name, fsynced and renamed: it exists only
+    when complete, and nothing ever writes into it again.  Any process may add shards.
     """
 
-    def __init__(self, target: Path, config: dict):
-        self.dir = target.with_name(target.name + ".partial")
+    def __init__(self, target: Path, key: str):
+        self.target = target
+        self.key = key
+        self.dir = target.with_name(target.name + ".shards")
         self.dir.mkdir(parents=True, exist_ok=True)
-        stamp = self.dir / "config.json"
-        text = json.dumps(config, sort_keys=True)
-        if stamp.exists() and stamp.read_text() != text:
-            # Same key means same config; a mismatch is a corrupted folder, not a resume.
-            shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True)
-        if not stamp.exists():
-            _atomic_write(stamp, lambda f: f.write(text.encode()))
 
-    def shards(self) -> list[tuple[int, int, Path]]:
-        out = []
-        for p in self.dir.glob("shard_*.npz"):
-            a, b = p.stem.split("_")[1:3]
-            out.append((int(a), int(b), p))
-        return sorted(out)
+    def path(self, spec: ShardSpec) -> Path:
+        return self.dir / spec.name
 
-    def rows_done(self) -> int:
-        """Rows [0, n) are finished; resume from n (shards are written in order)."""
-        n = 0
-        for a, b, _ in self.shards():
-            if a != n:
-                break
-            n = b
-        return n
+    def present(self, specs: list[ShardSpec]) -> list[ShardSpec]:
+        return [s for s in specs if self.path(s).is_file()]
 
-    def write(self, start: int, stop: int, features: np.ndarray, rows: np.ndarray, views: np.ndarray,
-              params: np.ndarray, skipped: dict[int, str], fingerprints: dict | None = None) -> None:
-        """One shard: the maps of rows [start, stop), their skip reasons, and the near-duplicate
-        fingerprint (hashes, thumbnails) of every readable row."""
-        path = self.dir / f"shard_{start:08d}_{stop:08d}.npz"
-        meta = json.dumps({str(k): v for k, v in skipped.items()})
+    def missing(self, specs: list[ShardSpec]) -> list[ShardSpec]:
+        return [s for s in specs if not self.path(s).is_file()]
+
+    def write(self, spec: ShardSpec, shas: list[str], features: np.ndarray, images: np.ndarray, views: np.ndarray,
+              params: np.ndarray, skipped: dict[int, str], fingerprints: dict[int, tuple]) -> Path:
+        """Write one shard (``images``/``skipped``/``fingerprints`` index positions in ``shas``)."""
         from .neardup import CROPS, THUMB
 
-        fp = fingerprints or {}
-        fp_rows = np.array(sorted(fp), np.int64)
-        fp_hash = np.array([fp[r][0] for r in fp_rows], np.uint64).reshape(len(fp_rows), len(CROPS))
-        fp_thumb = np.array([fp[r][1] for r in fp_rows], np.uint8).reshape(len(fp_rows), len(CROPS), THUMB, THUMB)
-        _atomic_write(path, lambda f: np.savez(f, features=features, rows=rows, views=views, params=params,
-                                                skipped=np.array(meta), fp_rows=fp_rows, fp_hash=fp_hash,
-                                                fp_thumb=fp_thumb))
+        m = len(shas)
+        hashes = np.zeros((m, len(CROPS)), np.uint64)
+        thumbs = np.zeros((m, len(CROPS), THUMB, THUMB), np.uint8)
+        for pos, (h, t) in fingerprints.items():
+            hashes[pos], thumbs[pos] = h, t
+        final = self.path(spec)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        kw = dict(track_times=False)
+        with h5py.File(tmp, "w", track_order=False) as h:
+            n = len(features)
+            h.create_dataset("features", data=features, chunks=(1, *features.shape[1:]) if n else None,
+                             fletcher32=bool(n), **kw)
+            h.create_dataset("image", data=np.asarray(images, np.int32), **kw)
+            h.create_dataset("view", data=np.asarray(views, np.int8), **kw)
+            h.create_dataset("aug_params", data=np.asarray(params, np.float32).reshape(-1, 4), **kw)
+            _str_ds(h, "sha256", shas)
+            _str_ds(h, "skipped", [skipped.get(i, "") for i in range(m)])
+            h.create_dataset("phash", data=hashes, **kw)
+            h.create_dataset("thumb", data=thumbs, chunks=(max(m, 1), *thumbs.shape[1:]), fletcher32=True, **kw)
+            h.attrs["key"] = self.key
+            h.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()
+            h.attrs["digest"] = _shard_digest(h)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return final
 
-    def fingerprints(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(hashes (n, 4) uint64, thumbnails (n, 4, 32, 32) uint8) of every row; zeros where none."""
-        from .neardup import CROPS, THUMB
+    def verify(self, spec: ShardSpec, rows: list[dict]) -> None:
+        """A shard is whole, of this cache, holds the images its name says, and its checksums hold.
 
-        hashes = np.zeros((n, len(CROPS)), np.uint64)
-        thumbs = np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
-        for _, _, p in self.shards():
-            with np.load(p) as z:
-                if "fp_rows" in z and len(z["fp_rows"]):
-                    hashes[z["fp_rows"]] = z["fp_hash"]
-                    thumbs[z["fp_rows"]] = z["fp_thumb"]
-        return hashes, thumbs
+        Raises CacheError naming the shard."""
+        path = self.path(spec)
+        want = [rows[i]["sha256"] for i in spec.rows]
+        try:
+            with h5py.File(path, "r") as h:
+                if h.attrs.get("key") != self.key or h.attrs.get("digest") != _shard_digest(h):
+                    raise CacheError(f"shard {path} does not match its digest")
+                if [v.decode() if isinstance(v, bytes) else v for v in h["sha256"][:]] != want:
+                    raise CacheError(f"shard {path} holds other images than its name says")
+                h["thumb"][:]
+                if _data_sha(h["features"]) != h.attrs.get("features_sha256"):  # reads (and checksums) every chunk
+                    raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256)")
+        except OSError as exc:
+            raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]})") from None
 
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def remove_stale_tmp(self) -> None:
+        """Half-written shard files of writers that died on this host (their pid is in the name)."""
+        from .runs import _alive
+
+        for p in self.dir.glob(".*.tmp"):
+            try:
+                pid = int(p.name.rsplit(".", 2)[-2])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                p.unlink(missing_ok=True)
 
 
 def _str_ds(group, name, values):
-    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()))
+    group.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()), track_times=False)
 
 
-def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[dict],
+def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config: dict, manifest: list[dict],
              feature_shape: tuple, dtype: str, extra: dict) -> None:
-    """Stream every shard into ``target`` (via a temporary name), mark it complete, rename."""
-    shards = store.shards()
+    """Write the index: ``features`` a virtual dataset over every shard (no feature is copied),
+    the small per-sample and per-image arrays, the manifest, the skip list and the attributes;
+    under a temporary name, verified, marked complete last, renamed.  Every shard must be
+    present and verified first, or the index is not written and the error names the shard."""
+    missing = store.missing(specs)
+    if missing:
+        raise CacheError(f"{len(missing)} of {len(specs)} shards are missing (first: {store.path(missing[0])}); "
+                         "run the extraction again to compute them.")
+    row_of = {}
+    for spec in specs:
+        store.verify(spec, manifest)
     n = 0
-    skipped: dict[int, str] = {}
-    for _, _, p in shards:
-        with np.load(p) as z:
-            n += len(z["rows"])
-            skipped.update({int(k): v for k, v in json.loads(str(z["skipped"])).items()})
+    parts = []
+    for spec in specs:
+        with h5py.File(store.path(spec), "r") as h:
+            k = h["features"].shape[0]
+            parts.append((spec, k, h["image"][:], h["view"][:], h["aug_params"][:], h["skipped"][:],
+                          h["phash"][:], h["thumb"][:]))
+            n += k
+    for spec in specs:
+        for pos, r in enumerate(spec.rows):
+            row_of[(spec.index, pos)] = r
     tmp = target.with_name(target.name + ".tmp")
+    labels_m = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
+    from .neardup import CROPS, THUMB
+
+    hashes = np.zeros((len(manifest), len(CROPS)), np.uint64)
+    thumbs = np.zeros((len(manifest), len(CROPS), THUMB, THUMB), np.uint8)
+    skipped: dict[int, str] = {}
+    rows = np.empty(n, np.int32)
+    views = np.empty(n, np.int8)
+    params = np.empty((n, 4), np.float32)
+    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)
+    i = 0
+    for spec, k, image, view, aug, skip, ph, th in parts:
+        rows[i:i + k] = [spec.rows[j] for j in image]
+        views[i:i + k] = view
+        params[i:i + k] = aug
+        if k:
+            rel = os.path.relpath(store.path(spec), target.parent)
+            layout[i:i + k] = h5py.VirtualSource(rel, "features", shape=(k, *feature_shape))
+        for pos, r in enumerate(spec.rows):
+            reason = skip[pos].decode() if isinstance(skip[pos], bytes) else str(skip[pos])
+            if reason:
+                skipped[r] = reason
+            hashes[r], thumbs[r] = ph[pos], th[pos]
+        i += k
     with h5py.File(tmp, "w") as h:
-        # Fletcher-32 on every numeric dataset: HDF5 verifies each chunk whenever it is read.
-        feats = h.create_dataset("features", shape=(n, *feature_shape), dtype=dtype, chunks=(1, *feature_shape),
-                                 fletcher32=True)
-        rows = h.create_dataset("row", shape=(n,), dtype="i4", chunks=True, fletcher32=True)
-        views = h.create_dataset("view", shape=(n,), dtype="i1", chunks=True, fletcher32=True)
-        params = h.create_dataset("aug_params", shape=(n, 4), dtype="f4", chunks=True, fletcher32=True)
-        i = 0
-        for _, _, p in shards:
-            with np.load(p) as z:
-                k = len(z["rows"])
-                feats[i:i + k] = z["features"]
-                rows[i:i + k] = z["rows"]
-                views[i:i + k] = z["views"]
-                params[i:i + k] = z["params"]
-                i += k
-        row_idx = rows[:]
-        labels = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
-        h.create_dataset("label", data=labels[row_idx], chunks=True, fletcher32=True)
+        h.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        h.create_dataset("row", data=rows, chunks=True, fletcher32=True)
+        h.create_dataset("view", data=views, chunks=True, fletcher32=True)
+        h.create_dataset("aug_params", data=params, chunks=True, fletcher32=True)
+        h.create_dataset("label", data=labels_m[rows], chunks=True, fletcher32=True)
         g = h.create_group("manifest")
         for f in MANIFEST_FIELDS:
             _str_ds(g, f, [r[f] for r in manifest])
-        hashes, thumbs = store.fingerprints(len(manifest))
         g.create_dataset("phash", data=hashes, chunks=True, fletcher32=True)
         g.create_dataset("thumb", data=thumbs, chunks=(min(len(manifest), 256), *thumbs.shape[1:]), fletcher32=True)
-        s = h.create_group("skipped")
-        _str_ds(s, "path", [manifest[k]["path"] for k in sorted(skipped)])
-        _str_ds(s, "reason", [skipped[k] for k in sorted(skipped)])
+        sk = h.create_group("skipped")
+        _str_ds(sk, "path", [manifest[k]["path"] for k in sorted(skipped)])
+        _str_ds(sk, "reason", [skipped[k] for k in sorted(skipped)])
         h.attrs["config"] = json.dumps(config, sort_keys=True)
         h.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
         h.attrs["format_version"] = FORMAT_VERSION
+        h.attrs["shards"] = json.dumps([[os.path.relpath(store.path(s), target.parent), s.index] for s in specs])
         for k, v in extra.items():
             h.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
         h.attrs["digest"] = _digest(h)  # what Fletcher-32 cannot cover: attributes and strings
@@ -218,6 +303,30 @@ def assemble(target: Path, store: ShardStore, *, config: dict, manifest: list[di
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
+
+
+def shard_fingerprints(store: ShardStore, specs: list[ShardSpec], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's fingerprint from the shards present (zeros where none)."""
+    from .neardup import CROPS, THUMB
+
+    hashes = np.zeros((n, len(CROPS)), np.uint64)
+    thumbs = np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
+    for spec in store.present(specs):
+        with h5py.File(store.path(spec), "r") as h:
+            hashes[list(spec.rows)] = h["phash"][:]
+            thumbs[list(spec.rows)] = h["thumb"][:]
+    return hashes, thumbs
+
+
+def shard_skips(store: ShardStore, specs: list[ShardSpec]) -> dict[int, str]:
+    out = {}
+    for spec in store.present(specs):
+        with h5py.File(store.path(spec), "r") as h:
+            for pos, v in enumerate(h["skipped"][:]):
+                v = v.decode() if isinstance(v, bytes) else str(v)
+                if v:
+                    out[spec.rows[pos]] = v
+    return out
 
 
 def _digest(h: h5py.File) -> str:
@@ -258,14 +367,23 @@ def verify_cache(path: str | Path, progress=None) -> dict:
         with h5py.File(path, "r") as h:
             def visit(name, obj):
                 nonlocal n_chunks
-                if isinstance(obj, h5py.Dataset) and obj.chunks is not None:
-                    step = obj.chunks[0] * 64
+                if isinstance(obj, h5py.Dataset) and (obj.chunks is not None or obj.is_virtual):
+                    step = (obj.chunks[0] if obj.chunks else 1) * 64  # a virtual dataset reads through its shards
                     for a in range(0, obj.shape[0], step):
                         obj[a:a + step]
-                    n_chunks += obj.id.get_num_chunks()
+                    n_chunks += 0 if obj.is_virtual else obj.id.get_num_chunks()
             h.visititems(visit)
     except OSError as exc:
         raise damaged(path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
+    for rel, _ in json.loads(fc.attrs.get("shards", "[]")):
+        shard = path.parent / rel
+        try:
+            with h5py.File(shard, "r") as h:
+                ok = _data_sha(h["features"]) == h.attrs.get("features_sha256")
+        except OSError as exc:
+            raise damaged(path, f"shard {shard}: {str(exc).splitlines()[0]}") from None
+        if not ok:
+            raise damaged(path, f"shard {shard}: its features do not match their SHA-256")
     return {"path": str(path), "samples": int(len(fc.labels)), "images": int(fc.n_rows), "chunks": n_chunks}
 
 
@@ -275,7 +393,7 @@ def move_aside(target: Path) -> list[Path]:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for p in (target, target.with_name(target.name + ".partial")):
+    for p in (target, target.with_name(target.name + ".shards")):
         if p.exists():
             dest = p.with_name(f"{p.name}.damaged-{stamp}")
             os.replace(p, dest)
@@ -378,9 +496,14 @@ class FeatureCache:
         With ``out`` (a float32 array of shape (len(idx), ...)) they are written there.
         """
         try:
-            return self._read_features(idx, dtype, out)
+            out = self._read_features(idx, dtype, out)
         except OSError as exc:
             raise damaged(self.path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
+        # Extraction stores finite values only; Fletcher-32 cannot tell 0x0000 from 0xFFFF, which in
+        # float16 is a NaN, so a non-finite value read back is damage too.
+        if not np.isfinite(out.reshape(len(out), -1)).all():
+            raise damaged(self.path, "non-finite feature values read back")
+        return out
 
     def _read_features(self, idx, dtype, out):
         from .kernels import f16_rows_into
@@ -428,6 +551,9 @@ def open_cache(path: str | Path) -> FeatureCache:
                 )
             if h.attrs.get("digest") != _digest(h):
                 raise damaged(path, "its attributes or manifest do not match their digest")
+            for rel, _ in json.loads(h.attrs.get("shards", "[]")):
+                if not (path.parent / rel).is_file():  # a missing source would read as fill values
+                    raise damaged(path, f"shard {path.parent / rel} is missing")
             config = json.loads(h.attrs["config"])
             man = {k: h["manifest"][k][:] for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
             for k in MANIFEST_FIELDS:
@@ -539,7 +665,8 @@ def clean_cache_dir(cache_dir: str | Path) -> tuple[list[Path], list[Path]]:
         if ".damaged-" in p.name:
             kept.append(p)
             continue
-        if p.name.endswith(".partial") or p.name.endswith(".h5.tmp"):
+        if p.name.endswith(".shards") and not p.with_name(p.name[:-len(".shards")]).exists() \
+                or p.name.endswith(".partial") or p.name.endswith(".h5.tmp"):
             target = p.with_name(p.name.rsplit(".", 1)[0])
             try:
                 with CacheLock(target):

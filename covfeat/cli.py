@@ -94,6 +94,12 @@ def extract(
     max_aspect: Annotated[float, typer.Option(help="Skip images whose longer side exceeds the shorter this many times.")] = 4.0,
     on_conflict: Annotated[str, typer.Option(help="error (stop, listing them) or skip (drop every copy): the same bytes under two labels.")] = "error",
     rebuild: Annotated[bool, typer.Option(help="Move a damaged or unwanted cache (and its shards) aside and extract again.")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (an actor pool on an embedded or existing Ray; pip install -e '.[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")] = None,
+    ray_workers: Annotated[int, typer.Option(help="Ray actors, each holding the backbone once.")] = 2,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor reserves (fractions leave room for Ray's own tasks on small machines).")] = 0.5,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor reserves (1 on a GPU node).")] = 0.0,
+    shard: Annotated[Optional[str], typer.Option(help="i/N: compute only slice i of N of the shards (Slurm array or Kubernetes indexed jobs); a run without it merges.")] = None,
     cache_dir: CacheDir = Path("cache"),
 ):
     """Run one frozen backbone over the radiographs and cache the pre-pool feature maps (HDF5).
@@ -107,8 +113,16 @@ def extract(
                  seed=seed, views=views, dtype=dtype, batch_size=batch_size, workers=workers, occlude=occlude,
                  full_decode=full_decode, max_pixels=max_pixels, max_file_mb=max_file_mb, min_side=min_side,
                  max_aspect=max_aspect, on_conflict=on_conflict)
-    path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress(), rebuild=rebuild)
-    typer.echo(str(path))
+    from .config import DriverConfig
+
+    drv = _guard(lambda: DriverConfig(engine=engine, address=address, ray_workers=ray_workers,
+                                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                      shard=DriverConfig.parse_shard(shard)))
+    path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress(), rebuild=rebuild, driver=drv)
+    if path is None:
+        typer.echo("shards written; the index follows when every shard is present")
+    else:
+        typer.echo(str(path))
 
 
 @app.command("fit-head")

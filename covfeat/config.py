@@ -274,6 +274,36 @@ def key_config(cfg: ExtractConfig, weights_identity: str) -> dict:
     return out
 
 
+def _shard_ok(v) -> bool:
+    return v is None or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(x) for x in v) and 0 <= v[0] < v[1])
+
+
+@dataclass(frozen=True)
+class DriverConfig(Checked):
+    """Who computes the shards of an extraction; never changes the numbers (no field is keyed)."""
+
+    engine: str = setting("local", one_of("local", "ray"), flag="--engine")
+    address: str | None = setting(None, optional(TEXT, "an embedded local Ray, or RAY_ADDRESS"), flag="--address")
+    ray_workers: int = setting(2, integer(1, 10000), flag="--ray-workers")  # actors, each holding the model once
+    cpus_per_worker: float = setting(0.5, number(0, lo_open=True), flag="--cpus-per-worker")
+    gpus_per_worker: float = setting(0.0, number(0), flag="--gpus-per-worker")
+    shard: tuple[int, int] | None = setting(None, Rule("i/N with 0 <= i < N", _shard_ok), flag="--shard")
+
+    def _check(self):
+        if self.shard is not None and self.engine == "ray":
+            raise fail("--shard", "the local engine (a slice per process, for array jobs)", "with --engine ray")
+
+    @staticmethod
+    def parse_shard(text: str | None) -> tuple[int, int] | None:
+        if text is None:
+            return None
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise fail("--shard", "i/N with 0 <= i < N", text) from None
+        return (i, n)
+
+
 # --------------------------------------------------------------------------- stage two
 
 @dataclass(frozen=True)
@@ -400,5 +430,5 @@ def _check_key(key: str, value, origin: str) -> None:
         raise fail(f"{origin}: {key}", rule.expected, value)
 
 
-__all__ = ["ExtractConfig", "SplitConfig", "HeadConfig", "FitConfig", "JitterConfig", "OcclusionConfig",
+__all__ = ["DriverConfig", "ExtractConfig", "SplitConfig", "HeadConfig", "FitConfig", "JitterConfig", "OcclusionConfig",
            "NOT_IN_KEY", "key_config", "fit_config", "from_dict", "asdict"]

@@ -10,7 +10,6 @@ assembled.  No split is made here: it is a stage-two setting of ``fit-head``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -23,15 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
-from .cache import CacheLock, ShardStore, assemble, cache_key, cache_name, move_aside, verify_cache
-from .config import ExtractConfig, key_config
-from .errors import ConfigError, DataError
+from .cache import (SHARD_IMAGES, CacheLock, ShardSpec, ShardStore, assemble, cache_key, cache_name, move_aside,
+                    plan_shards, shard_fingerprints, shard_skips, verify_cache)
+from .config import DriverConfig, ExtractConfig, key_config
+from .errors import CacheLocked, ConfigError, DataError
 from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
 from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
-SHARD_ROWS = 32
 
 
 def sample_sources() -> list[Path]:
@@ -114,11 +113,16 @@ class Plan:
     manifest: Manifest
     config: dict
     rows: list[dict]
-    spec: object
+    spec: object  # the resolved weights
+    key: str
+    shards: list[ShardSpec]
+
+
+_plan_shards_orig = plan_shards  # tests re-plan with smaller shards through this name
 
 
 def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache") -> Plan:
-    """Resolve weights, read and hash the sources, check both classes, and name the cache.
+    """Resolve weights, read and hash the sources, check both classes, name the cache and its shards.
 
     Raises
     ------
@@ -145,73 +149,103 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
     key = cache_key(key_config(cfg, spec.identity), key_rows)
     target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, key)
-    return Plan(target, manifest, config, rows, spec)
+    return Plan(target, manifest, config, rows, spec, key, plan_shards(rows, key))
 
 
 def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
-            progress: bool = True, rebuild: bool = False) -> Path:
+            progress: bool = True, rebuild: bool = False, driver: DriverConfig | None = None) -> Path | None:
     """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
 
+    The work is a set of immutable shards (:class:`covfeat.cache.ShardSpec`); a run computes
+    only the shards that are missing, whichever driver made the others (``driver``: the
+    local pipeline, Ray, or one slice ``--shard i/N`` of them), and the index over them is
+    written once every shard is present and verified.  With ``--shard`` the return value is
+    None while other slices are still missing.
+
     A cache already at the target is verified (every checksum) before it is reused; a damaged
-    one is an error that names ``--rebuild``, which moves it (and any shards) aside and starts
-    over.
+    one is an error that names ``--rebuild``, which moves it (and its shards) aside.
 
     Raises
     ------
     WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked, CacheError
     """
+    driver = driver or DriverConfig()
     p = plan(sources, cfg, cache_dir)
-    target, manifest, config, rows, spec = p.target, p.manifest, p.config, p.rows, p.spec
+    target, manifest = p.target, p.manifest
     backbone = get_backbone(cfg.backbone)
     pipeline = cfg.pipeline()
     if rebuild:
         with CacheLock(target):
-            moved = move_aside(target)
-        for m in moved:
-            _log(f"Moved aside: {m}")
+            for m in move_aside(target):
+                _log(f"Moved aside: {m}")
     elif target.exists():
         verify_cache(target)  # raises, naming --rebuild, if anything is damaged
-        _log(f"Cache is complete and verified; nothing to do ({spec.label}).")
+        _log(f"Cache is complete and verified; nothing to do ({p.spec.label}).")
         return target
 
-    with CacheLock(target):
-        store = ShardStore(target, config)
-        n = len(rows)
-        start = store.rows_done()
-        if start:
-            _log(f"Resuming: {start} of {n} images already extracted.")
-        timings = {}
-        if start < n:
-            _probe_classes(manifest.records, pipeline)
-            timings = _run(manifest, cfg, backbone, spec, store, start, progress, pipeline)
-        skipped = {}
-        for _, _, p in store.shards():
-            with np.load(p) as z:
-                skipped.update({int(k): v for k, v in json.loads(str(z["skipped"])).items()})
-        if skipped:
-            _log(f"Skipped {len(skipped)} unreadable file(s):")
-            for k in sorted(skipped)[:10]:
-                _log(f"  {rows[k]['path']}: {skipped[k]}")
-            if len(skipped) > 10:
-                _log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
-        near = near_duplicates(store, rows)
-        extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
-                 "duplicates": [list(d) for d in manifest.duplicates],
-                 "broken_links": [list(b) for b in manifest.broken_links],
-                 "not_images": [list(b) for b in manifest.not_images],
-                 "conflicts": [list(c) for c in manifest.conflicts], "outside_manifest_folder": manifest.outside,
-                 "ignored": manifest.ignored, "weights_label": spec.label, "weights_path": spec.path or "",
-                 "timings": timings}
-        assemble(target, store, config=config, manifest=rows, feature_shape=backbone.feature_shape, dtype=cfg.dtype, extra=extra)
-        store.remove()
-    if not spec.pretrained:
+    store = ShardStore(target, p.key)
+    store.remove_stale_tmp()
+    todo = store.missing(p.shards)
+    if driver.shard is not None:
+        i, n_slices = driver.shard
+        todo = [s for s in todo if s.index % n_slices == i]
+    done = len(p.shards) - len(store.missing(p.shards))
+    if done:
+        _log(f"Resuming: {done} of {len(p.shards)} shards already extracted; computing {len(todo)}.")
+    timings = {}
+    if todo:
+        _probe_classes(manifest.records, pipeline)
+        if driver.engine == "ray":
+            from .distributed import run_ray
+
+            timings = run_ray(todo, p, cfg, driver, progress)
+        elif driver.shard is None:
+            with CacheLock(target):  # one local driver per cache: a second would only repeat the work
+                timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
+        else:
+            timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
+    still = store.missing(p.shards)
+    if still:
+        _log(f"{len(p.shards) - len(still)} of {len(p.shards)} shards present; the index is written when all are "
+             "(run the same command without --shard, or let the other slices finish).")
+        return None
+    try:
+        with CacheLock(target):
+            if not target.exists():
+                _merge(p, cfg, backbone, store, timings)
+    except CacheLocked:
+        _log("Another process is writing the index of this cache; it will be complete when it finishes.")
+        return None
+    if not p.spec.pretrained:
         _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
     return target
 
 
-def near_duplicates(store: ShardStore, rows: list[dict]) -> dict:
+def _merge(p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, timings: dict) -> None:
+    """The index over the shards: every shard verified, near-duplicates found, skips listed."""
+    rows, manifest, target = p.rows, p.manifest, p.target
+    skipped = shard_skips(store, p.shards)
+    if skipped:
+        _log(f"Skipped {len(skipped)} unreadable file(s):")
+        for k in sorted(skipped)[:10]:
+            _log(f"  {rows[k]['path']}: {skipped[k]}")
+        if len(skipped) > 10:
+            _log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
+    near = near_duplicates(store, p.shards, rows)
+    extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
+             "duplicates": [list(d) for d in manifest.duplicates],
+             "broken_links": [list(b) for b in manifest.broken_links],
+             "not_images": [list(b) for b in manifest.not_images],
+             "conflicts": [list(c) for c in manifest.conflicts], "outside_manifest_folder": manifest.outside,
+             "ignored": manifest.ignored, "weights_label": p.spec.label, "weights_path": p.spec.path or "",
+             "timings": timings}
+    assemble(target, store, p.shards, config=p.config, manifest=rows, feature_shape=backbone.feature_shape,
+             dtype=cfg.dtype, extra=extra)
+
+
+def near_duplicates(store: ShardStore, specs, rows: list[dict]) -> dict:
     """Near-duplicate pairs among the extracted images, logged and kept in the cache."""
-    hashes, thumbs = store.fingerprints(len(rows))
+    hashes, thumbs = shard_fingerprints(store, specs, len(rows))
     pairs = find_pairs(hashes, thumbs)
     paths = [r["path"] for r in rows]
     patients = [r["patient_id"] for r in rows]
@@ -234,95 +268,127 @@ def _lower_priority() -> None:
         pass
 
 
-def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardStore, start: int,
-         progress: bool, pipeline: InputPipeline) -> dict:
-    """Decode in a worker pool, forward on the main thread, write a shard every SHARD_ROWS rows."""
-    import tensorflow as tf
+def decode_job(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
+    """prepare_image, with every failure turned into a skip reason (a string)."""
+    try:
+        return prepare_image(path, sha256, cfg, pipeline)
+    except UnreadableImage as exc:
+        return str(exc)
+    except Exception as exc:  # an unexpected decoder failure is still a per-file skip
+        return f"unreadable ({type(exc).__name__}: {exc})"
+
+
+class ShardComputer:
+    """The forward pass of one shard's decoded images, in batches formed within the shard, so
+    every driver computes a shard's features identically."""
+
+    def __init__(self, cfg: ExtractConfig, backbone, spec):
+        from .quiet import import_tensorflow
+
+        import_tensorflow()
+        import tensorflow as tf
+
+        self.cfg, self.backbone = cfg, backbone
+        model = build_backbone(backbone, spec, seed=cfg.seed)
+        self.forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.batch = np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+        self.forward(self.batch)  # trace once
+        self.t_fwd = 0.0
+        self.n_fwd = 0
+
+    def features(self, results: list, on_batch=None):
+        """(features, images, views, params, skipped, fingerprints) of one shard's decode results."""
+        cfg, n_views, bs = self.cfg, self.cfg.augment + 1, self.cfg.batch_size
+        inputs, images, views, params_v, skipped, fps = [], [], [], [], {}, {}
+        for pos, res in enumerate(results):
+            if isinstance(res, str):
+                skipped[pos] = res
+                continue
+            inputs.append(res[0])
+            params_v.append(res[1])
+            fps[pos] = res[2]
+            images += [pos] * n_views
+            views += list(range(n_views))
+        views_list = [v for arr in inputs for v in arr]  # views in order, no copy
+        feats = np.empty((len(views_list), *self.backbone.feature_shape), np.dtype(cfg.dtype))
+        for b0 in range(0, len(views_list), bs):
+            k = min(bs, len(views_list) - b0)
+            for j in range(k):
+                self.batch[j] = views_list[b0 + j]
+            tf0 = time.perf_counter()
+            out = self.forward(self.batch).numpy()[:k]
+            self.t_fwd += time.perf_counter() - tf0
+            feats[b0:b0 + k] = out
+            if not np.isfinite(feats[b0:b0 + k]).all():
+                raise ConfigError(
+                    f"{cfg.backbone} gave feature values that {cfg.dtype} cannot hold (largest "
+                    f"{float(np.abs(out).max()):.3g}); extract again with --dtype float32."
+                )
+            self.n_fwd += k
+            if on_batch:
+                on_batch(k)
+        params = np.concatenate(params_v) if params_v else np.empty((0, 4), np.float32)
+        return feats, np.array(images, np.int32), np.array(views, np.int8), params, skipped, fps
+
+
+def extract_shard(spec: ShardSpec, rows: list[dict], cfg: ExtractConfig, pipeline: InputPipeline,
+                  store: ShardStore, computer: ShardComputer) -> Path:
+    """One shard, start to finish: decode its images, run the forward pass, write its file.
+    A pure function of (images, config): a retry writes the same shard."""
+    results = [decode_job(rows[i]["path"], rows[i]["sha256"], cfg, pipeline) for i in spec.rows]
+    feats, images, views, params, skipped, fps = computer.features(results)
+    return store.write(spec, [rows[i]["sha256"] for i in spec.rows], feats, images, views, params, skipped, fps)
+
+
+def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, progress: bool,
+         pipeline: InputPipeline) -> dict:
+    """The local driver: decode in a worker pool a shard ahead, forward on the main thread,
+    write each shard file off-thread; the same per-shard computation as every other driver."""
     from tqdm import tqdm
 
-    n = len(manifest.records)
+    rows = p.rows
     n_views = cfg.augment + 1
-    dtype = np.dtype(cfg.dtype)
-    records = manifest.records
-    bs = cfg.batch_size
-
-    def job(i):
-        try:
-            return prepare_image(records[i].path, records[i].sha256, cfg, pipeline)
-        except UnreadableImage as exc:
-            return str(exc)
-        except Exception as exc:  # an unexpected decoder failure is still a per-file skip
-            return f"unreadable ({type(exc).__name__}: {exc})"
-
+    order = [(s, i) for s in todo for i in s.rows]  # images in shard order
     pool = ThreadPoolExecutor(max_workers=cfg.workers, initializer=_lower_priority)
     writer = ThreadPoolExecutor(max_workers=1)  # shard files are written and fsynced off the main thread
     pending = deque()
-    nxt = start
+    nxt = 0
     # Decode the whole next shard while this one runs through the model, so the forward
     # pass never waits at a shard boundary; the first ones decode while the model builds.
-    lookahead = 2 * SHARD_ROWS
+    lookahead = 2 * SHARD_IMAGES
     t_start = time.perf_counter()
-    while nxt < n and len(pending) < lookahead:
-        pending.append(pool.submit(job, nxt))
-        nxt += 1
-    t0 = time.perf_counter()
-    model = build_backbone(backbone, spec, seed=cfg.seed)
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    forward(np.zeros((bs, INPUT_SIZE, INPUT_SIZE, 3), np.float32))  # trace once: a one-off, like the build
-    t_built = time.perf_counter()
 
-    bar = tqdm(total=(n - start) * n_views, unit="img", desc=f"extract {cfg.backbone}",
+    def fill():
+        nonlocal nxt
+        while nxt < len(order) and len(pending) < lookahead:
+            i = order[nxt][1]
+            pending.append(pool.submit(decode_job, rows[i]["path"], rows[i]["sha256"], cfg, pipeline))
+            nxt += 1
+
+    fill()
+    t0 = time.perf_counter()
+    computer = ShardComputer(cfg, backbone, p.spec)
+    t_built = time.perf_counter()
+    bar = tqdm(total=len(order) * n_views, unit="img", desc=f"extract {cfg.backbone}",
                disable=not progress, file=sys.stderr, smoothing=0.1)
-    batch = np.zeros((bs, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
-    n_fwd = 0
-    t_fwd = t_wait = 0.0
+    t_wait = 0.0
     written = None
     try:
-        for s0 in range(start, n, SHARD_ROWS):
-            s1 = min(n, s0 + SHARD_ROWS)
-            inputs, rows_v, views_v, params_v, skipped, fps = [], [], [], [], {}, {}
-            for i in range(s0, s1):
-                while nxt < n and len(pending) < lookahead:
-                    pending.append(pool.submit(job, nxt))
-                    nxt += 1
+        for spec in todo:
+            results = []
+            for _ in spec.rows:
+                fill()
                 tw0 = time.perf_counter()
                 res = pending.popleft().result()
                 t_wait += time.perf_counter() - tw0
                 if isinstance(res, str):
-                    skipped[i] = res
                     bar.update(n_views)
-                    continue
-                inputs.append(res[0])
-                params_v.append(res[1])
-                fps[i] = res[2]
-                rows_v += [i] * n_views
-                views_v += list(range(n_views))
-            if inputs:
-                views_list = [v for arr in inputs for v in arr]  # views in order, no copy
-                feats = np.empty((len(views_list), *backbone.feature_shape), dtype)
-                for b0 in range(0, len(views_list), bs):
-                    k = min(bs, len(views_list) - b0)
-                    for j in range(k):
-                        batch[j] = views_list[b0 + j]
-                    tf0 = time.perf_counter()
-                    out = forward(batch).numpy()[:k]
-                    t_fwd += time.perf_counter() - tf0
-                    feats[b0:b0 + k] = out
-                    if not np.isfinite(feats[b0:b0 + k]).all():
-                        raise ConfigError(
-                            f"{cfg.backbone} gave feature values that {cfg.dtype} cannot hold (largest "
-                            f"{float(np.abs(out).max()):.3g}); extract again with --dtype float32."
-                        )
-                    n_fwd += k
-                    bar.update(k)
-                params = np.concatenate(params_v)
-            else:
-                feats = np.empty((0, *backbone.feature_shape), dtype)
-                params = np.empty((0, 4), np.float32)
+                results.append(res)
+            feats, images, views, params, skipped, fps = computer.features(results, on_batch=bar.update)
             if written is not None:
-                written.result()  # one shard in flight at most; shards land in order
-            written = writer.submit(store.write, s0, s1, feats, np.array(rows_v, np.int32),
-                                    np.array(views_v, np.int8), params, skipped, fps)
+                written.result()  # one shard in flight at most
+            written = writer.submit(store.write, spec, [rows[i]["sha256"] for i in spec.rows], feats, images, views,
+                                    params, skipped, fps)
         if written is not None:
             written.result()
     finally:
@@ -334,5 +400,5 @@ def _run(manifest: Manifest, cfg: ExtractConfig, backbone, spec, store: ShardSto
     t_end = time.perf_counter()
     # pipeline_s: all the time the work took except the model build, as if decoding had not
     # overlapped the build at all (so a benchmark on few images cannot hide the decoding).
-    return {"build_model_s": t_built - t0, "pipeline_s": (t_end - t_start) - (t_built - t0), "forward_passes": n_fwd,
-            "forward_s": t_fwd, "waiting_for_decode_s": t_wait}
+    return {"build_model_s": t_built - t0, "pipeline_s": (t_end - t_start) - (t_built - t0),
+            "forward_passes": computer.n_fwd, "forward_s": computer.t_fwd, "waiting_for_decode_s": t_wait}

@@ -41,7 +41,11 @@ def test_extract_writes_complete_cache_and_reuses_it(mini, tmp_path):
     with h5py.File(path) as h:
         n = (mini["n_covid"] + mini["n_normal"]) * 2
         assert h["features"].shape == (n, 5, 5, 2048) and h["features"].dtype == np.float16
-        assert h["features"].chunks == (1, 5, 5, 2048)
+        assert h["features"].is_virtual  # over the immutable shards, one chunk per map in each
+        shard = path.parent / json.loads(h.attrs["shards"])[0][0]
+    with h5py.File(shard) as s:
+        assert s["features"].chunks == (1, 5, 5, 2048) and s["features"].fletcher32
+    with h5py.File(path) as h:
         assert sorted(np.unique(h["view"][:])) == [0, 1]
         assert h["label"][:].sum() == mini["n_covid"] * 2
         assert "split" not in h and "split" not in h["manifest"]  # the split is fit-head's
@@ -168,19 +172,19 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(_cli_cmd(*args, "--cache-dir", "killed"), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(Path("killed").glob("*.partial/shard_*.npz")):
+    while time.time() < deadline and not list(Path("killed").glob("*.shards/shard-*.h5")):
         time.sleep(0.2)
-    assert list(Path("killed").glob("*.partial/shard_*.npz")), proc.stderr.read().decode()[-2000:]
+    assert list(Path("killed").glob("*.shards/shard-*.h5")), proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(Path("killed").glob("*.h5"))  # nothing looks complete
     resumed = subprocess.run(_cli_cmd(*args, "--cache-dir", "killed"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming: 32 of 48 images already extracted." in resumed.stderr
+    assert "Resuming: 1 of 2 shards already extracted; computing 1." in resumed.stderr
     clean = subprocess.run(_cli_cmd(*args, "--cache-dir", "clean"), env=env, capture_output=True, text=True)
     a, b = resumed.stdout.strip().splitlines()[-1], clean.stdout.strip().splitlines()[-1]
     assert Path(a).name == Path(b).name
     with h5py.File(a) as ha, h5py.File(b) as hb:
         for k in ("features", "row", "view", "label", "aug_params"):
             np.testing.assert_array_equal(ha[k][:], hb[k][:])
-    assert not list(Path("killed").glob("*.partial"))
+    assert not list(Path("killed").glob("*.shards/.*.tmp"))  # no half-written shard is left

@@ -44,10 +44,13 @@ def cache(small, tmp_path):
     return Path(last(r))
 
 
-def _flip_byte_in_features(path: Path) -> None:
-    with h5py.File(path, "r") as h:
+def _flip_byte_in_features(index: Path) -> None:
+    """One byte of one feature map, changed inside the shard file that holds it."""
+    with h5py.File(index, "r") as h:
+        shard = index.parent / json.loads(h.attrs["shards"])[0][0]
+    with h5py.File(shard, "r") as h:
         info = h["features"].id.get_chunk_info(3)
-    with open(path, "r+b") as f:
+    with open(shard, "r+b") as f:
         f.seek(info.byte_offset + info.size // 2)
         b = f.read(1)
         f.seek(info.byte_offset + info.size // 2)
@@ -255,7 +258,7 @@ def test_a_manifest_opens_only_image_files(small, tmp_path):
 # 11. leftovers and locks
 def test_leftovers_are_cleaned_and_the_lock_file_stays(small, tmp_path):
     c, runs = tmp_path / "c", tmp_path / "runs"
-    (c / "inception_v3-none-deadbeef.h5.partial").mkdir(parents=True)
+    (c / "inception_v3-none-deadbeef.h5.shards").mkdir(parents=True)  # shards of a cache never finished
     stale = runs / ".inception_v3-20200101-000000.tmp"
     stale.mkdir(parents=True)
     (stale / ".covfeat-owner").write_text("999999")  # a writer that no longer exists
@@ -263,7 +266,7 @@ def test_leftovers_are_cleaned_and_the_lock_file_stays(small, tmp_path):
     mine.mkdir()
     r = runner.invoke(app, ["clean", "--cache-dir", str(c), "--runs-dir", str(runs)])
     assert r.exit_code == 0, r.output
-    assert not (c / "inception_v3-none-deadbeef.h5.partial").exists() and not stale.exists() and mine.exists()
+    assert not (c / "inception_v3-none-deadbeef.h5.shards").exists() and not stale.exists() and mine.exists()
     r = runner.invoke(app, EX + ["--data", str(small["cohen"]), "--data", str(small["normal"]), "--cache-dir", str(c)])
     assert list(c.glob("*.h5.lock"))  # the lock file is never deleted
 

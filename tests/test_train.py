@@ -139,7 +139,7 @@ def test_the_default_split_groups_patients(mini_cache):
 
 def _synthetic_cache(path: Path) -> Path:
     """A cache written straight from seeded synthetic maps (no backbone): stage two alone."""
-    from covfeat.cache import ShardStore, assemble
+    from covfeat.cache import ShardStore, assemble, plan_shards
 
     rng = np.random.default_rng(0)
     n_covid, n_normal, V, shape = 24, 36, 3, (3, 3, 32)
@@ -151,12 +151,15 @@ def _synthetic_cache(path: Path) -> Path:
     n = len(labels)
     config = {"backbone": "pinfake", "seed": 0,
               "weights": {"identity": "none:seed=0", "kind": "none", "pretrained": False, "label": "random"}}
-    store = ShardStore(path, config)
-    store.write(0, n, feats.reshape(n * V, *shape), np.repeat(np.arange(n), V).astype(np.int32),
-                np.tile(np.arange(V), n).astype(np.int8), np.zeros((n * V, 4), np.float32), {})
     rows = [{"path": f"/img/{i:03d}.png", "label": int(labels[i]), "patient_id": patients[i], "source": "syn",
              "view": "", "sha256": f"{i:064x}"} for i in range(n)]
-    assemble(path, store, config=config, manifest=rows, feature_shape=shape, dtype="float16", extra={})
+    store = ShardStore(path, "pinned")
+    specs = plan_shards(rows, "pinned")
+    for spec in specs:
+        m = len(spec.rows)
+        store.write(spec, [rows[i]["sha256"] for i in spec.rows], feats[list(spec.rows)].reshape(m * V, *shape),
+                    np.repeat(np.arange(m), V), np.tile(np.arange(V), m), np.zeros((m * V, 4), np.float32), {}, {})
+    assemble(path, store, specs, config=config, manifest=rows, feature_shape=shape, dtype="float16", extra={})
     return path
 
 

@@ -1,0 +1,165 @@
+"""Extraction as immutable shards: every driver (local, Ray, --shard i/N) gives the same cache,
+array for array; a rerun computes only what is missing; a damaged shard is named."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_mini
+from covfeat.cli import app
+
+runner = CliRunner()
+ARRAYS = ("features", "row", "view", "label", "aug_params")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mini(tmp_path_factory.mktemp("scale"), n_covid=24, n_normal=24)  # 48 images: 2 shards
+
+
+def _args(data, cache_dir, *more):
+    return ["extract", "-b", "inception_v3", "--weights", "none", "--augment", "1", "--data", str(data["cohen"]),
+            "--data", str(data["normal"]), "--cache-dir", str(cache_dir), *more]
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, COVFEAT_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "covfeat.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    r = _cli(*_args(data, tmp_path_factory.mktemp("ref")))
+    assert r.returncode == 0, r.stderr
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def _same(a: Path, b: Path):
+    assert a.name == b.name  # the same key
+    with h5py.File(a) as ha, h5py.File(b) as hb:
+        assert ha["features"].is_virtual and hb["features"].is_virtual
+        for k in ARRAYS:
+            np.testing.assert_array_equal(ha[k][:], hb[k][:], err_msg=k)
+
+
+def test_slices_in_separate_processes_then_the_merge_equal_the_reference(data, reference, tmp_path):
+    c = tmp_path / "c"
+    outs = []
+    for i in range(3):  # 2 shards, 3 slices: slice 2 has none; the slice that completes the set merges
+        r = _cli(*_args(data, c, "--shard", f"{i}/3"))
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip().splitlines()[-1])
+    assert outs[0] == "shards written; the index follows when every shard is present"
+    assert outs[1] == outs[2] and "nothing to do" in r.stderr
+    index = Path(outs[1])
+    _same(index, reference)
+    from covfeat.config import FitConfig, HeadConfig
+    from covfeat.train import fit_head
+
+    runs = [fit_head(x, FitConfig(head=HeadConfig(epochs=3)), tmp_path / n, progress=False)
+            for x, n in ((index, "a"), (reference, "b"))]
+    import keras
+
+    wa, wb = (keras.models.load_model(r / "head.keras").get_weights() for r in runs)
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_killed_driver_resumes_by_subtraction(data, reference, tmp_path, monkeypatch):
+    c = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "covfeat.cli", *_args(data, c)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, COVFEAT_NO_PROGRESS="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(c.glob("*.shards/shard-*.h5")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(c.glob("*.shards/shard-*.h5"))) == 1 and not list(c.glob("*.h5"))
+    r = _cli(*_args(data, c))
+    assert r.returncode == 0, r.stderr
+    assert "Resuming: 1 of 2 shards already extracted; computing 1." in r.stderr
+    _same(Path(r.stdout.strip().splitlines()[-1]), reference)
+
+
+def test_a_damaged_or_missing_shard_keeps_the_index_unwritten_and_is_named(data, tmp_path):
+    c = tmp_path / "c"
+    for i in range(2):
+        assert _cli(*_args(data, c, "--shard", f"{i}/2")).returncode == 0
+    idx = next(c.glob("*.h5"))
+    shards = sorted(c.glob("*.shards/shard-*.h5"))
+    shards[0].rename(shards[0].with_suffix(".moved"))
+    r = runner.invoke(app, ["info", str(idx)])
+    assert r.exit_code == 1 and f"is damaged (shard {shards[0]} is missing)" in r.stderr
+    shards[0].with_suffix(".moved").rename(shards[0])
+    idx.unlink()  # the index is gone; a shard is damaged: the merge must not write it
+    with h5py.File(shards[1], "r") as h:
+        info = h["features"].id.get_chunk_info(2)
+    with open(shards[1], "r+b") as f:
+        f.seek(info.byte_offset + 8)
+        f.write(b"\xff\xff\xff\xff")
+    r = runner.invoke(app, _args(data, c))
+    assert r.exit_code == 1 and f"shard {shards[1]} is damaged" in r.stderr, r.output
+    assert not list(c.glob("*.h5"))
+
+
+ray = pytest.importorskip("ray", reason="Ray is the optional extra: pip install -e '.[ray]'")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_ray_on_a_local_two_worker_cluster_equals_the_local_driver(data, reference, tmp_path, ray_cluster):
+    from covfeat.config import DriverConfig, ExtractConfig
+    from covfeat.extract import extract
+
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1)
+    out = extract([data["cohen"], data["normal"]], cfg, tmp_path / "c", progress=False,
+                  driver=DriverConfig(engine="ray", ray_workers=2))
+    _same(out, reference)
+
+
+def test_a_killed_ray_worker_is_restarted_and_every_image_appears_once(data, tmp_path, ray_cluster, monkeypatch):
+    """Shards of 4 images (12 of them); one worker is killed with SIGKILL after the first shard."""
+    import covfeat.extract as ex
+    from covfeat.config import DriverConfig, ExtractConfig
+
+    monkeypatch.setattr(ex, "plan_shards", lambda rows, key: ex.__dict__["_plan_shards_orig"](rows, key, size=4))
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1)
+    c = tmp_path / "c"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(c.glob("*.shards/shard-*.h5")):
+            time.sleep(0.05)
+        out = subprocess.run(["pgrep", "-f", "_ShardActor"], capture_output=True, text=True).stdout.split()
+        if out:
+            os.kill(int(out[0]), signal.SIGKILL)
+            killed.append(out[0])
+
+    import threading
+
+    t = threading.Thread(target=killer)
+    t.start()
+    index = ex.extract([data["cohen"], data["normal"]], cfg, c, progress=False,
+                       driver=DriverConfig(engine="ray", ray_workers=2))
+    t.join()
+    assert killed, "no worker to kill"
+    ref = ex.extract([data["cohen"], data["normal"]], cfg, tmp_path / "local", progress=False)
+    _same(index, ref)
+    with h5py.File(index) as h:
+        rows = h["row"][:]
+    assert sorted(np.bincount(rows)) == [2] * 48  # every image once, with its two views
