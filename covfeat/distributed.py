@@ -59,11 +59,6 @@ class _ShardActor:
         return {"shard": done}
 
 
-def _restartable() -> dict:
-    """Killed actors come back and their shards are retried, as often as it takes."""
-    return {"max_restarts": -1, "max_task_retries": -1}
-
-
 def run_ray(todo, plan, cfg, driver, progress: bool = True) -> dict:
     """Compute ``todo`` shards on Ray; returns timings."""
     try:
@@ -98,8 +93,7 @@ def run_ray(todo, plan, cfg, driver, progress: bool = True) -> dict:
         _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
         num_gpus=driver.gpus_per_worker or None,
         fn_constructor_kwargs=dict(target=str(plan.target.resolve()), key=plan.key, rows=plan.rows, shards=shards,
-                                   cfg=cfg_dict, weights=weights),
-        ray_remote_args_fn=_restartable)
+                                   cfg=cfg_dict, weights=weights))  # Ray Data restarts its actors and retries by default
     n = 0
     for _ in out.iter_rows():
         n += 1
