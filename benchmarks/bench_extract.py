@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import SHARED, machine, matmul_gflops, model_flops, peak_rss_mb, table, write_results  # noqa: E402
+from common import SHARED, machine, machine_line, matmul_gflops, model_flops, peak_rss_mb, table, write_results  # noqa: E402,E501
 
 
 def subset(root: Path, n: int) -> list[Path]:
@@ -70,7 +70,8 @@ def render(data: dict, images: int, augment: int) -> str:
              f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflop_s']:.1f}", f"{r['fraction_of_matmul_peak']:.2f}"]
             for r in results]
     return "\n".join([
-        "# Extraction benchmark", "",
+        "# Extraction benchmark", "", machine_line(data["machine"]) if "cpu" in data["machine"] else
+        "Machine: not recorded (a result from before covfeat named the CPU).", "",
         f"{data['machine']['date']}, {data['machine']['cpus']} CPUs, TensorFlow {data['machine']['tensorflow']}, "
         f"GPUs: {data['machine']['gpus'] or 'none'}. Weights: none (random init, NOT PRETRAINED). "
         f"{images} image files per backbone, --augment {augment}, batch 16.",

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import SHARED, machine, peak_rss_mb, table, write_results  # noqa: E402
+from common import SHARED, machine, machine_line, peak_rss_mb, table, write_results  # noqa: E402
 
 
 def ensure_cache(cache_dir: Path) -> tuple[Path, float | None]:
@@ -191,7 +191,7 @@ def main():
         ["5-fold cross-validation (fit-head x 5)", f"{out['cv_5fold_seconds']:.1f}", "", "measured"],
     ]
     md = "\n".join([
-        "# Head-training benchmark", "",
+        "# Head-training benchmark", "", machine_line(out["machine"]), "",
         f"{out['machine']['date']}, {os.cpu_count()} CPUs. Cache: {fc.backbone}, {n_samples} cached maps "
         f"({len(tr)} training rows + {len(syn)} SMOTE rows, {V} views each), shape {tuple(shape)}, "
         "weights none (random init, NOT PRETRAINED). 100 epochs, batch 8, SGD(1e-4, momentum 0.5), "
