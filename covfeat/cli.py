@@ -30,6 +30,14 @@ def _fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def _check(fn, *args, **kwargs):
+    """Build or check settings (no TensorFlow): a bad value is one line, before any work."""
+    try:
+        return fn(*args, **kwargs)
+    except CovfeatError as exc:
+        _fail(str(exc))
+
+
 def _guard(fn, *args, **kwargs):
     """Run a library call; expected errors become one line on stderr and exit code 1."""
     import_tensorflow()  # quietly, before any library code can import it noisily
@@ -109,13 +117,13 @@ def extract(
     """
     from . import extract as ex
 
-    cfg = _guard(_extract_config, backbone=backbone, weights=weights, preprocess=preprocess, augment=augment,
+    cfg = _check(_extract_config, backbone=backbone, weights=weights, preprocess=preprocess, augment=augment,
                  seed=seed, views=views, dtype=dtype, batch_size=batch_size, workers=workers, occlude=occlude,
                  full_decode=full_decode, max_pixels=max_pixels, max_file_mb=max_file_mb, min_side=min_side,
                  max_aspect=max_aspect, on_conflict=on_conflict)
     from .config import DriverConfig
 
-    drv = _guard(lambda: DriverConfig(engine=engine, address=address, ray_workers=ray_workers,
+    drv = _check(lambda: DriverConfig(engine=engine, address=address, ray_workers=ray_workers,
                                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                                       shard=DriverConfig.parse_shard(shard)))
     path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress(), rebuild=rebuild, driver=drv)
@@ -162,7 +170,7 @@ def fit_head(
     from . import train
     from .config import fit_config
 
-    fit = _guard(fit_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+    fit = _check(fit_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                  momentum=momentum, dropout=dropout, dense_units=dense_units, activity_l1=activity_l1,
                  activity_l2=activity_l2, balance=balance, smote_k=smote_k, seed=seed, engine=engine, val=val,
                  test=test, split_by=split_by, split_seed=split_seed, near_duplicates=near_duplicates, target_recall=target_recall, folds=folds,
@@ -193,7 +201,7 @@ def predict(
     """P(COVID-19) for new radiographs, with the run's own preprocessing, backbone, head and threshold."""
     from . import predict as pr
 
-    _guard(pr.check_table_path, out)
+    _check(pr.check_table_path, out)
     rows = _guard(pr.predict, run, images)
     typer.echo(pr.format_table(rows))
     bad = sum(1 for r in rows if r["error"])
@@ -233,8 +241,8 @@ def reproduce(
     from .config import ExtractConfig, FitConfig, HeadConfig, SplitConfig
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
-    base = _guard(lambda: ExtractConfig(backbone=names[0], weights=weights, augment=augment, seed=seed))
-    fit = _guard(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed)))
+    base = _check(lambda: ExtractConfig(backbone=names[0], weights=weights, augment=augment, seed=seed))
+    fit = _check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed)))
     runs, _ = _guard(rp.reproduce, data, base, fit, cache_dir, runs_dir, names, progress=_progress())
     out = rp.report_folder(runs_dir, runs)
     typer.echo(_guard(rp.full_report, runs, out))
@@ -256,7 +264,7 @@ def audit(
     from . import audit as au
     from .config import OcclusionConfig
 
-    occl = _guard(OcclusionConfig.parse, occlude)
+    occl = _check(OcclusionConfig.parse, occlude)
     res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),
                  keep_overlap=keep_overlap)
     typer.echo(au.summary(res))
