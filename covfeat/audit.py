@@ -191,17 +191,28 @@ def _manifest_csv(fc, rows, path: Path) -> Path:
     return path
 
 
-def _retrain(run: Run, fc, fit: FitConfig, cfg: ExtractConfig, cache_dir, name: str, progress: bool) -> Run:
-    """Extract the run's own images with ``cfg`` and train the run's head on the run's split."""
+def _retrain(run: Run, fc, fit: FitConfig, cfg: ExtractConfig, cache_dir, name: str, progress: bool):
+    """Extract the run's own images with ``cfg`` and train the run's head on the run's split;
+    returns the new run and its cache (whose rows its predictions index)."""
     split = run.split()
     rows = np.flatnonzero(split >= 0)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     src = _manifest_csv(fc, rows, Path(cache_dir) / f"audit-{fc.content_hash()}.csv")
-    other = open_cache(extract([src], cfg, cache_dir, progress=progress))
+    other = open_cache(_extract_or_fail(extract([src], cfg, cache_dir, progress=progress)))
     by_hash = dict(zip(fc.manifest["sha256"], split))
     other_split = np.array([by_hash.get(h, -1) for h in other.manifest["sha256"]], np.int8)
     other_split[~other.has_features()] = -1  # unreadable after all (for example, no lung mask)
     return Run(fit_head(other.path, fit, run.path / "audit-runs", split=other_split, progress=progress, fc=other,
-                        name=name))
+                        name=name)), other
+
+
+def _extract_or_fail(path):
+    if path is None:
+        from .errors import CacheLocked
+
+        raise CacheLocked("Another covfeat process is writing the index of the audit's cache; run the audit again "
+                          "when it has finished.")
+    return path
 
 
 def _run_auc(run: Run, fc) -> tuple[float, float, float]:
@@ -219,9 +230,9 @@ def control_probe(run: Run, fc, fit: FitConfig, cache_dir, progress=True) -> dic
                 f"own control: this run's backbone is itself random-init (NOT PRETRAINED) and reaches "
                 f"{_nums(*own)}; whatever it scores, it scores without ImageNet features. (A run with pretrained "
                 "weights gets a random-init control here.)"}
-    ctl = _retrain(run, fc, fit, _config_from(fc, weights="none"), cache_dir, "control", progress)
+    ctl, ctl_cache = _retrain(run, fc, fit, _config_from(fc, weights="none"), cache_dir, "control", progress)
     pr = ctl.predictions()
-    auc = group_bootstrap_auc(pr["label"], pr["p_covid"], _groups(fc, pr["row"]) if len(pr["row"]) else None)
+    auc = group_bootstrap_auc(pr["label"], pr["p_covid"], _groups(ctl_cache, pr["row"]) if len(pr["row"]) else None)
     solvable = auc[2] >= own[0]  # the control's interval reaches the run's own AUC
     text = (f"{'FLAGGED' if solvable else 'not flagged'}: a random-init backbone with the same head and split "
             f"reaches {_nums(*auc)} against the run's {_nums(*own)}; "
@@ -237,11 +248,11 @@ def control_probe(run: Run, fc, fit: FitConfig, cache_dir, progress=True) -> dic
 
 def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True) -> dict:
     """The lung field blanked, the same head retrained on the same split; AUC against the run's and chance."""
-    occ = _retrain(run, fc, fit, _config_from(fc, occlusion=occlusion), cache_dir, "occlusion", progress)
+    occ, occ_cache = _retrain(run, fc, fit, _config_from(fc, occlusion=occlusion), cache_dir, "occlusion", progress)
     pr = occ.predictions()
     own = _run_auc(run, fc)
     y, p = pr["label"], pr["p_covid"]
-    auc, lo, hi = group_bootstrap_auc(y, p, _groups(fc, pr["row"]) if len(y) else None)
+    auc, lo, hi = group_bootstrap_auc(y, p, _groups(occ_cache, pr["row"]) if len(y) else None)
     kind = separation(auc, lo, hi)
     what = "the lung field blanked" + (f" (masks from {occlusion.masks})" if occlusion.kind == "masks" else
                                        f" (central box {tuple(round(b, 2) for b in occlusion.box)})")
@@ -314,7 +325,7 @@ def source_probe(fc, seed: int = 0) -> dict:
 def external_probe(run: Run, fc, sources, cache_dir, progress=True, keep_overlap: bool = False) -> dict:
     """The run on another labelled source, at the same thresholds as its own test, per source,
     with near-duplicates of the run's own images left out (and listed)."""
-    ext = open_cache(extract(sources, _config_from(fc, augment=0), cache_dir, progress=progress))
+    ext = open_cache(_extract_or_fail(extract(sources, _config_from(fc, augment=0), cache_dir, progress=progress)))
     rows = np.flatnonzero(ext.has_features())
     mine = np.flatnonzero(fc.has_features())
     h_ext, t_ext = ext.fingerprints(rows)

@@ -56,17 +56,22 @@ def cache_name(backbone: str, weights_kind: str, key: str) -> str:
 
 
 class CacheLock:
-    """An exclusive, non-blocking lock on ``<cache>.lock``; the OS drops it if we die."""
+    """A non-blocking lock on ``<cache>.lock``; the OS drops it if we die.
 
-    def __init__(self, target: Path):
+    Exclusive for whatever must be alone (the local driver, writing the index, --rebuild,
+    clean); shared (``shared=True``) for processes that only add shards (--shard slices, a
+    Ray driver), so several may work at once while clean and --rebuild wait for them."""
+
+    def __init__(self, target: Path, shared: bool = False):
         self.path = target.with_name(target.name + ".lock")
+        self.shared = shared
         self._fh = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a+")
         try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fh, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "unknown"
@@ -75,10 +80,11 @@ class CacheLock:
                 f"Another covfeat process (pid {holder}) is writing {self.path.with_suffix('').name}; "
                 "wait for it to finish, or stop it and run again to resume."
             ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(str(os.getpid()))
-        self._fh.flush()
+        if not self.shared:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(str(os.getpid()))
+            self._fh.flush()
         return self
 
     def __exit__(self, *exc):
@@ -88,16 +94,22 @@ class CacheLock:
         self._fh.close()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 SHARD_IMAGES = 32  # images per shard
+_HOST = __import__("socket").gethostname().replace(".", "_")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,8 @@ class ShardSpec:
     name: str
 
 
-def plan_shards(rows: list[dict], key: str, size: int = SHARD_IMAGES) -> list[ShardSpec]:
+def plan_shards(rows: list[dict], key: str, size: int | None = None) -> list[ShardSpec]:
+    size = size or SHARD_IMAGES
     order = sorted(range(len(rows)), key=lambda i: rows[i]["sha256"])
     out = []
     for k, a in enumerate(range(0, len(order), size)):
@@ -130,7 +143,12 @@ def _data_sha(ds) -> str:
 
 
 def _shard_digest(h: h5py.File) -> str:
+    """SHA-256 of everything in a shard but its features (which have their own): which sample
+    belongs to which image, its view, its jitter, the image hashes, skips and fingerprints."""
     d = hashlib.sha256()
+    for k in ("image", "view", "aug_params", "phash"):
+        if k in h:
+            d.update(k.encode() + np.ascontiguousarray(h[k][:]).tobytes())
     for k in ("sha256", "skipped"):
         d.update(k.encode() + b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in h[k][:]))
     d.update(str(h.attrs.get("key", "")).encode())
@@ -172,18 +190,19 @@ class ShardStore:
         for pos, (h, t) in fingerprints.items():
             hashes[pos], thumbs[pos] = h, t
         final = self.path(spec)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        tmp = final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.tmp")
         kw = dict(track_times=False)
         with h5py.File(tmp, "w", track_order=False) as h:
             n = len(features)
             h.create_dataset("features", data=features, chunks=(1, *features.shape[1:]) if n else None,
                              fletcher32=bool(n), **kw)
-            h.create_dataset("image", data=np.asarray(images, np.int32), **kw)
-            h.create_dataset("view", data=np.asarray(views, np.int8), **kw)
-            h.create_dataset("aug_params", data=np.asarray(params, np.float32).reshape(-1, 4), **kw)
+            small = dict(chunks=True, fletcher32=True, **kw) if n else kw
+            h.create_dataset("image", data=np.asarray(images, np.int32), **small)
+            h.create_dataset("view", data=np.asarray(views, np.int8), **small)
+            h.create_dataset("aug_params", data=np.asarray(params, np.float32).reshape(-1, 4), **small)
             _str_ds(h, "sha256", shas)
             _str_ds(h, "skipped", [skipped.get(i, "") for i in range(m)])
-            h.create_dataset("phash", data=hashes, **kw)
+            h.create_dataset("phash", data=hashes, chunks=True, fletcher32=True, **kw)
             h.create_dataset("thumb", data=thumbs, chunks=(max(m, 1), *thumbs.shape[1:]), fletcher32=True, **kw)
             h.attrs["key"] = self.key
             h.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()
@@ -191,6 +210,7 @@ class ShardStore:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
         return final
 
     def verify(self, spec: ShardSpec, rows: list[dict]) -> None:
@@ -202,20 +222,26 @@ class ShardStore:
         try:
             with h5py.File(path, "r") as h:
                 if h.attrs.get("key") != self.key or h.attrs.get("digest") != _shard_digest(h):
-                    raise CacheError(f"shard {path} does not match its digest")
+                    raise CacheError(f"shard {path} does not match its digest; delete it and run the extraction "
+                                     "again to recompute it")
                 if [v.decode() if isinstance(v, bytes) else v for v in h["sha256"][:]] != want:
                     raise CacheError(f"shard {path} holds other images than its name says")
+                image, view = h["image"][:], h["view"][:]
+                if len(image) != h["features"].shape[0] or len(view) != len(image) or (np.diff(image) < 0).any():
+                    raise CacheError(f"shard {path} is damaged (its samples do not line up with its images)")
                 h["thumb"][:]
                 if _data_sha(h["features"]) != h.attrs.get("features_sha256"):  # reads (and checksums) every chunk
-                    raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256)")
+                    raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256); delete it "
+                                     "and run the extraction again to recompute it")
         except OSError as exc:
-            raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]})") from None
+            raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]}); delete it and run the "
+                             "extraction again to recompute it") from None
 
     def remove_stale_tmp(self) -> None:
         """Half-written shard files of writers that died on this host (their pid is in the name)."""
         from .runs import _alive
 
-        for p in self.dir.glob(".*.tmp"):
+        for p in self.dir.glob(f".*.{_HOST}.*.tmp"):  # this host's only: another's pids mean nothing here
             try:
                 pid = int(p.name.rsplit(".", 2)[-2])
             except ValueError:
@@ -229,7 +255,7 @@ def _str_ds(group, name, values):
 
 
 def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config: dict, manifest: list[dict],
-             feature_shape: tuple, dtype: str, extra: dict) -> None:
+             feature_shape: tuple, dtype: str, extra: dict, verified: bool = False) -> None:
     """Write the index: ``features`` a virtual dataset over every shard (no feature is copied),
     the small per-sample and per-image arrays, the manifest, the skip list and the attributes;
     under a temporary name, verified, marked complete last, renamed.  Every shard must be
@@ -239,8 +265,9 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
         raise CacheError(f"{len(missing)} of {len(specs)} shards are missing (first: {store.path(missing[0])}); "
                          "run the extraction again to compute them.")
     row_of = {}
-    for spec in specs:
-        store.verify(spec, manifest)
+    if not verified:
+        for spec in specs:
+            store.verify(spec, manifest)
     n = 0
     parts = []
     for spec in specs:
@@ -303,6 +330,7 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def shard_fingerprints(store: ShardStore, specs: list[ShardSpec], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -563,9 +591,14 @@ def open_cache(path: str | Path) -> FeatureCache:
                                (r.decode() for r in h["skipped"]["reason"][:])))
             attrs = {k: h.attrs[k] for k in h.attrs}
             return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs)
+    except CacheError:
+        raise
     except (OSError, KeyError, ValueError) as exc:
-        raise damaged(path, f"not a readable HDF5 cache: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "unable to lock file" in text.lower():
+            raise CacheError(f"{path} cannot be opened because HDF5 cannot lock it ({text}); on a file system without "
+                             "locks set HDF5_USE_FILE_LOCKING=FALSE.") from None
+        raise damaged(path, f"not a readable HDF5 cache: {text}") from None
 
 
 def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str | Path,
@@ -593,8 +626,14 @@ def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str 
     if data:
         from .sources import load_sources
 
-        want = {r.sha256 for r in load_sources(data).records}
-        found = [p for p in found if set(open_cache(p).manifest["sha256"]) == want]
+        picked = []
+        for p in found:
+            fc = open_cache(p)
+            views = tuple(fc.config.get("views", ("PA",)))
+            want = {r.sha256 for r in load_sources(data, views=views, on_conflict="skip").records}
+            if set(fc.manifest["sha256"]) == want:
+                picked.append(p)
+        found = picked
         if not found:
             raise CacheError(f"No complete cache of {backbone} in {cache_dir} holds exactly the images of --data; "
                              f"run `covfeat extract --backbone {backbone} --data ...` first.")

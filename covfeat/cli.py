@@ -241,7 +241,8 @@ def reproduce(
     from .config import ExtractConfig, FitConfig, HeadConfig, SplitConfig
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
-    base = _check(lambda: ExtractConfig(backbone=names[0], weights=weights, augment=augment, seed=seed))
+    for name in names:  # every name checked before the first extraction starts
+        base = _check(lambda: ExtractConfig(backbone=name, weights=weights, augment=augment, seed=seed))
     fit = _check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed)))
     runs, _ = _guard(rp.reproduce, data, base, fit, cache_dir, runs_dir, names, progress=_progress())
     out = rp.report_folder(runs_dir, runs)

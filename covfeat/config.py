@@ -362,6 +362,9 @@ class FitConfig(Checked):
             raise ConfigError("--target-recall: picks the threshold on validation rows; expected --val > 0, got 0.")
         if self.repeats > 1 and not self.folds:
             raise fail("--repeats", "--folds as well (repeats are of cross-validation)", self.repeats)
+        if self.folds and self.split.val / (1 - 1 / self.folds) >= 1:
+            raise fail("--val", f"a share below {1 - 1 / self.folds:g} with --folds {self.folds} (the validation share "
+                       "is carved from each fold's training part)", self.split.val)
 
     def resolved(self, backbone) -> "FitConfig":
         return replace(self, head=self.head.resolved(backbone))

@@ -25,7 +25,8 @@ def _log(msg: str) -> None:
 class _ShardActor:
     """Holds the backbone once; computes the shards it is given."""
 
-    def __init__(self, target: str, key: str, rows: list[dict], shards: dict, cfg: dict, weights: str):
+    def __init__(self, target: str, key: str, rows: list[dict], shards: dict, cfg: dict, weights: str,
+                 identity: str):
         from pathlib import Path
 
         from .backbones import get_backbone, resolve_weights
@@ -36,6 +37,11 @@ class _ShardActor:
         self.cfg = from_dict(ExtractConfig, {**cfg, "weights": weights}, "the driver's config")
         backbone = get_backbone(self.cfg.backbone)
         spec = resolve_weights(backbone, self.cfg.weights, seed=self.cfg.seed)
+        if spec.identity != identity:  # a node with another file at the same path must not add shards
+            from .errors import WeightsUnavailable
+
+            raise WeightsUnavailable(f"The weights on this Ray node ({spec.identity}) are not the planned ones "
+                                     f"({identity}); put the same file at {weights} on every node.")
         if os.environ.get("CUDA_VISIBLE_DEVICES"):
             import tensorflow as tf
 
@@ -63,8 +69,10 @@ def run_ray(todo, plan, cfg, driver, progress: bool = True) -> dict:
     """Compute ``todo`` shards on Ray; returns timings."""
     try:
         import ray
+        import ray.data  # noqa: F401
     except ImportError:
-        raise ConfigError("--engine ray needs Ray: pip install -e \".[ray]\" (or pip install 'ray[data]').") from None
+        raise ConfigError("--engine ray needs Ray with its data library: pip install -e \".[ray]\" "
+                          "(or pip install 'ray[data]').") from None
     from dataclasses import asdict
 
     from .quiet import import_tensorflow
@@ -74,10 +82,14 @@ def run_ray(todo, plan, cfg, driver, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         kw = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, logging_level="ERROR")
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kw)
+        try:
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=os.cpu_count(), **kw)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"--address {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
+                              "start it with `ray start --head`, or leave --address out for a local Ray.") from None
     import logging
 
     for name in ("ray", "ray.data"):
@@ -93,9 +105,19 @@ def run_ray(todo, plan, cfg, driver, progress: bool = True) -> dict:
         _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
         num_gpus=driver.gpus_per_worker or None,
         fn_constructor_kwargs=dict(target=str(plan.target.resolve()), key=plan.key, rows=plan.rows, shards=shards,
-                                   cfg=cfg_dict, weights=weights))  # Ray Data restarts its actors and retries by default
+                                   cfg=cfg_dict, weights=weights, identity=plan.spec.identity))  # Ray Data restarts its actors and retries by default
     n = 0
-    for _ in out.iter_rows():
-        n += 1
+    try:
+        for _ in out.iter_rows():
+            n += 1
+    except Exception as exc:  # a worker's covfeat error comes back wrapped by Ray: give the user its own line
+        from .errors import CovfeatError
+
+        cause = exc
+        while cause is not None and not isinstance(cause, CovfeatError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
     _log(f"Ray: {n} shard(s) computed by {driver.ray_workers} worker(s) in {time.perf_counter() - t0:.1f} s.")
     return {"ray_seconds": time.perf_counter() - t0, "ray_workers": driver.ray_workers, "shards_computed": n}

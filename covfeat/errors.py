@@ -36,3 +36,8 @@ class RunError(CovfeatError, ValueError):
 
 class ConfigError(CovfeatError, ValueError):
     """An option or config value is out of range or inconsistent."""
+
+
+class FileUnavailable(CovfeatError, OSError):
+    """A listed file cannot be read now (permissions, an unmounted share): not a bad image, so
+    extraction stops instead of recording a skip that would last in an immutable shard."""

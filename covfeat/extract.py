@@ -25,7 +25,7 @@ from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
 from .cache import (SHARD_IMAGES, CacheLock, ShardSpec, ShardStore, assemble, cache_key, cache_name, move_aside,
                     plan_shards, shard_fingerprints, shard_skips, verify_cache)
 from .config import DriverConfig, ExtractConfig, key_config
-from .errors import CacheLocked, ConfigError, DataError
+from .errors import CacheLocked, ConfigError, DataError, FileUnavailable
 from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
 from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
@@ -118,9 +118,6 @@ class Plan:
     shards: list[ShardSpec]
 
 
-_plan_shards_orig = plan_shards  # tests re-plan with smaller shards through this name
-
-
 def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache") -> Plan:
     """Resolve weights, read and hash the sources, check both classes, name the cache and its shards.
 
@@ -198,12 +195,14 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
         if driver.engine == "ray":
             from .distributed import run_ray
 
-            timings = run_ray(todo, p, cfg, driver, progress)
+            with CacheLock(target, shared=True):  # adds shards beside others; clean and --rebuild wait
+                timings = run_ray(todo, p, cfg, driver, progress)
         elif driver.shard is None:
             with CacheLock(target):  # one local driver per cache: a second would only repeat the work
                 timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
         else:
-            timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
+            with CacheLock(target, shared=True):
+                timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
     still = store.missing(p.shards)
     if still:
         _log(f"{len(p.shards) - len(still)} of {len(p.shards)} shards present; the index is written when all are "
@@ -214,7 +213,10 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             if not target.exists():
                 _merge(p, cfg, backbone, store, timings)
     except CacheLocked:
-        _log("Another process is writing the index of this cache; it will be complete when it finishes.")
+        if driver.shard is None:
+            raise
+        _log("Another process holds this cache (computing shards or writing the index); the index is written by "
+             "the last one to finish, or by a run without --shard.")
         return None
     if not p.spec.pretrained:
         _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
@@ -224,6 +226,8 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
 def _merge(p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, timings: dict) -> None:
     """The index over the shards: every shard verified, near-duplicates found, skips listed."""
     rows, manifest, target = p.rows, p.manifest, p.target
+    for spec in p.shards:  # every shard whole before anything is read from it
+        store.verify(spec, rows)
     skipped = shard_skips(store, p.shards)
     if skipped:
         _log(f"Skipped {len(skipped)} unreadable file(s):")
@@ -240,7 +244,7 @@ def _merge(p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, timings: di
              "ignored": manifest.ignored, "weights_label": p.spec.label, "weights_path": p.spec.path or "",
              "timings": timings}
     assemble(target, store, p.shards, config=p.config, manifest=rows, feature_shape=backbone.feature_shape,
-             dtype=cfg.dtype, extra=extra)
+             dtype=cfg.dtype, extra=extra, verified=True)
 
 
 def near_duplicates(store: ShardStore, specs, rows: list[dict]) -> dict:
@@ -274,6 +278,8 @@ def decode_job(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeli
         return prepare_image(path, sha256, cfg, pipeline)
     except UnreadableImage as exc:
         return str(exc)
+    except FileUnavailable:
+        raise  # not the image's fault: stop, and do not record a lasting skip
     except Exception as exc:  # an unexpected decoder failure is still a per-file skip
         return f"unreadable ({type(exc).__name__}: {exc})"
 

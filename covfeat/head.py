@@ -92,8 +92,6 @@ def one_hot(y: np.ndarray) -> np.ndarray:
     return np.eye(2, dtype=np.float32)[np.asarray(y, int)]
 
 
-
-
 def pooled_mean(maps: np.ndarray) -> np.ndarray:
     """Global average pool of (n, H, W, C) maps (evaluation: dropout is off)."""
     return maps.reshape(len(maps), -1, maps.shape[-1]).mean(axis=1, dtype=np.float64).astype(np.float32)

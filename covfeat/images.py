@@ -32,6 +32,14 @@ class UnreadableImage(Exception):
     """A file that cannot be decoded into a radiograph; ``str(exc)`` is the reason."""
 
 
+def _unavailable(path: Path, exc: OSError):
+    from .errors import FileUnavailable
+
+    return FileUnavailable(f"{path}: cannot be read now ({exc.strerror or type(exc).__name__}); nothing was recorded "
+                           "for it. Make it readable (or remove it from the data) and run again: finished shards are "
+                           "kept.")
+
+
 def _to_rgb_float(img: np.ndarray, size: int | None = None) -> np.ndarray:
     """Any decoded array (H,W) / (H,W,1|3|4) of uint8/uint16/float -> float32 RGB in [0, 255],
     resized to size x size first when ``size`` is given (cheaper on the small array, and an
@@ -119,7 +127,7 @@ def decode(path: str | Path, min_side: int | None = None, size: int | None = Non
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+        raise _unavailable(path, exc) from None
     if not data:
         raise UnreadableImage("zero-byte file")
     if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
@@ -131,6 +139,8 @@ def decode(path: str | Path, min_side: int | None = None, size: int | None = Non
     buf = np.frombuffer(data, np.uint8)
     flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
     hw = header_size_of(data)
+    if limits is not None and hw is not None:  # the whole header is here, beyond check_file's first 64 KiB
+        limits.check_size(*hw)
     if min_side and data[:3] == b"\xff\xd8\xff":
         if hw is not None:
             for factor in (8, 4, 2):
@@ -244,7 +254,7 @@ class ImageLimits:
         try:
             size = path.stat().st_size
         except OSError as exc:
-            raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+            raise _unavailable(path, exc) from None
         if size > self.max_file_mb * 2**20:
             raise UnreadableImage(f"file of {size / 2**20:.0f} MB exceeds --max-file-mb {self.max_file_mb:g}")
         hw = header_size(path)

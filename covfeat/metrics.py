@@ -128,17 +128,3 @@ def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95)
         half = float(t.ppf(0.5 + level / 2, folds - 1) * math.sqrt(var))
         out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
     return out
-
-
-def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the t interval of the mean over folds (nan-safe)."""
-    from scipy.stats import t
-
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], float)
-    if len(v) == 0:
-        return (float("nan"),) * 3
-    m = float(v.mean())
-    if len(v) < 2:
-        return (m, float("nan"), float("nan"))
-    half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return (m, m - half, m + half)

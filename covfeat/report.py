@@ -58,6 +58,11 @@ def table_cells(m: dict) -> dict[str, str]:
                 out[label] = _fmt(key, c["mean"], None if key in COUNT_KEYS else (c["lo"], c["hi"]))
                 if c["undefined"]:
                     out[label] += f" ({c['n']} of {n_scores} folds; {c['undefined']} undefined)"
+        for k, nm in (("op_covid_recall", "recall"), ("op_covid_precision", "precision"),
+                      ("op_specificity", "specificity")):
+            if k in cv:
+                c = cv[k]
+                out[f"at the recall target: test {nm}"] = _fmt(k, c["mean"], (c["lo"], c["hi"]))
         out["folds"] = f"{cv['n_folds']} folds x {cv['n_repeats']} repeats: mean [{cv['interval']}]"
     else:
         a = m["argmax"]

@@ -36,14 +36,14 @@ class AtomicDir:
     def __init__(self, parent: str | Path, name: str):
         self.parent = Path(parent)
         self.name = name
-        self.path = self.parent / f".{name}.tmp"
+        self.path = self.parent / f".{name}.{os.getpid()}.tmp"  # two writers never share a temporary folder
         self.final: Path | None = None
 
     def __enter__(self) -> "AtomicDir":
         remove_stale_tmp(self.parent)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
-        (self.path / OWNER).write_text(str(os.getpid()))
+        (self.path / OWNER).write_text(f"{_HOST} {os.getpid()}")
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -61,7 +61,8 @@ class AtomicDir:
         return False
 
 
-OWNER = ".covfeat-owner"  # pid of the process writing a temporary run folder
+OWNER = ".covfeat-owner"  # host and pid of the process writing a temporary run folder
+_HOST = __import__("socket").gethostname()
 
 
 def _alive(pid: int) -> bool:
@@ -85,10 +86,11 @@ def remove_stale_tmp(parent: str | Path) -> list[Path]:
         owner = d / OWNER
         if d.is_dir() and owner.is_file():
             try:
-                pid = int(owner.read_text().strip() or 0)
+                host, pid = owner.read_text().split()
+                pid = int(pid)
             except (OSError, ValueError):
                 continue
-            if pid != os.getpid() and not _alive(pid):
+            if host == _HOST and pid != os.getpid() and not _alive(pid):  # another host's pids mean nothing here
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
     return removed

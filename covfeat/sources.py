@@ -90,9 +90,15 @@ class Manifest:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        from .errors import FileUnavailable
+
+        raise FileUnavailable(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable or "
+                              "leave it out of the data.") from None
     return h.hexdigest()
 
 

@@ -15,7 +15,6 @@ from .errors import ConfigError
 from .neardup import join_groups
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLIT_NAMES = {TRAIN: "train", VAL: "validation", TEST: "test"}
 
 
 def groups_for(patients, by: str = "patient", pairs=()) -> np.ndarray:

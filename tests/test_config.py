@@ -85,6 +85,8 @@ BAD_FLAGS = [
     (["--folds", "1"], "--folds: expected 0 (the split) or an integer from 2 to 100, got 1."),
     (["--repeats", "3"], "--repeats: expected --folds as well (repeats are of cross-validation), got 3."),
     (["--memory-budget", "0"], "--memory-budget: expected a number > 0, got 0.0."),
+    (["--folds", "2", "--val", "0.5"], "--val: expected a share below 0.5 with --folds 2 (the validation share is carved "
+                                       "from each fold's training part), got 0.5."),
 ]
 
 

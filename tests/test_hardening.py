@@ -261,12 +261,18 @@ def test_leftovers_are_cleaned_and_the_lock_file_stays(small, tmp_path):
     (c / "inception_v3-none-deadbeef.h5.shards").mkdir(parents=True)  # shards of a cache never finished
     stale = runs / ".inception_v3-20200101-000000.tmp"
     stale.mkdir(parents=True)
-    (stale / ".covfeat-owner").write_text("999999")  # a writer that no longer exists
+    import socket
+
+    (stale / ".covfeat-owner").write_text(f"{socket.gethostname()} 999999")  # a writer that no longer exists
+    elsewhere = runs / ".inception_v3-20200101-000001.tmp"
+    elsewhere.mkdir()
+    (elsewhere / ".covfeat-owner").write_text("another-host 999999")  # maybe alive on its own host
     mine = runs / ".not-covfeat.tmp"
     mine.mkdir()
     r = runner.invoke(app, ["clean", "--cache-dir", str(c), "--runs-dir", str(runs)])
     assert r.exit_code == 0, r.output
     assert not (c / "inception_v3-none-deadbeef.h5.shards").exists() and not stale.exists() and mine.exists()
+    assert elsewhere.exists()
     r = runner.invoke(app, EX + ["--data", str(small["cohen"]), "--data", str(small["normal"]), "--cache-dir", str(c)])
     assert list(c.glob("*.h5.lock"))  # the lock file is never deleted
 

@@ -136,7 +136,9 @@ def test_a_killed_ray_worker_is_restarted_and_every_image_appears_once(data, tmp
     import covfeat.extract as ex
     from covfeat.config import DriverConfig, ExtractConfig
 
-    monkeypatch.setattr(ex, "plan_shards", lambda rows, key: ex.__dict__["_plan_shards_orig"](rows, key, size=4))
+    import covfeat.cache
+
+    monkeypatch.setattr(covfeat.cache, "SHARD_IMAGES", 4)
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1)
     c = tmp_path / "c"
     killed = []
