@@ -337,13 +337,21 @@ class ShardComputer:
         return feats, np.array(images, np.int32), np.array(views, np.int8), params, skipped, fps
 
 
+def compute_shard(spec: ShardSpec, rows: list[dict], cfg: ExtractConfig, pipeline: InputPipeline,
+                  computer: ShardComputer, decoded: list | None = None, on_batch=None) -> tuple:
+    """Everything a shard file holds: its images decoded (unless ``decoded`` already holds
+    their decode results, as the local driver's look-ahead has them) and run through the model."""
+    if decoded is None:
+        decoded = [decode_job(rows[i]["path"], rows[i]["sha256"], cfg, pipeline) for i in spec.rows]
+    return ([rows[i]["sha256"] for i in spec.rows], *computer.features(decoded, on_batch=on_batch))
+
+
 def extract_shard(spec: ShardSpec, rows: list[dict], cfg: ExtractConfig, pipeline: InputPipeline,
                   store: ShardStore, computer: ShardComputer) -> Path:
     """One shard, start to finish: decode its images, run the forward pass, write its file.
-    A pure function of (images, config): a retry writes the same shard."""
-    results = [decode_job(rows[i]["path"], rows[i]["sha256"], cfg, pipeline) for i in spec.rows]
-    feats, images, views, params, skipped, fps = computer.features(results)
-    return store.write(spec, [rows[i]["sha256"] for i in spec.rows], feats, images, views, params, skipped, fps)
+    A pure function of (images, config): a retry writes the same shard.  Every driver computes
+    shards with compute_shard and writes them with ShardStore.write, as here."""
+    return store.write(spec, *compute_shard(spec, rows, cfg, pipeline, computer))
 
 
 def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, progress: bool,
@@ -390,11 +398,10 @@ def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: Sh
                 if isinstance(res, str):
                     bar.update(n_views)
                 results.append(res)
-            feats, images, views, params, skipped, fps = computer.features(results, on_batch=bar.update)
+            shard = compute_shard(spec, rows, cfg, pipeline, computer, decoded=results, on_batch=bar.update)
             if written is not None:
                 written.result()  # one shard in flight at most
-            written = writer.submit(store.write, spec, [rows[i]["sha256"] for i in spec.rows], feats, images, views,
-                                    params, skipped, fps)
+            written = writer.submit(store.write, spec, *shard)
         if written is not None:
             written.result()
     finally:

@@ -286,3 +286,32 @@ def test_no_tensorflow_start_up_lines(cache, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "oneDNN" not in r.stderr and "absl" not in r.stderr and "cpu_feature_guard" not in r.stderr
     assert r.stderr.splitlines()[0].startswith("Cache: ")
+
+
+def test_a_file_that_cannot_be_read_now_stops_the_run_instead_of_a_lasting_skip(small, tmp_path, monkeypatch):
+    """Listed, then gone (an unmounted share, a permission change): not a bad image. The run
+    stops with one line and no shard records it as skipped; a rerun with the file back works."""
+    import covfeat.extract as ex
+
+    d = make_mini(tmp_path / "d", n_covid=4, n_normal=4)
+    victim = sorted(d["normal"].iterdir())[-1]
+    kept = victim.read_bytes()
+    real = ex.load_sources
+
+    def listed_then_gone(*a, **k):
+        m = real(*a, **k)
+        victim.unlink()
+        return m
+
+    monkeypatch.setattr(ex, "load_sources", listed_then_gone)
+    args = EX + ["--data", str(d["cohen"]), "--data", str(d["normal"]), "--cache-dir", str(tmp_path / "c")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1
+    assert err(r) == (f"error: {victim}: cannot be read now (No such file or directory); nothing was recorded for it. "
+                      "Make it readable (or remove it from the data) and run again: finished shards are kept.")
+    assert not list((tmp_path / "c").glob("*.h5"))
+    monkeypatch.setattr(ex, "load_sources", real)
+    victim.write_bytes(kept)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "skipped at extraction: 0" in runner.invoke(app, ["info", last(r)]).stdout
