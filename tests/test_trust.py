@@ -162,3 +162,18 @@ def test_report_html_renders_in_chromium(mini_run, tmp_path):
     img = cv2.imread(str(shot))
     assert img is not None and img.shape[:2] == (2400, 1200)
     assert (img < 128).mean() > 0.01  # text and figures, not a blank page
+
+
+def test_report_html_shows_grad_cam_overlays_that_explain_made(mini, mini_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    imgs = sorted((mini["cohen"] / "images").iterdir())[:2]
+    r = runner.invoke(app, ["explain", "--run", str(run), *map(str, imgs)])
+    assert r.exit_code == 0, r.output
+    assert len(list((run / "gradcam").glob("*_gradcam.png"))) == 2  # the default folder is the run's own
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+    page = _Page()
+    page.feed((run / "report.html").read_text())
+    assert "Grad-CAM" in page.h2 and len(page.imgs) == 4  # two figures, two overlays
