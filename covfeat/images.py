@@ -86,10 +86,15 @@ def _read_dicom(path: Path, size: int | None = None) -> np.ndarray:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header, without decoding; None if not found."""
-    i = 2
-    n = len(data)
+def header_info(data: bytes) -> dict | None:
+    """Height, width, channels, bit depth and format from a PNG or JPEG header (the first bytes
+    of the file), without decoding; None for other formats or when the header is not there."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return {"height": int.from_bytes(data[20:24], "big"), "width": int.from_bytes(data[16:20], "big"),
+                "channels": _PNG_CHANNELS.get(data[25], 0), "bit_depth": data[24], "format": "png"}
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(data)
     while i + 9 < n:
         if data[i] != 0xFF:
             return None
@@ -97,11 +102,17 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:
             i += 1
             continue
-        seg = int.from_bytes(data[i + 2:i + 4], "big")
         if marker in _SOF:
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        i += 2 + seg
+            return {"height": int.from_bytes(data[i + 5:i + 7], "big"), "width": int.from_bytes(data[i + 7:i + 9], "big"),
+                    "channels": data[i + 9], "bit_depth": data[i + 4], "format": "jpeg"}
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, without decoding; None if not found."""
+    info = header_info(data) if data[:3] == b"\xff\xd8\xff" else None
+    return (info["height"], info["width"]) if info else None
 
 
 _REDUCED = {2: (cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2),
@@ -167,11 +178,8 @@ def load(path: str | Path, min_side: int | None = None, limits: "ImageLimits | N
 
 def header_size_of(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a PNG or JPEG header, without decoding; None for other formats."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data[:3] == b"\xff\xd8\xff":
-        return jpeg_size(data)
-    return None
+    info = header_info(data)
+    return (info["height"], info["width"]) if info else None
 
 
 def header_size(path: Path) -> tuple[int, int] | None:
@@ -329,19 +337,9 @@ def file_metadata(path: str | Path) -> dict:
             head = f.read(1 << 16)
     except OSError as exc:
         raise UnreadableImage(f"cannot read file ({exc.strerror or type(exc).__name__})") from None
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        return {"height": h, "width": w, "channels": _PNG_CHANNELS.get(head[25], 0), "bit_depth": head[24],
-                "format": "png", "file_bytes": size}
-    if head[:3] == b"\xff\xd8\xff":
-        i = 2
-        while i + 9 < len(head) and head[i] == 0xFF:
-            marker, seg = head[i + 1], int.from_bytes(head[i + 2:i + 4], "big")
-            if marker in _SOF:
-                return {"height": int.from_bytes(head[i + 5:i + 7], "big"),
-                        "width": int.from_bytes(head[i + 7:i + 9], "big"), "channels": head[i + 9],
-                        "bit_depth": head[i + 4], "format": "jpeg", "file_bytes": size}
-            i += 2 + seg
+    info = header_info(head)
+    if info is not None:
+        return {**info, "file_bytes": size}
     img = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UnreadableImage("not a decodable image (corrupt, truncated or not an image)")
