@@ -14,13 +14,23 @@ Keras's own dropout) and scaled by ``1 / (1 - rate)``.
 Numba is used because this loop is the whole cost of a cached-feature epoch
 (7 x 7 x 1920 maps x ~1,000 rows x 100 epochs = 9e9 multiply-adds) and numpy would need
 a temporary array as large as the epoch for the masks.
+
+The inner steps are written as LLVM vector IR (numba ``@intrinsic``) rather than left to
+the auto-vectoriser, which turned the float16 widening and the per-lane mask into about
+five scalar-ish cycles per element: 16 lanes at a time, float16 widened by ``fpext``
+(F16C), the dropout word's bits used directly as a lane mask, and the head's dense-layer
+sums held in registers.  Each multiply and add stays a separate IEEE operation in the
+scalar loop's order (no fusion, no reassociation), so the numbers are those of the plain
+loops, bit for bit, whatever the CPU's vector width.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -53,78 +63,92 @@ def _keep_word(state, q, low):
     return result, state  # lanes still undecided equal q so far: not below q, drop
 
 
-@njit(inline="always")
-def _half_row(h, bits, out):
-    """float16 bit patterns (uint16) -> float32, exact for zeros, subnormals and normals.
+_LANES = 16  # channels per vector step: one 16-bit slice of a 64-bit dropout word
 
-    Moving sign, exponent and mantissa into float32's places gives the value times
-    2**-112 (exponent biases 15 vs 127); one multiply by 2**112 restores it, subnormals
-    included.  Two branch-free passes that vectorise (the cache refuses inf/nan).
+
+def _vector_codegen(n_src):
+    """LLVM IR for acc[c0:c0+16] += sum over sources of select(mask, float32(src[c0:c0+16]), 0) * w.
+
+    float16 sources (uint16 bit patterns) are widened with LLVM's ``fpext half -> float``,
+    which is exact and becomes one hardware conversion (F16C vcvtph2ps on x86-64); the
+    16 mask bits become a ``<16 x i1>`` select (an AVX-512 mask register, or a compare on
+    AVX2).  Multiplies and adds are separate IEEE operations (no fusion), in the order
+    ``(x_a * w_a + x_b * w_b)`` then ``acc + that``, so results do not depend on the CPU.
     """
-    for c in range(h.shape[0]):
-        v = np.uint32(h[c])
-        bits[c] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
-    f = bits.view(np.float32)
-    for c in range(h.shape[0]):
-        out[c] = f[c] * np.float32(5.192296858534828e33)  # 2**112
+
+    def codegen(context, builder, sig, args):
+        acc_t = sig.args[0]
+        acc_v, c0 = args[0], args[1]
+        srcs = args[2:2 + n_src]
+        mask = args[2 + n_src]
+        weights = args[3 + n_src:]
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, _LANES)
+        accp = builder.gep(context.make_array(acc_t)(context, builder, acc_v).data, [c0])
+        accp = builder.bitcast(accp, vf.as_pointer())
+        m = builder.bitcast(builder.trunc(mask, ir.IntType(_LANES)), ir.VectorType(ir.IntType(1), _LANES))
+        total = None
+        for k in range(n_src):
+            st = sig.args[2 + k]
+            p = builder.gep(context.make_array(st)(context, builder, srcs[k]).data, [c0])
+            if st.dtype == types.uint16:
+                vh = ir.VectorType(ir.HalfType(), _LANES)
+                x = builder.fpext(builder.load(builder.bitcast(p, vh.as_pointer()), align=2), vf)
+            else:
+                x = builder.load(builder.bitcast(p, vf.as_pointer()), align=4)
+            x = builder.select(m, x, ir.Constant(vf, None))
+            if weights:
+                w = builder.insert_element(ir.Constant(vf, ir.Undefined), weights[k], ir.Constant(ir.IntType(32), 0))
+                w = builder.shuffle_vector(w, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), None))
+                x = builder.fmul(x, w)
+            total = x if total is None else builder.fadd(total, x)
+        builder.store(builder.fadd(builder.load(accp, align=4), total), accp, align=4)
+        return context.get_dummy_value()
+
+    return codegen
 
 
-def _load_row(src, bits, out):
-    """Row of the pool -> float32 (overloaded per dtype below)."""
+def _check_vector_args(acc, srcs):
+    ok = isinstance(acc, types.Array) and acc.dtype == types.float32 and acc.layout == "C" and acc.ndim == 1
+    return ok and all(isinstance(s, types.Array) and s.ndim == 1 and s.layout == "C"
+                      and s.dtype in (types.uint16, types.float32) for s in srcs)
 
 
-@overload(_load_row, inline="always")
-def _load_row_impl(src, bits, out):
+@intrinsic
+def _acc_masked(typingctx, acc, c0, src, mask):
+    """acc[c0:c0+16] += select(bits of mask, float32(src[c0:c0+16]), 0)."""
+    if not _check_vector_args(acc, [src]):
+        return None
+    return types.void(acc, types.intp, src, types.uint64), _vector_codegen(1)
+
+
+@intrinsic
+def _acc_masked_pair(typingctx, acc, c0, src_a, src_b, mask, wa, wb):
+    """acc[c0:c0+16] += select(mask, src_a) * wa + select(mask, src_b) * wb (one SMOTE row)."""
+    if not _check_vector_args(acc, [src_a, src_b]):
+        return None
+    return types.void(acc, types.intp, src_a, src_b, types.uint64, types.float32, types.float32), _vector_codegen(2)
+
+
+@njit(inline="always")
+def _to_f32(h):
+    """One float16 bit pattern (uint16) -> float32, exactly (for the channels after the last
+    full 64: sign, exponent and mantissa moved to float32's places, times 2**112)."""
+    v = np.uint32(h)
+    bits = np.empty(1, np.uint32)
+    bits[0] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
+    return bits.view(np.float32)[0] * np.float32(5.192296858534828e33)  # 2**112
+
+
+def _elem(src, c):
+    """src[c] as float32 (overloaded per dtype below)."""
+
+
+@overload(_elem, inline="always")
+def _elem_impl(src, c):
     if src.dtype == types.uint16:
-        def impl(src, bits, out):
-            _half_row(src, bits, out)
-    else:
-        def impl(src, bits, out):
-            for c in range(src.shape[0]):
-                out[c] = src[c]
-    return impl
-
-
-def _masked_bits(src, c0, lo, hi, bits):
-    """bits[c0:c0+64] = float32 bit patterns of src[c0:c0+64] (for float16, scaled by 2**-112,
-    see _half_row) ANDed with the 64 dropout lanes of (lo, hi)."""
-
-
-@overload(_masked_bits, inline="always")
-def _masked_bits_impl(src, c0, lo, hi, bits):
-    if src.dtype == types.uint16:
-        def impl(src, c0, lo, hi, bits):
-            for jj in range(32):
-                v = np.uint32(src[c0 + jj])
-                lane = np.uint32(np.int32(lo << np.uint32(31 - jj)) >> np.int32(31))
-                bits[c0 + jj] = (((v & np.uint32(0x8000)) << np.uint32(16)) |
-                                 ((v & np.uint32(0x7FFF)) << np.uint32(13))) & lane
-            for jj in range(32):
-                v = np.uint32(src[c0 + 32 + jj])
-                lane = np.uint32(np.int32(hi << np.uint32(31 - jj)) >> np.int32(31))
-                bits[c0 + 32 + jj] = (((v & np.uint32(0x8000)) << np.uint32(16)) |
-                                      ((v & np.uint32(0x7FFF)) << np.uint32(13))) & lane
-    else:
-        def impl(src, c0, lo, hi, bits):
-            si = src.view(np.uint32)
-            for jj in range(32):
-                lane = np.uint32(np.int32(lo << np.uint32(31 - jj)) >> np.int32(31))
-                bits[c0 + jj] = si[c0 + jj] & lane
-            for jj in range(32):
-                lane = np.uint32(np.int32(hi << np.uint32(31 - jj)) >> np.int32(31))
-                bits[c0 + 32 + jj] = si[c0 + 32 + jj] & lane
-    return impl
-
-
-def _unit(pool):
-    """What _masked_bits' floats must be multiplied by: 2**112 for float16 bits, 1 for float32."""
-
-
-@overload(_unit, inline="always")
-def _unit_impl(pool):
-    if pool.dtype == types.uint16:
-        return lambda pool: np.float32(5.192296858534828e33)
-    return lambda pool: np.float32(1.0)
+        return lambda src, c: _to_f32(src[c])
+    return lambda src, c: np.float32(src[c])
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -142,9 +166,10 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
     seed, epoch : int, the masks are a pure function of (seed, epoch, i, s)
     out : (n, C) float32, overwritten
 
-    Per position, one integer pass (convert to float32 bits and AND the dropout lanes onto
-    them, branch-free) and one float pass (scale back and accumulate): every value is the
-    exactly converted float16 (times the SMOTE weight), kept or zeroed, summed in order.
+    Per position, each 64-bit dropout word covers 64 channels as four 16-lane vector steps
+    (:func:`_acc_masked`): widen, select the kept lanes, accumulate, in channel order.  Every
+    value is the exactly converted float16 (times the SMOTE weight), kept or zeroed, summed
+    over positions in order, so the result is the same on every CPU.
     """
     n = rows.shape[0]
     S = pool.shape[2]
@@ -157,67 +182,43 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
     scale = np.float32(1.0) / np.float32(S)
     if not full:
         scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
-    unit = _unit(pool)
+    ones = ~np.uint64(0)
+    lane = np.uint64(0xFFFF)
+    body = C - C % 64
     for i in prange(n):
         acc = np.zeros(C, np.float32)
-        x = np.empty(C, np.float32)
-        xb = np.empty(C, np.float32)
-        bits = np.empty(C, np.uint32)
-        bits_b = np.empty(C, np.uint32)
-        scratch = np.empty(C, np.uint32)
         r = rows[i]
         v = views[i]
         syn = r >= n_real
         j = r - n_real if syn else 0
-        wa = np.float32(weights[j, 0]) * unit if syn else unit
-        wb = np.float32(weights[j, 1]) * unit if syn else np.float32(0.0)
+        wa = np.float32(weights[j, 0]) if syn else np.float32(1.0)
+        wb = np.float32(weights[j, 1]) if syn else np.float32(0.0)
+        ra = parents[j, 0] if syn else r
+        rb = parents[j, 1] if syn else r
         for s in range(S):
-            if full:
-                if not syn:
-                    _load_row(pool[r, v, s], bits, x)
-                else:
-                    _load_row(pool[parents[j, 0], v, s], bits, x)
-                    _load_row(pool[parents[j, 1], v, s], bits, xb)
-                    wa0 = np.float32(weights[j, 0])
-                    wb0 = np.float32(weights[j, 1])
-                    for c in range(C):
-                        x[c] = x[c] * wa0 + xb[c] * wb0
-                for c in range(C):
-                    acc[c] += x[c]
-                continue
             state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
-            src = pool[parents[j, 0], v, s] if syn else pool[r, v, s]
-            src_b = pool[parents[j, 1], v, s] if syn else src
-            for c0 in range(0, C - 63, 64):
-                w, state = _keep_word(state, q, low)
-                lo = np.uint32(w & np.uint64(0xFFFFFFFF))
-                hi = np.uint32(w >> np.uint64(32))
-                _masked_bits(src, c0, lo, hi, bits)
+            src = pool[ra, v, s]
+            src_b = pool[rb, v, s]
+            for c0 in range(0, body, 64):
+                w = ones
+                if not full:
+                    w, state = _keep_word(state, q, low)
                 if syn:
-                    _masked_bits(src_b, c0, lo, hi, bits_b)
-            tail = C - C % 64
-            if tail < C:  # channels beyond the last full word of 64
-                w, state = _keep_word(state, q, low)
-                _load_row(src, scratch, x)
-                _load_row(src_b, scratch, xb)
-                for jj in range(C - tail):
+                    for k in range(4):
+                        _acc_masked_pair(acc, c0 + 16 * k, src, src_b, (w >> np.uint64(16 * k)) & lane, wa, wb)
+                else:
+                    for k in range(4):
+                        _acc_masked(acc, c0 + 16 * k, src, (w >> np.uint64(16 * k)) & lane)
+            if body < C:  # channels beyond the last full word of 64
+                w = ones
+                if not full:
+                    w, state = _keep_word(state, q, low)
+                for jj in range(C - body):
                     keep = np.float32((w >> np.uint64(jj)) & np.uint64(1))
-                    v0 = x[tail + jj] * keep
-                    v1 = xb[tail + jj] * keep
-                    bits[tail + jj] = 0
-                    bits_b[tail + jj] = 0
                     if syn:
-                        acc[tail + jj] += v0 * np.float32(weights[j, 0]) + v1 * np.float32(weights[j, 1])
+                        acc[body + jj] += (_elem(src, body + jj) * keep) * wa + (_elem(src_b, body + jj) * keep) * wb
                     else:
-                        acc[tail + jj] += v0
-            f = bits.view(np.float32)
-            if syn:
-                fb = bits_b.view(np.float32)
-                for c in range(C):
-                    acc[c] += f[c] * wa + fb[c] * wb
-            else:
-                for c in range(C):
-                    acc[c] += f[c] * wa
+                        acc[body + jj] += _elem(src, body + jj) * keep
         for c in range(C):
             out[i, c] = acc[c] * scale
 
@@ -262,6 +263,132 @@ def f16_rows_into(src: np.ndarray, dst: np.ndarray, rows: np.ndarray) -> None:
     _f16_rows_into(src2, dst.reshape(len(dst), -1), np.asarray(rows, np.int64), _F16_TO_F32)
 
 
+_ROWS = 8  # rows of the first dense layer's forward pass held in vector registers at once
+
+
+def _ptr(context, builder, ty, val):
+    ary = context.make_array(ty)(context, builder, val)
+    return ary.data, cgutils.unpack_tuple(builder, ary.shape)
+
+
+def _splat(builder, x, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), vt.count), None))
+
+
+def _vload(builder, base, offset, vt):
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=4)
+
+
+def _vstore(builder, value, base, offset):
+    builder.store(value, builder.bitcast(builder.gep(base, [offset]), value.type.as_pointer()), align=4)
+
+
+def _f32_matrices(*arrs):
+    return all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C" for a in arrs)
+
+
+@intrinsic
+def _dense_rows(typingctx, X, a, B, W, j0, Z, z0):
+    """Z[z0 + k, j0:j0+16] = sum over i, in order, of X[a + k, i] * W[i, j0:j0+16], k < min(B, 8).
+
+    Up to 8 rows' 16-lane sums stay in vector registers while W's rows stream past once;
+    each step is a separate multiply and add (no fusion), in the order of a plain loop over
+    i, so the sums are those of the scalar loop, bit for bit, on every CPU.
+    """
+    if not _f32_matrices(X, W, Z):
+        return None
+    sig = types.void(X, types.intp, types.intp, W, types.intp, Z, types.intp)
+
+    def codegen(context, builder, sg, args):
+        Xv, av, Bv, Wv, j0v, Zv, z0v = args
+        vf = ir.VectorType(ir.FloatType(), _LANES)
+        xp, (_, C) = _ptr(context, builder, sg.args[0], Xv)
+        wp, (_, H) = _ptr(context, builder, sg.args[3], Wv)
+        zp, _ = _ptr(context, builder, sg.args[5], Zv)
+        last = builder.sub(Bv, ir.Constant(Bv.type, 1))
+        rows, accs = [], []
+        for k in range(_ROWS):
+            kk = ir.Constant(Bv.type, k)
+            rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)  # rows past B repeat the last
+            rows.append(builder.gep(xp, [builder.mul(builder.add(av, rk), C)]))
+            acc = cgutils.alloca_once(builder, vf)
+            builder.store(ir.Constant(vf, None), acc)
+            accs.append(acc)
+        with cgutils.for_range(builder, C) as loop:
+            i = loop.index
+            w = _vload(builder, wp, builder.add(builder.mul(i, H), j0v), vf)
+            for k in range(_ROWS):
+                x = _splat(builder, builder.load(builder.gep(rows[k], [i])), vf)
+                builder.store(builder.fadd(builder.load(accs[k]), builder.fmul(x, w)), accs[k])
+        for k in range(_ROWS):
+            kk = ir.Constant(Bv.type, k)
+            with builder.if_then(builder.icmp_signed("<", kk, Bv)):
+                _vstore(builder, builder.load(accs[k]), zp, builder.add(builder.mul(builder.add(z0v, kk), H), j0v))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _dense_grad_step(typingctx, X, a, B, D, W, M, j0, mom, lr):
+    """For every input channel i: g = sum over k < B, in order, of X[a + k, i] * D[k, j0:j0+16];
+    M[i, j0:j0+16] = mom * M - lr * g; W[i, j0:j0+16] += M (SGD with momentum on the first
+    dense kernel, 16 units at a time; separate multiplies and adds, as the scalar loop)."""
+    if not _f32_matrices(X, D, W, M):
+        return None
+    sig = types.void(X, types.intp, types.intp, D, W, M, types.intp, types.float32, types.float32)
+
+    def codegen(context, builder, sg, args):
+        Xv, av, Bv, Dv, Wv, Mv, j0v, momv, lrv = args
+        vf = ir.VectorType(ir.FloatType(), _LANES)
+        xp, (_, C) = _ptr(context, builder, sg.args[0], Xv)
+        dp, (_, HD) = _ptr(context, builder, sg.args[3], Dv)
+        wp, (_, H) = _ptr(context, builder, sg.args[4], Wv)
+        mp, _ = _ptr(context, builder, sg.args[5], Mv)
+        vmom, vlr = _splat(builder, momv, vf), _splat(builder, lrv, vf)
+        g = cgutils.alloca_once(builder, vf)
+        small = builder.icmp_signed("<=", Bv, ir.Constant(Bv.type, _ROWS))
+        last = builder.sub(Bv, ir.Constant(Bv.type, 1))
+        with builder.if_else(small) as (unrolled, general):
+            with unrolled:  # up to 8 rows: their 16 lanes of D held in registers, rows past B skipped
+                rows, ds, live = [], [], []
+                for k in range(_ROWS):
+                    kk = ir.Constant(Bv.type, k)
+                    rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+                    rows.append(builder.gep(xp, [builder.mul(builder.add(av, rk), C)]))
+                    ds.append(_vload(builder, dp, builder.add(builder.mul(rk, HD), j0v), vf))
+                    live.append(builder.icmp_signed("<", kk, Bv))
+                with cgutils.for_range(builder, C) as loop:
+                    i = loop.index
+                    acc = ir.Constant(vf, None)
+                    for k in range(_ROWS):
+                        x = _splat(builder, builder.load(builder.gep(rows[k], [i])), vf)
+                        acc = builder.select(live[k], builder.fadd(acc, builder.fmul(x, ds[k])), acc)
+                    _momentum(builder, acc, i, H, j0v, wp, mp, vmom, vlr, vf)
+            with general:
+                with cgutils.for_range(builder, C) as loop:
+                    i = loop.index
+                    builder.store(ir.Constant(vf, None), g)
+                    with cgutils.for_range(builder, Bv) as kl:
+                        k = kl.index
+                        x = _splat(builder, builder.load(builder.gep(xp, [builder.add(builder.mul(builder.add(av, k), C), i)])), vf)
+                        d = _vload(builder, dp, builder.add(builder.mul(k, HD), j0v), vf)
+                        builder.store(builder.fadd(builder.load(g), builder.fmul(x, d)), g)
+                    _momentum(builder, builder.load(g), i, H, j0v, wp, mp, vmom, vlr, vf)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _momentum(builder, g, i, H, j0v, wp, mp, vmom, vlr, vf):
+    """M = mom * M - lr * g; W += M on W[i, j0:j0+16]."""
+    off = builder.add(builder.mul(i, H), j0v)
+    m = builder.fsub(builder.fmul(vmom, _vload(builder, mp, off, vf)), builder.fmul(vlr, g))
+    _vstore(builder, m, mp, off)
+    _vstore(builder, builder.fadd(_vload(builder, wp, off, vf), m), wp, off)
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
     """One epoch of the paper's head after pooling, batch by batch, in place.
@@ -286,6 +413,7 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
     mW1, mb1, mg, mbt, mW2, mb2 = M
     n, C = X.shape
     H = W1.shape[1]
+    H16 = H - H % _LANES
     z1 = np.empty((bs, H), np.float32)
     a1 = np.empty((bs, H), np.float32)
     xn = np.empty((bs, H), np.float32)
@@ -305,16 +433,18 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
         B = min(bs, n - a)
         fB = np.float32(B)
         # Dense 1 + relu
-        for k in range(B):
-            for j in range(H):
-                z1[k, j] = 0.0
-        for i in range(C):
-            w = W1[i]
+        for k0 in range(0, B, _ROWS):
+            for j0 in range(0, H16, _LANES):
+                _dense_rows(X, a + k0, min(_ROWS, B - k0), W1, j0, z1, k0)
+        if H16 < H:  # units after the last full 16
             for k in range(B):
-                xv = X[a + k, i]
-                zk = z1[k]
-                for j in range(H):
-                    zk[j] += xv * w[j]
+                for j in range(H16, H):
+                    z1[k, j] = 0.0
+            for i in range(C):
+                for k in range(B):
+                    xv = X[a + k, i]
+                    for j in range(H16, H):
+                        z1[k, j] += xv * W1[i, j]
         r1 = np.float32(0.0)
         for k in range(B):
             for j in range(H):
@@ -421,19 +551,21 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
                 s += dz1[k, j]
             mb1[j] = mom * mb1[j] - lr * s
             b1[j] += mb1[j]
-        for i in range(C):
-            w = W1[i]
-            m = mW1[i]
-            for j in range(H):
-                gW[j] = 0.0
-            for k in range(B):  # j innermost and contiguous, so the compiler vectorises it
-                xv = X[a + k, i]
-                dk = dz1[k]
-                for j in range(H):
-                    gW[j] += xv * dk[j]
-            for j in range(H):
-                m[j] = mom * m[j] - lr * gW[j]
-                w[j] += m[j]
+        for j0 in range(0, H16, _LANES):
+            _dense_grad_step(X, a, B, dz1, W1, mW1, j0, mom, lr)
+        if H16 < H:
+            for i in range(C):
+                w = W1[i]
+                m = mW1[i]
+                for j in range(H16, H):
+                    gW[j] = 0.0
+                for k in range(B):
+                    xv = X[a + k, i]
+                    for j in range(H16, H):
+                        gW[j] += xv * dz1[k, j]
+                for j in range(H16, H):
+                    m[j] = mom * m[j] - lr * gW[j]
+                    w[j] += m[j]
     return loss_sum, correct
 
 

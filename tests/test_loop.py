@@ -34,12 +34,15 @@ def _fast(cfg, maps, lab, weights, source=None):
     return hist, fast, init
 
 
-@pytest.mark.parametrize("engine", ["numba", "tf"])
-def test_fast_training_equals_keras_fit(engine):
+@pytest.mark.parametrize("engine,sizes", [("numba", {}), ("tf", {}),
+                                          ("numba", {"dense_units": 20, "batch_size": 11})])
+def test_fast_training_equals_keras_fit(engine, sizes):
     """Same rows, same order: every epoch's loss, accuracy and validation numbers, and every
-    weight of the head afterwards, equal keras.Model.fit of the full head on the maps."""
+    weight of the head afterwards, equal keras.Model.fit of the full head on the maps.  The
+    odd sizes take the kernel's other paths: units beyond the last 16-lane block, and
+    batches of more than the 8 rows it holds in registers."""
     maps, lab, weights = _data()
-    cfg = HeadConfig(engine=engine, **STRONG)
+    cfg = HeadConfig(engine=engine, **{**STRONG, **sizes})
     hist, fast, init = _fast(cfg, maps, lab, weights)
     ref, _ = build_head((3, 3, C), cfg)
     ref.set_weights(init)
