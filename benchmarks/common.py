@@ -102,3 +102,30 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def rng_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 224, 224, 3), dtype=np.float32)
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth with every core: a compiled integer sum over ``gib`` GiB (far
+    larger than any cache), best of ``repeats``, in GB/s (1e9 bytes).  Integer adds vectorise
+    freely, so the loop is bound by reading memory, as the head's dropout pass is."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=False)
+    def total(a):
+        parts = np.zeros(a.shape[0], np.uint32)
+        for i in prange(a.shape[0]):
+            s = np.uint32(0)
+            row = a[i]
+            for j in range(row.shape[0]):
+                s += row[j]
+            parts[i] = s
+        return parts.sum()
+
+    a = np.ones((int(gib * 2**30) // (1 << 20), (1 << 20) // 4), np.uint32)
+    total(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9

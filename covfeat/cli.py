@@ -38,9 +38,12 @@ def _check(fn, *args, **kwargs):
         _fail(str(exc))
 
 
-def _guard(fn, *args, **kwargs):
-    """Run a library call; expected errors become one line on stderr and exit code 1."""
-    import_tensorflow()  # quietly, before any library code can import it noisily
+def _guard(fn, *args, tensorflow: bool = True, **kwargs):
+    """Run a library call; expected errors become one line on stderr and exit code 1.
+    With ``tensorflow`` it is imported first, quietly, before library code could import it
+    noisily (calls that may not need it import it quietly themselves)."""
+    if tensorflow:
+        import_tensorflow()
     try:
         return fn(*args, **kwargs)
     except CovfeatError as exc:
@@ -177,8 +180,8 @@ def fit_head(
                  repeats=repeats, memory_budget=memory_budget)
     from .cache import choose_cache
 
-    path = _guard(choose_cache, cache, backbone, cache_dir, data)
-    typer.echo(str(_guard(train.fit_head, path, fit, runs_dir, progress=_progress())))
+    path = _guard(choose_cache, cache, backbone, cache_dir, data, tensorflow=False)
+    typer.echo(str(_guard(train.fit_head, path, fit, runs_dir, progress=_progress(), tensorflow=False)))
 
 
 @app.command()

@@ -12,6 +12,10 @@ import numpy as np
 
 from .config import HeadConfig
 
+BN_EPSILON = 1e-3  # BatchNormalization's epsilon and momentum (Keras's defaults, named once here)
+BN_MOMENTUM = 0.99
+CLIP_EPSILON = 1e-7  # the probabilities' clipping in the loss (Keras's fuzz factor)
+
 
 def _probability_bce_class():
     import keras
@@ -23,7 +27,7 @@ def _probability_bce_class():
         Keras 3's ``BinaryCrossentropy`` finds the logits cached on a softmax output
         (``_keras_logits``) and applies *sigmoid* cross-entropy to them, which is not the
         cross-entropy of the probabilities the head outputs.  This loss clips and logs the
-        probabilities themselves (Keras's own epsilon), mean over the two outputs.
+        probabilities themselves (at Keras's default epsilon), mean over the two outputs.
         """
 
         def __init__(self, name="probability_bce", **kwargs):
@@ -32,8 +36,7 @@ def _probability_bce_class():
         def call(self, y_true, y_pred):
             from keras import ops
 
-            eps = keras.config.epsilon()
-            p = ops.clip(y_pred, eps, 1.0 - eps)
+            p = ops.clip(y_pred, CLIP_EPSILON, 1.0 - CLIP_EPSILON)
             y = ops.cast(y_true, p.dtype)
             return -ops.mean(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p), axis=-1)
 
@@ -56,6 +59,9 @@ def build_head(feature_shape, cfg: HeadConfig):
     ``tail`` shares the layers after pooling and takes the pooled vector.  ``cfg.dropout``
     must be resolved (:meth:`HeadConfig.resolved`).
     """
+    from .quiet import import_tensorflow
+
+    import_tensorflow()  # quietly
     import keras
     from keras import layers, regularizers
 
@@ -66,7 +72,7 @@ def build_head(feature_shape, cfg: HeadConfig):
     keras.utils.set_random_seed(cfg.seed)
     reg = lambda: regularizers.L1L2(cfg.activity_l1, cfg.activity_l2)  # noqa: E731
     dense = layers.Dense(cfg.dense_units, activation="relu", activity_regularizer=reg(), name="dense")
-    bn = layers.BatchNormalization(name="batch_norm")
+    bn = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="batch_norm")
     out = layers.Dense(2, activation="softmax", activity_regularizer=reg(), name="softmax")
     inp = keras.Input(tuple(feature_shape), name="features")
     x = layers.Dropout(dropout, seed=cfg.seed, name="dropout")(inp)
@@ -95,3 +101,31 @@ def one_hot(y: np.ndarray) -> np.ndarray:
 def pooled_mean(maps: np.ndarray) -> np.ndarray:
     """Global average pool of (n, H, W, C) maps (evaluation: dropout is off)."""
     return maps.reshape(len(maps), -1, maps.shape[-1]).mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+class NumpyHead:
+    """The head after pooling as numpy arrays, in the Keras tail's weight order (dense kernel,
+    bias, gamma, beta, moving mean, moving variance, softmax kernel, bias): what the numba
+    engine trains, predicts with, and saves through a :class:`covfeat.headfile.HeadTemplate`
+    as a Keras file, with no TensorFlow in the process."""
+
+    def __init__(self, weights, template=None):
+        self.weights = [np.array(w, np.float32) for w in weights]
+        self.template = template
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.weights
+
+    def set_weights(self, weights) -> None:
+        for a, w in zip(self.weights, weights):
+            a[...] = w
+
+    def predict(self, pooled: np.ndarray) -> np.ndarray:
+        """(n, 2) probabilities at inference (moving statistics), as the Keras head gives them."""
+        from .kernels import head_predict
+
+        p, _ = head_predict(np.ascontiguousarray(pooled, np.float32), tuple(self.weights), np.float32(BN_EPSILON))
+        return p
+
+    def save(self, path) -> None:
+        self.template.save(path, self.weights)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import HeadConfig
-from .head import one_hot, probability_bce
+from .head import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON, one_hot, probability_bce
 from .kernels import NO_PARENTS, dropout_pool, keep_q
 
 
@@ -194,15 +194,11 @@ class _TFEngine:
 
 
 class _NumbaEngine:
-    """The head's batch steps in compiled code on numpy copies of the Keras tail's weights.
-
-    The weights are written back into the Keras layers after every epoch, so validation,
-    prediction and the saved model are Keras's own.
-    """
+    """The head's batch steps in compiled code on numpy copies of the tail's weights (a Keras
+    tail, or a :class:`covfeat.head.NumpyHead` when no Keras is loaded); :meth:`sync` writes
+    them back at the end."""
 
     def __init__(self, tail, cfg: HeadConfig):
-        import keras
-
         self.tail = tail
         self.cfg = cfg
         w = [np.array(v, np.float32) for v in tail.get_weights()]
@@ -210,10 +206,9 @@ class _NumbaEngine:
             raise RuntimeError(f"unexpected head weights: {[v.shape for v in w]}")
         self.P = tuple(w)
         self.M = tuple(np.zeros_like(w[i]) for i in (0, 1, 2, 3, 6, 7))
-        bn = tail.get_layer("batch_norm")
         self.consts = (np.float32(cfg.learning_rate), np.float32(cfg.momentum), np.float32(cfg.activity_l1),
-                       np.float32(cfg.activity_l2), np.float32(bn.epsilon), np.float32(bn.momentum),
-                       np.float32(keras.config.epsilon()))
+                       np.float32(cfg.activity_l2), np.float32(BN_EPSILON), np.float32(BN_MOMENTUM),
+                       np.float32(CLIP_EPSILON))
 
     def epoch(self, pooled, y, sw):
         from .kernels import head_epoch

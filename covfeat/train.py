@@ -123,9 +123,6 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     if fit.folds:
         return cross_validate(cache_path, fit, runs_dir, progress=progress, fc=fc)
     t0 = time.perf_counter()
-    from .loop import limit_tf_threads
-
-    limit_tf_threads()
     fc = _open(cache_path, fc)
     fit = fit.resolved(get_backbone(fc.backbone))  # dropout resolved once, here
     cfg = fit.head
@@ -170,7 +167,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     _log(f"Training rows: {n_real} real + {n_syn} SMOTE ({counts[1]} COVID-19, {counts[0]} NORMAL), {V} views each; "
          f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB)")
 
-    model, tail = build_head(shape, cfg)
+    model, head = _initial_head(shape, cfg)
     marks["build_head"] = time.perf_counter() - t0 - sum(marks.values())
     val_rows, test_rows = parts[VAL], parts[TEST]
     Xv = pooled_mean(fc.read_features(fc.originals(val_rows))) if len(val_rows) else None
@@ -184,7 +181,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
         fc.read_features(idx, out=(pool.view(np.float16) if half else pool).reshape(n_real * V, *shape))
         source = MemorySource(pool, bal.parents, bal.weights)
         marks["load_pool"] = time.perf_counter() - t0 - sum(marks.values())
-    history = train(source, bal.labels, np.full(n_real + n_syn, V, np.int64), Xv, yv, tail, cfg,
+    history = train(source, bal.labels, np.full(n_real + n_syn, V, np.int64), Xv, yv, head, cfg,
                     sample_weight=bal.sample_weight, progress=_epoch_printer(cfg.epochs) if progress else None)
     del source
     train_seconds = time.perf_counter() - t0
@@ -193,7 +190,10 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     def predict(rows):
         if not len(rows):
             return np.zeros(0)
-        return tail(pooled_mean(fc.read_features(fc.originals(rows))), training=False).numpy()[:, 1]
+        pooled = pooled_mean(fc.read_features(fc.originals(rows)))
+        if model is head:  # numba engine: the numpy head
+            return head.predict(pooled)[:, 1]
+        return head(pooled, training=False).numpy()[:, 1]
 
     p_test = predict(test_rows)
     p_val = predict(val_rows)
@@ -220,6 +220,25 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
         write_run(d.path, model=model, fit=fit, fc=fc, history=history, test_rows=test_rows, p_test=p_test,
                   threshold=threshold, split=split, metrics=metrics)
     return d.final
+
+
+def _initial_head(shape, cfg):
+    """(what saves head.keras, what the epochs train).  The numba engine trains a numpy head
+    whose initial weights and Keras file come from a template (:mod:`covfeat.headfile`), so
+    the process never imports TensorFlow; the tf engine trains the Keras layers themselves."""
+    if cfg.engine == "numba":
+        from .headfile import head_template
+        from .head import NumpyHead
+
+        tmpl = head_template(shape, cfg)
+        head = NumpyHead(tmpl.initial_weights(), tmpl)
+        return head, head
+    from .loop import limit_tf_threads
+    from .quiet import import_tensorflow
+
+    import_tensorflow()
+    limit_tf_threads()  # before TensorFlow runs its first op
+    return build_head(shape, cfg)
 
 
 def _sources(fc, rows) -> dict:

@@ -14,10 +14,18 @@ SAMPLE = Path(__file__).resolve().parents[1] / "covfeat" / "data" / "sample"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 
 
+@pytest.fixture(scope="session")
+def head_cache(tmp_path_factory):
+    """covfeat's head templates (covfeat.headfile), shared by the session's tests."""
+    return tmp_path_factory.mktemp("head_templates")
+
+
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path, monkeypatch):
-    """Every cache and run folder under tmp_path; Keras's cache too; no progress bars."""
+def _isolate(tmp_path, monkeypatch, head_cache):
+    """Every cache and run folder under tmp_path; Keras's cache and covfeat's head templates
+    too; no progress bars."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COVFEAT_HEAD_CACHE", str(head_cache))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))  # for subprocesses
     from keras.src.backend import config as keras_config  # Keras reads KERAS_HOME once, at import
 

@@ -1,0 +1,92 @@
+"""fit-head's numba engine trains without TensorFlow: the head's initial weights and its Keras
+file come from a template that Keras made once (covfeat.headfile)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import MINI_SPLIT, fit
+from covfeat.config import HeadConfig
+from covfeat.head import build_head
+from covfeat.headfile import TEMPLATE, head_template, template_key
+
+RUN_CLI = ("import sys\nfrom covfeat.cli import app\ntry:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
+           "print('TENSORFLOW-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TENSORFLOW', file=sys.stderr)\n"
+           "sys.exit(code)\n")
+
+
+def _fit_head_cli(cache, runs, env):
+    return subprocess.run([sys.executable, "-c", RUN_CLI, "fit-head", "--cache", str(cache), "--runs-dir", str(runs),
+                           "--epochs", "2", "--val", str(MINI_SPLIT["val"]), "--test", str(MINI_SPLIT["test"])],
+                          capture_output=True, text=True, env=env)
+
+
+def test_fit_head_command_imports_tensorflow_only_to_make_the_template(mini_cache, tmp_path):
+    env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
+    first = _fit_head_cli(mini_cache, tmp_path / "a", env)
+    assert first.returncode == 0, first.stderr
+    assert "TENSORFLOW-IMPORTED" in first.stderr  # the first run with this head made its template
+    (made,) = (tmp_path / "templates").iterdir()
+    second = _fit_head_cli(mini_cache, tmp_path / "b", env)
+    assert second.returncode == 0, second.stderr
+    assert "NO-TENSORFLOW" in second.stderr
+    assert list((tmp_path / "templates").iterdir()) == [made]
+    a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
+    for name in ("history.csv", "predictions.csv"):
+        assert (a / name).read_text() == (b / name).read_text()
+
+
+def test_template_holds_kerass_initial_head_and_saves_trained_weights_where_keras_would(tmp_path):
+    import keras
+
+    cfg = HeadConfig(dropout=0.3, seed=4, dense_units=24)
+    shape = (3, 3, 40)
+    model, tail = build_head(shape, cfg)
+    tmpl = head_template(shape, cfg)
+    for mine, theirs in zip(tmpl.initial_weights(), tail.get_weights()):
+        assert np.array_equal(mine, theirs)
+    trained = [w + np.float32(0.25) * (k + 1) for k, w in enumerate(tail.get_weights())]
+    tmpl.save(tmp_path / "head.keras", trained)
+    loaded = keras.models.load_model(tmp_path / "head.keras")
+    tail.set_weights(trained)
+    model.save(tmp_path / "by_keras.keras")
+    assert loaded.get_config() == keras.models.load_model(tmp_path / "by_keras.keras").get_config()
+    for mine, theirs in zip(loaded.get_weights(), model.get_weights()):
+        assert np.array_equal(mine, theirs)
+    x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    # another seed, another template
+    assert template_key(shape, cfg)[0] != template_key(shape, HeadConfig(dropout=0.3, seed=5, dense_units=24))[0]
+
+
+def test_a_damaged_template_is_made_again_with_a_note(mini_cache, tmp_path):
+    env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
+    assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0
+    (folder,) = (tmp_path / "templates").iterdir()
+    f = folder / TEMPLATE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    again = _fit_head_cli(mini_cache, tmp_path / "b", env)
+    assert again.returncode == 0, again.stderr
+    assert "is unusable (checksum differs); making it again with Keras." in again.stderr
+    layout = json.loads((folder / "layout.json").read_text())
+    import hashlib
+
+    assert hashlib.sha256(f.read_bytes()).hexdigest() == layout["sha256"]
+    a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
+    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+
+
+def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache, tmp_path):
+    """The tf engine builds the head with Keras directly, the numba engine reads the template:
+    one epoch each with the same seed gives the same loss."""
+    from covfeat.runs import Run
+    from covfeat.train import fit_head
+
+    runs = {e: Run(fit_head(mini_cache, fit(1, engine=e), tmp_path / e, progress=False)) for e in ("numba", "tf")}
+    la, lb = (r.history()[0]["loss"] for r in runs.values())
+    assert abs(la - lb) < 1e-5
