@@ -21,17 +21,29 @@ from .kernels import NO_PARENTS, dropout_pool, keep_q
 
 class MemorySource:
     """Every real training row's maps, all views: (R, V, S, C) float16 bit patterns (uint16) or
-    float32.  Row R + j is SMOTE row j, mixed from ``parents[j]`` with ``weights[j]`` on the fly."""
+    float32.  Row R + j is SMOTE row j, mixed from ``parents[j]`` with ``weights[j]`` on the fly.
 
-    def __init__(self, pool: np.ndarray, parents=None, weights=None):
+    With ``index``, ``pool`` holds more rows than are trained on (cross-validation loads every
+    row once for all its folds) and training row k is ``pool[index[k]]``; the numbers are
+    the same as with a pool of the training rows alone.
+    """
+
+    def __init__(self, pool: np.ndarray, parents=None, weights=None, index=None):
         self.pool = pool
+        self.index = None if index is None else np.asarray(index, np.int64)
         self.parents, self.weights = NO_PARENTS if parents is None or not len(parents) else (
             np.asarray(parents, np.int64), np.asarray(weights, np.float32))
+        if self.index is not None and len(self.parents):
+            self.parents = self.index[self.parents]
         self.channels = pool.shape[-1]
 
     def pooled(self, epoch: int, order: np.ndarray, views: np.ndarray, rate_q: int, seed: int, out: np.ndarray):
-        dropout_pool(self.pool, order.astype(np.int64), views, rate_q, seed, epoch, out, self.parents, self.weights,
-                     self.pool.shape[0])
+        rows = order.astype(np.int64)
+        n_pool = self.pool.shape[0]
+        if self.index is not None:  # training positions -> pool rows; SMOTE rows after the pool's
+            n = len(self.index)
+            rows = np.where(rows < n, self.index[np.minimum(rows, n - 1)], n_pool + rows - n)
+        dropout_pool(self.pool, rows, views, rate_q, seed, epoch, out, self.parents, self.weights, n_pool)
 
 
 class StreamedSource:

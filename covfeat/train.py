@@ -92,6 +92,44 @@ def rows_by_split(fc: FeatureCache, split: np.ndarray) -> dict[int, np.ndarray]:
     return {s: have[split[have] == s] for s in (TRAIN, VAL, TEST)}
 
 
+class LoadedMaps:
+    """Every view of the given manifest rows, read from the cache once and kept in memory
+    (float16 bit patterns as uint16, or float32): cross-validation's folds all train from it
+    instead of each reading its own rows again."""
+
+    def __init__(self, fc: FeatureCache, rows: np.ndarray):
+        from .kernels import populated_empty
+
+        self.rows = np.asarray(rows, np.int64)
+        self.pos = np.full(fc.n_rows, -1, np.int64)
+        self.pos[self.rows] = np.arange(len(self.rows))
+        shape = fc.feature_shape
+        self.half = fc.dtype == np.float16
+        self.pool = populated_empty((len(self.rows), fc.n_views, shape[0] * shape[1], shape[2]),
+                                    np.uint16 if self.half else np.float32)
+        idx = np.concatenate([fc.samples()[int(r)] for r in self.rows])
+        fc.read_features(idx, out=(self.pool.view(np.float16) if self.half else self.pool).reshape(
+            len(self.rows) * fc.n_views, *shape))
+
+    @staticmethod
+    def nbytes(fc: FeatureCache, rows) -> int:
+        return len(rows) * fc.n_views * int(np.prod(fc.feature_shape)) * fc.dtype.itemsize
+
+    def originals(self, rows, out: np.ndarray | None = None) -> np.ndarray:
+        """View 0 of manifest ``rows`` as float32 (n, S * C), exactly as read_features gives them."""
+        from .kernels import f16_rows_into
+
+        p = self.pos[np.asarray(rows, np.int64)]
+        src = self.pool[p, 0].reshape(len(p), -1)
+        if out is None:
+            out = np.empty(src.shape, np.float32)
+        if self.half:
+            f16_rows_into(src.view(np.float16), out, np.arange(len(p)))
+        else:
+            out[...] = src
+        return out
+
+
 def _open(cache_path, fc: FeatureCache | None) -> FeatureCache:
     if fc is None:
         from .cache import describe_cache
@@ -107,11 +145,13 @@ def _open(cache_path, fc: FeatureCache | None) -> FeatureCache:
 
 def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str | Path = "runs", *,
              split: np.ndarray | None = None, name: str | None = None, progress: bool = True,
-             fc: FeatureCache | None = None) -> Path:
+             fc: FeatureCache | None = None, maps: LoadedMaps | None = None) -> Path:
     """Train the paper's head on one cache and write a run folder; returns its path.
 
     With ``fit.folds`` > 0 this is :func:`cross_validate`.  ``split`` (one value per
     manifest row) overrides ``fit.split``; the audit uses it to retrain on a run's own split.
+    ``maps`` (every row's maps already in memory, as cross-validation holds them) replaces
+    reading the rows from the cache; the numbers are the same.
 
     Raises
     ------
@@ -153,26 +193,37 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     # Originals of the training rows, flattened, for SMOTE's neighbour search.
     from .kernels import populated_empty
 
-    X0 = fc.read_features(fc.originals(tr), out=populated_empty((len(tr), *shape))).reshape(len(tr), -1)
+    if maps is not None:
+        X0 = maps.originals(tr, out=populated_empty((len(tr), S * C)))
+    else:
+        X0 = fc.read_features(fc.originals(tr), out=populated_empty((len(tr), *shape))).reshape(len(tr), -1)
     marks = {"read_and_prepare": time.perf_counter() - t0}
     bal = balance(X0, y_tr, cfg)
     marks["smote"] = time.perf_counter() - t0 - sum(marks.values())
     del X0
     n_real, n_syn = len(tr), len(bal.parents)
     pool_bytes = n_real * V * S * C * fc.dtype.itemsize  # SMOTE rows are formed on the fly
-    streamed = pool_bytes > fit.memory_budget_gb * 2**30
+    streamed = maps is None and pool_bytes > fit.memory_budget_gb * 2**30
     if not fc.pretrained:
         _log("NOTE: these features come from a NOT PRETRAINED (random-init) backbone.")
     counts = np.bincount(bal.labels, minlength=2)
     _log(f"Training rows: {n_real} real + {n_syn} SMOTE ({counts[1]} COVID-19, {counts[0]} NORMAL), {V} views each; "
-         f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB)")
+         f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB"
+         f"{', every row loaded once for all folds' if maps is not None else ''})")
 
     model, head = _initial_head(shape, cfg)
     marks["build_head"] = time.perf_counter() - t0 - sum(marks.values())
     val_rows, test_rows = parts[VAL], parts[TEST]
-    Xv = pooled_mean(fc.read_features(fc.originals(val_rows))) if len(val_rows) else None
+    def originals(rows):
+        if maps is not None:
+            return maps.originals(rows).reshape(len(rows), *shape)
+        return fc.read_features(fc.originals(rows))
+
+    Xv = pooled_mean(originals(val_rows)) if len(val_rows) else None
     yv = labels_m[val_rows] if len(val_rows) else None
-    if streamed:
+    if maps is not None:
+        source = MemorySource(maps.pool, bal.parents, bal.weights, index=maps.pos[tr])
+    elif streamed:
         source = StreamedSource(fc, tr, bal.parents, bal.weights)
     else:
         half = fc.dtype == np.float16  # keep float16 as stored (bits as uint16): half the memory
@@ -190,7 +241,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     def predict(rows):
         if not len(rows):
             return np.zeros(0)
-        pooled = pooled_mean(fc.read_features(fc.originals(rows)))
+        pooled = pooled_mean(originals(rows))
         if model is head:  # numba engine: the numpy head
             return head.predict(pooled)[:, 1]
         return head(pooled, training=False).numpy()[:, 1]
@@ -276,6 +327,9 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
     idx = np.flatnonzero(fc.has_features())
     one = replace(fit, folds=0, repeats=1)
     fold_metrics = []
+    # Every row's maps read once for all folds when they fit the memory budget (each fold
+    # would otherwise read its own training rows again).
+    maps = LoadedMaps(fc, idx) if LoadedMaps.nbytes(fc, idx) <= fit.memory_budget_gb * 2**30 else None
     stamp = f"{fc.backbone}-cv{fit.folds}x{fit.repeats}-{time.strftime('%Y%m%d-%H%M%S')}"
     with AtomicDir(runs_dir, stamp) as d:
         for r, f, sp in cv_folds(man["label"][idx], man["patient_id"][idx], fit.folds, fit.repeats,
@@ -284,7 +338,8 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
             split = np.full(fc.n_rows, -1, np.int8)
             split[idx] = sp
             _log(f"fold {f + 1}/{fit.folds}, repeat {r + 1}/{fit.repeats}")
-            run = fit_head(cache_path, one, d.path, split=split, name=f"r{r}-f{f}", progress=progress, fc=fc)
+            run = fit_head(cache_path, one, d.path, split=split, name=f"r{r}-f{f}", progress=progress, fc=fc,
+                           maps=maps)
             from .runs import Run
 
             fold_metrics.append(Run(run).metrics)

@@ -189,3 +189,24 @@ def test_stage_two_numbers_are_pinned(monkeypatch, tmp_path, name):
         assert pred == want_pred or abs(p - run.threshold) < 1e-3, path
     assert run.threshold == pytest.approx(pinned["threshold"], abs=2e-4)
     np.testing.assert_allclose([h["loss"] for h in run.history()], pinned["loss"], atol=2e-4)
+
+
+def test_cross_validation_folds_equal_single_runs_on_their_splits(mini_cache, tmp_path):
+    """Cross-validation loads every row's maps once for all folds; each fold's numbers are
+    those of fit-head on that fold's split alone, and those of a CV streamed from HDF5
+    (a memory budget too small to hold the rows)."""
+    from dataclasses import replace
+
+    from covfeat.runs import Run
+
+    cv = Run(fit_head(mini_cache, fit(3, folds=3), tmp_path / "cv", progress=False))
+    streamed = Run(fit_head(mini_cache, replace(fit(3, folds=3), memory_budget_gb=1e-6), tmp_path / "st",
+                            progress=False))
+    folds = cv.folds()
+    assert len(folds) == 3
+    for fold, other in zip(folds, streamed.folds()):
+        single = Run(fit_head(mini_cache, fit(3), tmp_path / "one", split=fold.split(), progress=False))
+        assert other.metrics["streamed"] is True and fold.metrics["streamed"] is False
+        for name in ("history.csv", "predictions.csv"):
+            assert (fold.path / name).read_text() == (single.path / name).read_text(), name
+            assert (other.path / name).read_text() == (single.path / name).read_text(), name
