@@ -530,7 +530,9 @@ class FeatureCache:
             raise damaged(self.path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
         # Extraction stores finite values only; Fletcher-32 cannot tell 0x0000 from 0xFFFF, which in
         # float16 is a NaN, so a non-finite value read back is damage too.
-        if not np.isfinite(out.reshape(len(out), -1)).all():
+        from .kernels import all_finite
+
+        if len(out) and not all_finite(out):
             raise damaged(self.path, "non-finite feature values read back")
         return out
 

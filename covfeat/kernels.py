@@ -239,6 +239,30 @@ def populated_empty(shape, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _no_inf_nan(bits, exp_mask):
+    """True when no element has every exponent bit set (inf or NaN), rows in parallel."""
+    bad = np.zeros(bits.shape[0], np.bool_)
+    for i in prange(bits.shape[0]):
+        row = bits[i]
+        hit = False
+        for j in range(row.shape[0]):
+            hit |= (row[j] & exp_mask) == exp_mask
+        bad[i] = hit
+    return not bad.any()
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all() for float16 / float32 arrays, from the bit patterns in compiled
+    code (numpy's float16 isfinite is emulated: 0.8 s for a 450 MB pool, this ~20 ms)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.float16:
+        return bool(_no_inf_nan(a.reshape(len(a), -1).view(np.uint16), np.uint16(0x7C00)))
+    if a.dtype == np.float32:
+        return bool(_no_inf_nan(a.reshape(len(a), -1).view(np.uint32), np.uint32(0x7F800000)))
+    return bool(np.isfinite(a).all())
+
+
 def keep_q(rate: float) -> int:
     """Keep probability 1 - rate as an integer numerator over 2**24."""
     return int(round((1.0 - rate) * (1 << _Q_BITS)))
@@ -350,22 +374,32 @@ def _dense_grad_step(typingctx, X, a, B, D, W, M, j0, mom, lr):
         g = cgutils.alloca_once(builder, vf)
         small = builder.icmp_signed("<=", Bv, ir.Constant(Bv.type, _ROWS))
         last = builder.sub(Bv, ir.Constant(Bv.type, 1))
-        with builder.if_else(small) as (unrolled, general):
-            with unrolled:  # up to 8 rows: their 16 lanes of D held in registers, rows past B skipped
-                rows, ds, live = [], [], []
+        def unrolled(full):
+            """Up to 8 rows: their 16 lanes of D held in registers; with ``full`` all 8 are
+            rows of the batch, otherwise rows past B are skipped."""
+            rows, ds, live = [], [], []
+            for k in range(_ROWS):
+                kk = ir.Constant(Bv.type, k)
+                rk = kk if full else builder.select(builder.icmp_signed("<", kk, last), kk, last)
+                rows.append(builder.gep(xp, [builder.mul(builder.add(av, rk), C)]))
+                ds.append(_vload(builder, dp, builder.add(builder.mul(rk, HD), j0v), vf))
+                live.append(builder.icmp_signed("<", kk, Bv))
+            with cgutils.for_range(builder, C) as loop:
+                i = loop.index
+                acc = ir.Constant(vf, None)
                 for k in range(_ROWS):
-                    kk = ir.Constant(Bv.type, k)
-                    rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
-                    rows.append(builder.gep(xp, [builder.mul(builder.add(av, rk), C)]))
-                    ds.append(_vload(builder, dp, builder.add(builder.mul(rk, HD), j0v), vf))
-                    live.append(builder.icmp_signed("<", kk, Bv))
-                with cgutils.for_range(builder, C) as loop:
-                    i = loop.index
-                    acc = ir.Constant(vf, None)
-                    for k in range(_ROWS):
-                        x = _splat(builder, builder.load(builder.gep(rows[k], [i])), vf)
-                        acc = builder.select(live[k], builder.fadd(acc, builder.fmul(x, ds[k])), acc)
-                    _momentum(builder, acc, i, H, j0v, wp, mp, vmom, vlr, vf)
+                    x = _splat(builder, builder.load(builder.gep(rows[k], [i])), vf)
+                    step = builder.fadd(acc, builder.fmul(x, ds[k]))
+                    acc = step if full else builder.select(live[k], step, acc)
+                _momentum(builder, acc, i, H, j0v, wp, mp, vmom, vlr, vf)
+
+        with builder.if_else(small) as (few, general):
+            with few:
+                with builder.if_else(builder.icmp_signed("==", Bv, ir.Constant(Bv.type, _ROWS))) as (eight, fewer):
+                    with eight:
+                        unrolled(True)
+                    with fewer:
+                        unrolled(False)
             with general:
                 with cgutils.for_range(builder, C) as loop:
                     i = loop.index

@@ -111,6 +111,9 @@ class LoadedMaps:
         fc.read_features(idx, out=(self.pool.view(np.float16) if self.half else self.pool).reshape(
             len(self.rows) * fc.n_views, *shape))
 
+    def holds(self, rows) -> bool:
+        return bool((self.pos[np.asarray(rows, np.int64)] >= 0).all())
+
     @staticmethod
     def nbytes(fc: FeatureCache, rows) -> int:
         return len(rows) * fc.n_views * int(np.prod(fc.feature_shape)) * fc.dtype.itemsize
@@ -190,6 +193,16 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     tr = parts[TRAIN]
     y_tr = labels_m[tr]
 
+    marks = {"read_and_prepare": time.perf_counter() - t0}
+    # Every view of the training rows in memory (unless CV shares its own, or they exceed
+    # the memory budget and are streamed); SMOTE's originals are their view 0.
+    pool_bytes = LoadedMaps.nbytes(fc, tr)  # SMOTE rows are formed on the fly
+    streamed = maps is None and pool_bytes > fit.memory_budget_gb * 2**30
+    shared = maps is not None
+    if maps is None and not streamed:
+        maps = LoadedMaps(fc, tr)
+    marks["load_pool"] = time.perf_counter() - t0 - sum(marks.values())
+
     # Originals of the training rows, flattened, for SMOTE's neighbour search.
     from .kernels import populated_empty
 
@@ -197,25 +210,23 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
         X0 = maps.originals(tr, out=populated_empty((len(tr), S * C)))
     else:
         X0 = fc.read_features(fc.originals(tr), out=populated_empty((len(tr), *shape))).reshape(len(tr), -1)
-    marks = {"read_and_prepare": time.perf_counter() - t0}
     bal = balance(X0, y_tr, cfg)
     marks["smote"] = time.perf_counter() - t0 - sum(marks.values())
     del X0
     n_real, n_syn = len(tr), len(bal.parents)
-    pool_bytes = n_real * V * S * C * fc.dtype.itemsize  # SMOTE rows are formed on the fly
-    streamed = maps is None and pool_bytes > fit.memory_budget_gb * 2**30
     if not fc.pretrained:
         _log("NOTE: these features come from a NOT PRETRAINED (random-init) backbone.")
     counts = np.bincount(bal.labels, minlength=2)
     _log(f"Training rows: {n_real} real + {n_syn} SMOTE ({counts[1]} COVID-19, {counts[0]} NORMAL), {V} views each; "
          f"{'streamed from HDF5' if streamed else 'in memory'} ({pool_bytes / 2**30:.2f} GiB"
-         f"{', every row loaded once for all folds' if maps is not None else ''})")
+         f"{', every row loaded once for all folds' if shared else ''})")
 
     model, head = _initial_head(shape, cfg)
     marks["build_head"] = time.perf_counter() - t0 - sum(marks.values())
     val_rows, test_rows = parts[VAL], parts[TEST]
+
     def originals(rows):
-        if maps is not None:
+        if maps is not None and maps.holds(rows):
             return maps.originals(rows).reshape(len(rows), *shape)
         return fc.read_features(fc.originals(rows))
 
@@ -223,15 +234,8 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     yv = labels_m[val_rows] if len(val_rows) else None
     if maps is not None:
         source = MemorySource(maps.pool, bal.parents, bal.weights, index=maps.pos[tr])
-    elif streamed:
-        source = StreamedSource(fc, tr, bal.parents, bal.weights)
     else:
-        half = fc.dtype == np.float16  # keep float16 as stored (bits as uint16): half the memory
-        pool = populated_empty((n_real, V, S, C), np.uint16 if half else np.float32)
-        idx = np.concatenate([fc.samples()[int(r)] for r in tr])
-        fc.read_features(idx, out=(pool.view(np.float16) if half else pool).reshape(n_real * V, *shape))
-        source = MemorySource(pool, bal.parents, bal.weights)
-        marks["load_pool"] = time.perf_counter() - t0 - sum(marks.values())
+        source = StreamedSource(fc, tr, bal.parents, bal.weights)
     history = train(source, bal.labels, np.full(n_real + n_syn, V, np.int64), Xv, yv, head, cfg,
                     sample_weight=bal.sample_weight, progress=_epoch_printer(cfg.epochs) if progress else None)
     del source

@@ -59,3 +59,17 @@ def test_dropout_pool_equals_a_plain_numpy_reference(C, rate):
         masks = np.stack([mask_row(7, 3, i, S, s, C, keep_q(rate)) for s in range(S)])
         want = (maps * masks).sum(0) / (S * (1 - rate))
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_finds_any_inf_or_nan_and_passes_extremes(dtype):
+    from covfeat.kernels import all_finite
+
+    a = np.ones((100, 7, 7, 64), dtype)
+    assert all_finite(a)
+    for v in (np.inf, -np.inf, np.nan):
+        b = a.copy()
+        b[57, 3, 2, 11] = v
+        assert not all_finite(b), v
+    a[0, 0, 0, :3] = [np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny / 4]
+    assert all_finite(a)
