@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import HeadConfig
+from .errors import RunError
 
 WEIGHTS_ENTRY = "model.weights.h5"
 LAYOUT = "layout.json"
@@ -62,30 +63,57 @@ def _versions() -> dict:
     return out
 
 
+KERAS_DEFAULTS = {"backend": "tensorflow", "floatx": "float32", "epsilon": 1e-07, "image_data_format": "channels_last"}
+
+
+def _keras_settings() -> dict:
+    """The Keras settings that could change a built model, as Keras would resolve them (its
+    keras.json, which Keras writes with the defaults on first import, then KERAS_BACKEND),
+    read without importing Keras."""
+    home = os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+    try:
+        conf = json.loads((Path(home) / "keras.json").read_text())
+    except (OSError, ValueError):
+        conf = {}
+    out = {k: conf.get(k, v) if isinstance(conf, dict) else v for k, v in KERAS_DEFAULTS.items()}
+    if os.environ.get("KERAS_BACKEND"):
+        out["backend"] = os.environ["KERAS_BACKEND"]
+    return out
+
+
 def template_key(feature_shape, cfg: HeadConfig) -> tuple[str, dict]:
-    """What the untrained head depends on, and its hash."""
+    """What the untrained head depends on, and its hash: its settings, the Keras and
+    TensorFlow versions and settings, and the source of covfeat's head definition (layers,
+    names, batch-norm constants), so that a changed ``build_head`` never reuses a template."""
     if cfg.dropout is None:
         raise ValueError("the head template needs a resolved dropout rate (HeadConfig.resolved(backbone)).")
+    head_src = hashlib.sha256((Path(__file__).parent / "head.py").read_bytes()).hexdigest()
     what = {"format": FORMAT, "feature_shape": [int(x) for x in feature_shape], "dense_units": cfg.dense_units,
             "dropout": cfg.dropout, "seed": cfg.seed, "activity_l1": cfg.activity_l1, "activity_l2": cfg.activity_l2,
+            "head_py_sha256": head_src, "keras_settings": _keras_settings(),
             **_versions()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20], what
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _layout_digest(layout: dict) -> str:
+    return _sha256(json.dumps({k: layout[k] for k in ("datasets", "shapes", "sha256")}, sort_keys=True).encode())
 
 
 class HeadTemplate:
     """A saved, untrained head and the dataset path of each of its weights (in the order of
     the Keras tail's ``get_weights()``: dense kernel, bias, batch-norm gamma, beta, moving
-    mean, moving variance, softmax kernel, bias)."""
+    mean, moving variance, softmax kernel, bias).  Held in memory once read: the file may
+    go away while a run trains."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.path = folder / TEMPLATE
+        self.data = (folder / TEMPLATE).read_bytes()
         layout = json.loads((folder / LAYOUT).read_text())
-        if layout.get("sha256") != _sha256(self.path):
+        if layout.get("sha256") != _sha256(self.data) or layout.get("layout_sha256") != _layout_digest(layout):
             raise ValueError("checksum differs")
         self.datasets = layout["datasets"]
         self.shapes = [tuple(s) for s in layout["shapes"]]
@@ -96,7 +124,7 @@ class HeadTemplate:
     def _read(self) -> list[np.ndarray]:
         import h5py
 
-        with zipfile.ZipFile(self.path) as z, h5py.File(io.BytesIO(z.read(WEIGHTS_ENTRY)), "r") as h:
+        with zipfile.ZipFile(io.BytesIO(self.data)) as z, h5py.File(io.BytesIO(z.read(WEIGHTS_ENTRY)), "r") as h:
             return [np.array(h[name], np.float32) for name in self.datasets]
 
     def initial_weights(self) -> list[np.ndarray]:
@@ -108,7 +136,7 @@ class HeadTemplate:
 
         if [np.shape(w) for w in weights] != self.shapes:
             raise ValueError(f"weights of shapes {[np.shape(w) for w in weights]}, the head has {self.shapes}")
-        with zipfile.ZipFile(self.path) as src:
+        with zipfile.ZipFile(io.BytesIO(self.data)) as src:
             buf = io.BytesIO(src.read(WEIGHTS_ENTRY))
             with h5py.File(buf, "r+") as h:
                 for name, w in zip(self.datasets, weights):
@@ -127,7 +155,10 @@ class HeadTemplate:
 
 
 def head_template(feature_shape, cfg: HeadConfig) -> HeadTemplate:
-    """The template of this head: from covfeat's user cache, or made now with Keras."""
+    """The template of this head: from covfeat's user cache, or made now with Keras (in a
+    temporary folder, with a note, when the cache cannot be written)."""
+    import tempfile
+
     key, what = template_key(feature_shape, cfg)
     folder = cache_root() / key
     if folder.is_dir():
@@ -137,7 +168,17 @@ def head_template(feature_shape, cfg: HeadConfig) -> HeadTemplate:
             print(f"note: the head template {folder} is unusable ({exc}); making it again with Keras.",
                   file=sys.stderr, flush=True)
             shutil.rmtree(folder, ignore_errors=True)
-    return HeadTemplate(_make(folder, feature_shape, cfg, what))
+    try:
+        return HeadTemplate(_make(folder, feature_shape, cfg, what))
+    except OSError as exc:
+        print(f"note: cannot keep the head template in {folder.parent} ({exc.strerror or exc}); made it for this "
+              "run only (set COVFEAT_HEAD_CACHE to a writable folder).", file=sys.stderr, flush=True)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return HeadTemplate(_make(Path(tmp) / key, feature_shape, cfg, what))
+        except OSError as again:
+            raise RunError(f"cannot make the head's template, not even in a temporary folder: "
+                           f"{again.strerror or again}") from None
 
 
 def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
@@ -168,9 +209,10 @@ def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
         (tmp / "markers.keras").unlink()
         tail.set_weights(init)
         model.save(tmp / TEMPLATE)
-        (tmp / LAYOUT).write_text(json.dumps({"what": what, "datasets": [found[k] for k in range(len(init))],
-                                              "shapes": [list(w.shape) for w in init],
-                                              "sha256": _sha256(tmp / TEMPLATE)}, indent=2))
+        layout = {"what": what, "datasets": [found[k] for k in range(len(init))],
+                  "shapes": [list(w.shape) for w in init], "sha256": _sha256((tmp / TEMPLATE).read_bytes())}
+        layout["layout_sha256"] = _layout_digest(layout)
+        (tmp / LAYOUT).write_text(json.dumps(layout, indent=2))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process made it first: theirs is the same

@@ -65,18 +65,33 @@ def classification_metrics(y_true, p_covid, threshold: float = 0.5) -> dict:
     return out
 
 
+THRESHOLD_MARGIN = 1e-5  # how far below the deciding probability the threshold sits, at most
+
+
 def threshold_for_recall(y_true, p_covid, target: float) -> float:
-    """Largest threshold whose COVID-19 recall on (validation) rows reaches ``target``."""
+    """A threshold whose COVID-19 recall on (validation) rows reaches ``target``: just below
+    the probability of the row that decides it.
+
+    Not at that probability itself: the same head computed elsewhere (Keras in ``covfeat
+    predict`` and ``export``, compiled code in fit-head) agrees to about 1e-6, and a threshold
+    equal to one row's probability would label that row differently half of the time.  It
+    sits ``THRESHOLD_MARGIN`` lower, but never past the midpoint to the next lower
+    probability, so every validation row keeps its label.
+    """
     from sklearn.metrics import roc_curve
 
     y = np.asarray(y_true, int)
+    p = np.asarray(p_covid, float)
     if not 0 < target <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target}")
     if y.sum() == 0:
         raise ValueError("no COVID-19 rows to choose a threshold on")
-    _, tpr, thr = roc_curve(y, p_covid, drop_intermediate=False)
+    _, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     i = int(np.argmax(tpr >= target - 1e-12))
-    return float(min(thr[i], 1.0))
+    t = float(min(thr[i], 1.0))
+    below = p[p < t]
+    floor = (t + float(below.max())) / 2 if len(below) else t - THRESHOLD_MARGIN
+    return max(t - THRESHOLD_MARGIN, floor)
 
 
 def by_source(y_true, p_covid, sources, threshold: float = 0.5) -> dict:

@@ -199,6 +199,8 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     pool_bytes = LoadedMaps.nbytes(fc, tr)  # SMOTE rows are formed on the fly
     streamed = maps is None and pool_bytes > fit.memory_budget_gb * 2**30
     shared = maps is not None
+    if shared and not maps.holds(tr):
+        raise ValueError("fit_head(maps=...) must hold every training row")
     if maps is None and not streamed:
         maps = LoadedMaps(fc, tr)
     marks["load_pool"] = time.perf_counter() - t0 - sum(marks.values())
@@ -333,12 +335,12 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
     fold_metrics = []
     # Every row's maps read once for all folds when they fit the memory budget (each fold
     # would otherwise read its own training rows again).
+    folds = list(cv_folds(man["label"][idx], man["patient_id"][idx], fit.folds, fit.repeats, by=fit.split.by,
+                          seed=fit.split.seed, val=fit.split.val, pairs=usable_pairs(fc, fit.split, idx)))
     maps = LoadedMaps(fc, idx) if LoadedMaps.nbytes(fc, idx) <= fit.memory_budget_gb * 2**30 else None
     stamp = f"{fc.backbone}-cv{fit.folds}x{fit.repeats}-{time.strftime('%Y%m%d-%H%M%S')}"
     with AtomicDir(runs_dir, stamp) as d:
-        for r, f, sp in cv_folds(man["label"][idx], man["patient_id"][idx], fit.folds, fit.repeats,
-                                 by=fit.split.by, seed=fit.split.seed, val=fit.split.val,
-                                 pairs=usable_pairs(fc, fit.split, idx)):
+        for r, f, sp in folds:
             split = np.full(fc.n_rows, -1, np.int8)
             split[idx] = sp
             _log(f"fold {f + 1}/{fit.folds}, repeat {r + 1}/{fit.repeats}")

@@ -90,3 +90,31 @@ def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache
     runs = {e: Run(fit_head(mini_cache, fit(1, engine=e), tmp_path / e, progress=False)) for e in ("numba", "tf")}
     la, lb = (r.history()[0]["loss"] for r in runs.values())
     assert abs(la - lb) < 1e-5
+
+
+def test_a_swapped_layout_is_caught_and_the_template_made_again(mini_cache, tmp_path):
+    env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
+    assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0
+    (folder,) = (tmp_path / "templates").iterdir()
+    layout = json.loads((folder / "layout.json").read_text())
+    d = layout["datasets"]
+    d[2], d[3] = d[3], d[2]  # gamma and beta have the same shape: only the checksum can tell
+    (folder / "layout.json").write_text(json.dumps(layout))
+    again = _fit_head_cli(mini_cache, tmp_path / "b", env)
+    assert again.returncode == 0, again.stderr
+    assert "is unusable (checksum differs); making it again with Keras." in again.stderr
+    a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
+    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+
+
+def test_an_unwritable_template_cache_is_a_note_not_a_failure(mini_cache, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    env = dict(os.environ, COVFEAT_HEAD_CACHE=str(blocker / "heads"))
+    r = _fit_head_cli(mini_cache, tmp_path / "a", env)
+    assert r.returncode == 0, r.stderr
+    assert "note: cannot keep the head template in" in r.stderr and "made it for this run only" in r.stderr
+    assert "Traceback" not in r.stderr
+    ref = _fit_head_cli(mini_cache, tmp_path / "b", dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "ok")))
+    a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
+    assert ref.returncode == 0 and (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()

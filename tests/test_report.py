@@ -34,11 +34,23 @@ def test_wilson_known_values():
 
 
 def test_threshold_for_recall():
+    """Just below the deciding row's probability (1e-5, or half the gap to the next lower one):
+    the validation labels are those of ">= that probability", and stay so when every
+    probability moves by the ~1e-6 that separates the same head computed by Keras and by
+    compiled code."""
+    from covfeat.metrics import THRESHOLD_MARGIN
+
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.5, 0.3, 0.1, 0.05])
-    assert threshold_for_recall(y, p, 0.5) == pytest.approx(0.8)
-    assert threshold_for_recall(y, p, 0.75) == pytest.approx(0.4)
-    assert threshold_for_recall(y, p, 1.0) == pytest.approx(0.2)
+    for target, decider in ((0.5, 0.8), (0.75, 0.4), (1.0, 0.2)):
+        t = threshold_for_recall(y, p, target)
+        assert decider - THRESHOLD_MARGIN <= t < decider
+        assert np.array_equal(p >= t, p >= decider)
+        for shift in (-2e-6, 2e-6):
+            assert np.array_equal(p + shift * np.sign(np.sin(np.arange(8))) >= t, p >= decider)
+    close = np.array([0.6, 0.6 - 4e-6, 0.1])  # a NORMAL row 4e-6 below: the threshold stops halfway
+    t = threshold_for_recall(np.array([1, 0, 0]), close, 1.0)
+    assert t == pytest.approx(0.6 - 2e-6, abs=1e-12)
 
 
 def test_report_cli_prints_table_and_writes_files(mini_run, tmp_path):
