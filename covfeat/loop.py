@@ -23,8 +23,8 @@ class MemorySource:
     """Every real training row's maps, all views: (R, V, S, C) float16 bit patterns (uint16) or
     float32.  Row R + j is SMOTE row j, mixed from ``parents[j]`` with ``weights[j]`` on the fly.
 
-    With ``index``, ``pool`` holds more rows than are trained on (cross-validation loads every
-    row once for all its folds) and training row k is ``pool[index[k]]``; the numbers are
+    With ``index``, training row k is ``pool[index[k]]``, so ``pool`` may hold more rows than
+    are trained on (cross-validation loads every row once for all its folds); the numbers are
     the same as with a pool of the training rows alone.
     """
 

@@ -94,8 +94,9 @@ def rows_by_split(fc: FeatureCache, split: np.ndarray) -> dict[int, np.ndarray]:
 
 class LoadedMaps:
     """Every view of the given manifest rows, read from the cache once and kept in memory
-    (float16 bit patterns as uint16, or float32): cross-validation's folds all train from it
-    instead of each reading its own rows again."""
+    (float16 bit patterns as uint16, or float32): a fit trains from it and takes SMOTE's
+    originals (view 0) from it, and cross-validation's folds all share one instead of each
+    reading its own rows again."""
 
     def __init__(self, fc: FeatureCache, rows: np.ndarray):
         from .kernels import populated_empty
