@@ -53,7 +53,7 @@ def kernel_rates(fc, tr, bal, cfg, m) -> dict:
     """The epochs stage against the machine's limit: the dropout + pooling pass (every core)
     and the head's batch steps (one core) timed alone on the same pool, and what the stage
     achieved, beside the read bandwidth measured now."""
-    from common import read_bandwidth_gb_s
+    from common import head_state, read_bandwidth_gb_s
 
     from covfeat.kernels import head_epoch, keep_q, populated_empty
     from covfeat.loop import MemorySource, epoch_plan
@@ -77,15 +77,9 @@ def kernel_rates(fc, tr, bal, cfg, m) -> dict:
     bytes_epoch = (n_real + 2 * n_syn) * S * C * 2  # a SMOTE row reads both parents
     elems_epoch = n * S * C
     H = cfg.dense_units
-    rng = np.random.default_rng(0)
-    P = (rng.standard_normal((C, H)).astype(np.float32) * 0.02, np.zeros(H, np.float32), np.ones(H, np.float32),
-         np.zeros(H, np.float32), np.zeros(H, np.float32), np.ones(H, np.float32),
-         rng.standard_normal((H, 2)).astype(np.float32) * 0.1, np.zeros(2, np.float32))
-    M = tuple(np.zeros_like(P[i]) for i in (0, 1, 2, 3, 6, 7))
+    P, M, consts = head_state(C, cfg, seed=0)
     y = np.eye(2, dtype=np.float32)[bal.labels]
     w = np.ones(n, np.float32)
-    consts = tuple(np.float32(v) for v in (cfg.learning_rate, cfg.momentum, cfg.activity_l1, cfg.activity_l2,
-                                           1e-3, 0.99, 1e-7))
     head_epoch(out, y, w, P, M, cfg.batch_size, *consts)
     t = time.perf_counter()
     for _ in range(10):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import machine, machine_line, read_bandwidth_gb_s, table, write_results  # noqa: E402
+from common import head_state, machine, machine_line, read_bandwidth_gb_s, table, write_results  # noqa: E402
 
 R, V, S, C, N_SYN, H = 481, 5, 49, 1920, 313, 128
 
@@ -63,12 +63,7 @@ def measure() -> dict:
     digest = hashlib.sha256(out.tobytes())
     y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, n)]
     sw = np.ones(n, np.float32)
-    r = np.random.default_rng(1)
-    P = (r.standard_normal((C, H)).astype(np.float32) * 0.02, np.zeros(H, np.float32), np.ones(H, np.float32),
-         np.zeros(H, np.float32), np.zeros(H, np.float32), np.ones(H, np.float32),
-         r.standard_normal((H, 2)).astype(np.float32) * 0.1, np.zeros(2, np.float32))
-    M = tuple(np.zeros_like(P[i]) for i in (0, 1, 2, 3, 6, 7))
-    consts = tuple(np.float32(v) for v in (1e-4, 0.5, 1e-3, 1e-3, 1e-3, 0.99, 1e-7))
+    P, M, consts = head_state(C, seed=1)  # the paper's head: 128 units, its SGD and regularisers
     head_epoch(out, y, sw, P, M, 8, *consts)
     times = []
     for _ in range(10):

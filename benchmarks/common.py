@@ -129,3 +129,21 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
         total(a)
         best = min(best, time.perf_counter() - t)
     return a.nbytes / best / 1e9
+
+
+def head_state(channels: int, cfg=None, seed: int = 0) -> tuple[tuple, tuple, tuple]:
+    """(weights, momenta, constants) for timing covfeat.kernels.head_epoch on its own: random
+    weights of the paper's head shape and the numba engine's own constants (as loop.py passes them)."""
+    from covfeat.config import HeadConfig
+    from covfeat.head import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON
+
+    cfg = cfg or HeadConfig()
+    H = cfg.dense_units
+    rng = np.random.default_rng(seed)
+    P = (rng.standard_normal((channels, H)).astype(np.float32) * 0.02, np.zeros(H, np.float32),
+         np.ones(H, np.float32), np.zeros(H, np.float32), np.zeros(H, np.float32), np.ones(H, np.float32),
+         rng.standard_normal((H, 2)).astype(np.float32) * 0.1, np.zeros(2, np.float32))
+    M = tuple(np.zeros_like(P[i]) for i in (0, 1, 2, 3, 6, 7))
+    consts = tuple(np.float32(v) for v in (cfg.learning_rate, cfg.momentum, cfg.activity_l1, cfg.activity_l2,
+                                           BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON))
+    return P, M, consts

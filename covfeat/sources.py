@@ -73,18 +73,14 @@ class Manifest:
         c = self.counts()
         parts = [f"{n} {k}" for k, n in c.items()]
         s = f"{len(self.records)} images ({', '.join(parts)})"
-        if self.duplicates:
-            s += f", {len(self.duplicates)} byte-identical duplicates dropped"
-        if self.missing:
-            s += f", {len(self.missing)} listed files missing"
-        if self.broken_links:
-            s += f", {len(self.broken_links)} broken links"
-        if self.not_images:
-            s += f", {len(self.not_images)} non-image files not opened"
-        if self.conflicts:
-            s += f", {len(self.conflicts)} listings dropped for conflicting labels"
-        if self.outside:
-            s += f", {self.outside} manifest paths outside its folder"
+        for n, what in ((len(self.duplicates), "byte-identical duplicates dropped"),
+                        (len(self.missing), "listed files missing"),
+                        (len(self.broken_links), "broken links"),
+                        (len(self.not_images), "non-image files not opened"),
+                        (len(self.conflicts), "listings dropped for conflicting labels"),
+                        (self.outside, "manifest paths outside its folder")):
+            if n:
+                s += f", {n} {what}"
         return s
 
 

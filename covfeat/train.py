@@ -245,16 +245,15 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     train_seconds = time.perf_counter() - t0
     marks["epochs"] = train_seconds - sum(marks.values())
 
-    def predict(rows):
-        if not len(rows):
+    def predict(pooled):
+        if pooled is None or not len(pooled):
             return np.zeros(0)
-        pooled = pooled_mean(originals(rows))
         if model is head:  # numba engine: the numpy head
             return head.predict(pooled)[:, 1]
         return head(pooled, training=False).numpy()[:, 1]
 
-    p_test = predict(test_rows)
-    p_val = predict(val_rows)
+    p_test = predict(pooled_mean(originals(test_rows)) if len(test_rows) else None)
+    p_val = predict(Xv)  # the validation rows pooled once, for the epochs and for the threshold
     threshold = 0.5
     metrics = {"argmax": classification_metrics(labels_m[test_rows], p_test, 0.5)}
     if fit.target_recall is not None:
