@@ -66,7 +66,10 @@ def forward_only(model, n: int, bs: int = 16) -> float:
 def render(data: dict, images: int, augment: int) -> str:
     results, gflops_peak = data["results"], data["matmul_gflop_s"]
     rows = [[r["backbone"], f"{r['forward_only_img_s']:.2f}", f"{r['pipeline_img_s']:.2f}", f"{r['ratio']:.3f}",
-             f"{r['whole_command_seconds']:.1f} s ({r['whole_command_ratio']:.2f}; model build {r['build_model_seconds']:.1f} s)",
+             f"{r['whole_command_seconds']:.1f} s ({r['whole_command_ratio']:.2f}; backbone ready in {r['build_model_seconds']:.1f} s)",
+             (f"{r['first_run_whole_command_seconds']:.1f} s ({r['first_run_whole_command_ratio']:.2f}; "
+              f"Keras build {r['first_run_build_model_seconds']:.1f} s)") if "first_run_whole_command_seconds" in r
+             else "not measured",
              f"{r['gflop_per_image']:.2f}", f"{r['achieved_gflop_s']:.1f}", f"{r['fraction_of_matmul_peak']:.2f}"]
             for r in results]
     return "\n".join([
@@ -75,9 +78,14 @@ def render(data: dict, images: int, augment: int) -> str:
         f"{data['machine']['date']}, {data['machine']['cpus']} CPUs, TensorFlow {data['machine']['tensorflow']}, "
         f"GPUs: {data['machine']['gpus'] or 'none'}. Weights: none (random init, NOT PRETRAINED). "
         f"{images} image files per backbone, --augment {augment}, batch 16.",
-        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s.", "",
+        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s.",
+        "Whole command: the `extract` library call from file paths to a verified HDF5 cache (hashing, "
+        "getting the backbone ready, decoding, forward passes, shards, assembly), as images/s against "
+        "forward-only. The first extraction with a backbone on a machine builds it with Keras and keeps "
+        "its traced graph (covfeat.graphfile); later ones load it.", "",
         table(["backbone", "forward-only img/s", "files -> HDF5 img/s", "ratio (target >= 0.9)",
-               "whole command (ratio incl. one-off model build, hashing, assembly)", "GFLOP/img",
+               "whole command (ratio, target >= 0.85; graph from covfeat's graph cache)",
+               "first run on a machine (Keras builds and traces the backbone)", "GFLOP/img",
                "achieved GFLOP/s", "fraction of matmul"], rows), "",
         "Command: `python benchmarks/bench_extract.py`", ""])
 
@@ -108,6 +116,7 @@ def main():
     names = list_backbones() if args.backbones == "all" else args.backbones.split(",")
     gflops_peak = matmul_gflops()
     work = Path(tempfile.mkdtemp(prefix="covfeat-bench-"))
+    os.environ["COVFEAT_GRAPH_CACHE"] = str(work / "graphs")  # empty: each backbone's first run makes its graph
     sources = subset(work / "data", args.images)
     results = []
     for name in names:
@@ -117,16 +126,24 @@ def main():
         n_fwd = args.images * (args.augment + 1)
         # forward-only and end-to-end back to back, forward first, then again after, averaged
         f1 = forward_only(model, n_fwd)
-        cache_dir = work / f"cache-{name}"
         cfg = ExtractConfig(backbone=name, weights="none", augment=args.augment)
-        t = time.perf_counter()
-        path = extract(sources, cfg, cache_dir, progress=False)
-        e2e_s = time.perf_counter() - t
         import h5py
         import json
 
-        with h5py.File(path) as h:
-            timings = json.loads(h.attrs["timings"])
+        runs = []
+        # First run on a machine: covfeat's graph cache (a fresh folder here) has no graph for
+        # this backbone, so Keras builds and traces it and the cache keeps it.  Second run, on
+        # the same files into another feature cache: the graph comes from the graph cache.
+        for run in ("first", "later"):
+            cache_dir = work / f"cache-{name}-{run}"
+            t = time.perf_counter()
+            path = extract(sources, cfg, cache_dir, progress=False)
+            e2e_s = time.perf_counter() - t
+            with h5py.File(path) as h:
+                timings = json.loads(h.attrs["timings"])
+            runs.append((e2e_s, timings))
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        (first_s, first_t), (e2e_s, timings) = runs
         f2 = forward_only(model, n_fwd)
         fwd = (f1 + f2) / 2
         e2e = n_fwd / e2e_s
@@ -136,16 +153,18 @@ def main():
             "pipeline_img_s": pipe, "ratio": pipe / fwd,
             "whole_command_img_s": e2e, "whole_command_seconds": e2e_s, "whole_command_ratio": e2e / fwd,
             "build_model_seconds": timings["build_model_s"], "images": args.images,
+            "first_run_whole_command_seconds": first_s, "first_run_whole_command_ratio": n_fwd / first_s / fwd,
+            "first_run_build_model_seconds": first_t["build_model_s"],
             "forward_passes": n_fwd, "gflop_per_image": flops / 1e9,
             "achieved_gflop_s": fwd * flops / 1e9, "fraction_of_matmul_peak": fwd * flops / 1e9 / gflops_peak,
         })
         print(results[-1], flush=True)
-        shutil.rmtree(cache_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     data = {"machine": machine(), "matmul_gflop_s": gflops_peak, "weights": "none (random init, NOT PRETRAINED)",
-            "note": "files -> HDF5 = the whole extraction minus the one-off model build (decoding that overlapped "
-                    "the build is counted as if it had not): decode once, resize, K jittered views, forward, float16 "
-                    "shards. Whole command adds the build, hashing the files and assembling the HDF5 file.",
+            "note": "files -> HDF5 = the whole extraction (the later run) minus getting the backbone ready (decoding "
+                    "that overlapped it is counted as if it had not): decode once, resize, K jittered views, forward, "
+                    "float16 shards. Whole command adds getting the backbone ready (graph cache), hashing the files "
+                    "and assembling the HDF5 file; first run = the same with an empty graph cache (Keras builds).",
             "target_ratio": 0.9, "results": results, "peak_rss_mb": peak_rss_mb()}
     md = render(data, args.images, args.augment)
     write_results("extract", data, md)

@@ -21,16 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights
+from .backbones import INPUT_SIZE, get_backbone, resolve_weights
 from .cache import (SHARD_IMAGES, CacheLock, ShardSpec, ShardStore, assemble, cache_key, cache_name, move_aside,
                     plan_shards, shard_fingerprints, shard_skips, verify_cache)
 from .config import DriverConfig, ExtractConfig, key_config
 from .errors import CacheLocked, ConfigError, DataError, FileUnavailable
+from .graphfile import backbone_forward
 from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
 from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
+BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 174 images)
 
 
 def sample_sources() -> list[Path]:
@@ -294,17 +296,31 @@ class ShardComputer:
         import_tensorflow()
         import tensorflow as tf
 
-        self.cfg, self.backbone = cfg, backbone
-        model = build_backbone(backbone, spec, seed=cfg.seed)
-        # One graph for any batch size, traced and optimised here on a single image: a warm-up
-        # batch of batch_size images would cost a whole batch's forward pass for nothing (1 s for
-        # densenet201 on 2 cores); the features are the same, bit for bit (tests/test_extract.py).
-        self.forward = tf.function(lambda x: model(x, training=False),
-                                   input_signature=[tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)])
+        self.cfg, self.backbone, self._tf = cfg, backbone, tf
+        # One graph for any batch size (kept in covfeat's graph cache, see covfeat.graphfile),
+        # instantiated here on a single image: a warm-up batch of batch_size images would cost
+        # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
+        # features are the same, bit for bit (tests/test_extract.py).
+        self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
         self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         self.batch = np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
         self.t_fwd = 0.0
         self.n_fwd = 0
+
+    def forward(self, batch: np.ndarray):
+        """The backbone on one batch, its graph run as traced.  TensorFlow's graph optimiser
+        (grappler) finds nothing to gain in these inference graphs on a CPU yet spends 0.3-1.0 s
+        on each one when first called (densenet201 0.9 s, inception_resnet_v2 1.0 s); with it
+        off the four backbones give the same features, bit for bit, at the same speed (measured;
+        tests/test_extract.py holds the equality).  The option is process-wide in TensorFlow and
+        part of every function call, so it is set for these calls only and restored after."""
+        opts = self._tf.config.optimizer
+        before = bool(opts.get_experimental_options().get("disable_meta_optimizer", False))
+        opts.set_experimental_options({"disable_meta_optimizer": True})
+        try:
+            return self._forward(batch).numpy()
+        finally:
+            opts.set_experimental_options({"disable_meta_optimizer": before})
 
     def features(self, results: list, on_batch=None):
         """(features, images, views, params, skipped, fingerprints) of one shard's decode results."""
@@ -326,7 +342,7 @@ class ShardComputer:
             for j in range(k):
                 self.batch[j] = views_list[b0 + j]
             tf0 = time.perf_counter()
-            out = self.forward(self.batch).numpy()[:k]
+            out = self.forward(self.batch)[:k]
             self.t_fwd += time.perf_counter() - tf0
             feats[b0:b0 + k] = out
             if not np.isfinite(feats[b0:b0 + k]).all():
@@ -372,18 +388,21 @@ def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: Sh
     pending = deque()
     nxt = 0
     # Decode the whole next shard while this one runs through the model, so the forward
-    # pass never waits at a shard boundary; the first ones decode while the model builds.
+    # pass never waits at a shard boundary.  The model build (seconds, on one core) leaves the
+    # other core idle: it decodes ahead as far as BUILD_LOOKAHEAD_BYTES of model inputs allow,
+    # work the forward pass would otherwise share its cores with.
     lookahead = 2 * SHARD_IMAGES
+    per_image = n_views * INPUT_SIZE * INPUT_SIZE * 3 * 4
     t_start = time.perf_counter()
 
-    def fill():
+    def fill(limit=lookahead):
         nonlocal nxt
-        while nxt < len(order) and len(pending) < lookahead:
+        while nxt < len(order) and len(pending) < limit:
             i = order[nxt][1]
             pending.append(pool.submit(decode_job, rows[i]["path"], rows[i]["sha256"], cfg, pipeline))
             nxt += 1
 
-    fill()
+    fill(max(lookahead, BUILD_LOOKAHEAD_BYTES // per_image))
     t0 = time.perf_counter()
     computer = ShardComputer(cfg, backbone, p.spec)
     t_built = time.perf_counter()

@@ -18,6 +18,7 @@ template that fails its checksum or layout is made again, with a note on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -39,11 +40,37 @@ TEMPLATE = "head.keras"
 FORMAT = 1
 
 
-def cache_root() -> Path:
-    if os.environ.get("COVFEAT_HEAD_CACHE"):
-        return Path(os.environ["COVFEAT_HEAD_CACHE"])
+def user_cache(env: str, name: str) -> Path:
+    """A folder of covfeat's user cache: ``$env``, else ``$XDG_CACHE_HOME/covfeat/name``,
+    else ``~/.cache/covfeat/name``."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "covfeat" / "heads"
+    return Path(base) / "covfeat" / name
+
+
+def cache_root() -> Path:
+    return user_cache("COVFEAT_HEAD_CACHE", "heads")
+
+
+@contextlib.contextmanager
+def cache_entry(folder: Path):
+    """Write a user-cache entry whole or not at all: the body fills a temporary folder beside
+    ``folder``, which then takes its name in one rename.  When another process made the same
+    entry first, theirs is kept (an entry is a pure function of its key)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _versions() -> dict:
@@ -189,11 +216,7 @@ def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
 
     model, tail = build_head(feature_shape, cfg)
     init = tail.get_weights()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with cache_entry(folder) as tmp:
         tail.set_weights([np.full(w.shape, k + 1, w.dtype) for k, w in enumerate(init)])
         model.save(tmp / "markers.keras")
         found: dict[int, str] = {}
@@ -213,11 +236,4 @@ def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
                   "shapes": [list(w.shape) for w in init], "sha256": _sha256((tmp / TEMPLATE).read_bytes())}
         layout["layout_sha256"] = _layout_digest(layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=2))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first: theirs is the same
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

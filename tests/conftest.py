@@ -14,6 +14,16 @@ SAMPLE = Path(__file__).resolve().parents[1] / "covfeat" / "data" / "sample"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory):
+    """covfeat's backbone graphs (covfeat.graphfile), shared by the session's tests and their
+    session fixtures (set before any of them extracts); never the user's own cache."""
+    folder = tmp_path_factory.mktemp("backbone_graphs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVFEAT_GRAPH_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def head_cache(tmp_path_factory):
     """covfeat's head templates (covfeat.headfile), shared by the session's tests."""
