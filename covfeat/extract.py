@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
+STREAMS = 2  # batches in the model at once (ShardComputer.features)
 BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 174 images)
 
 
@@ -303,27 +305,40 @@ class ShardComputer:
         # features are the same, bit for bit (tests/test_extract.py).
         self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
         self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
-        self.batch = np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+        self.batches = [np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32) for _ in range(STREAMS)]
         self.t_fwd = 0.0
         self.n_fwd = 0
 
-    def forward(self, batch: np.ndarray):
-        """The backbone on one batch, its graph run as traced.  TensorFlow's graph optimiser
-        (grappler) finds nothing to gain in these inference graphs on a CPU yet spends 0.3-1.0 s
-        on each one when first called (densenet201 0.9 s, inception_resnet_v2 1.0 s); with it
-        off the four backbones give the same features, bit for bit, at the same speed (measured;
-        tests/test_extract.py holds the equality).  The option is process-wide in TensorFlow and
-        part of every function call, so it is set for these calls only and restored after."""
+    @contextmanager
+    def _graph_as_traced(self):
+        """TensorFlow's graph optimiser (grappler) finds nothing to gain in these inference
+        graphs on a CPU yet spends 0.3-1.0 s on each one when first called (densenet201 0.9 s,
+        inception_resnet_v2 1.0 s); with it off the four backbones give the same features, bit
+        for bit, at the same speed (measured; tests/test_extract.py holds the equality).  The
+        option is process-wide in TensorFlow and part of every function call (each thread
+        reads it when it first calls one), so it is set around the extraction's own calls, and
+        their threads, only, and restored after."""
         opts = self._tf.config.optimizer
         before = bool(opts.get_experimental_options().get("disable_meta_optimizer", False))
         opts.set_experimental_options({"disable_meta_optimizer": True})
         try:
-            return self._forward(batch).numpy()
+            yield
         finally:
             opts.set_experimental_options({"disable_meta_optimizer": before})
 
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The backbone on one batch, its graph run as traced."""
+        with self._graph_as_traced():
+            return self._forward(batch).numpy()
+
     def features(self, results: list, on_batch=None):
-        """(features, images, views, params, skipped, fingerprints) of one shard's decode results."""
+        """(features, images, views, params, skipped, fingerprints) of one shard's decode results.
+
+        Batches are formed in order within the shard, always batch_size rows (the rows after a
+        short last batch are zeros), and STREAMS of them run through the model at once: on 2
+        cores two concurrent batches keep both busy through the many small, memory-bound
+        operations of a batch (densenet201's concatenations and batch norms) and hide the
+        per-batch copying and checking; each batch's features are what it gives alone."""
         cfg, n_views, bs = self.cfg, self.cfg.augment + 1, self.cfg.batch_size
         inputs, images, views, params_v, skipped, fps = [], [], [], [], {}, {}
         for pos, res in enumerate(results):
@@ -337,13 +352,12 @@ class ShardComputer:
             views += list(range(n_views))
         views_list = [v for arr in inputs for v in arr]  # views in order, no copy
         feats = np.empty((len(views_list), *self.backbone.feature_shape), np.dtype(cfg.dtype))
-        for b0 in range(0, len(views_list), bs):
-            k = min(bs, len(views_list) - b0)
-            for j in range(k):
-                self.batch[j] = views_list[b0 + j]
-            tf0 = time.perf_counter()
-            out = self.forward(self.batch)[:k]
-            self.t_fwd += time.perf_counter() - tf0
+
+        def run(batch):
+            return self._forward(batch).numpy()
+
+        def collect(b0, k, future):
+            out = future.result()[:k]
             feats[b0:b0 + k] = out
             if not np.isfinite(feats[b0:b0 + k]).all():
                 raise ConfigError(
@@ -353,6 +367,26 @@ class ShardComputer:
             self.n_fwd += k
             if on_batch:
                 on_batch(k)
+
+        tf0 = time.perf_counter()
+        # New threads inside _graph_as_traced: each reads the optimiser option when it first calls.
+        with self._graph_as_traced(), ThreadPoolExecutor(max_workers=STREAMS) as streams:
+            in_flight = deque()
+            try:
+                for i, b0 in enumerate(range(0, len(views_list), bs)):
+                    if len(in_flight) == STREAMS:  # its batch buffer is free once its batch is done
+                        collect(*in_flight.popleft())
+                    batch, k = self.batches[i % STREAMS], min(bs, len(views_list) - b0)
+                    for j in range(k):
+                        batch[j] = views_list[b0 + j]
+                    batch[k:] = 0.0
+                    in_flight.append((b0, k, streams.submit(run, batch)))
+                while in_flight:
+                    collect(*in_flight.popleft())
+            finally:
+                for _, _, f in in_flight:  # an error: let the other stream finish, not run on
+                    f.cancel()
+        self.t_fwd += time.perf_counter() - tf0
         params = np.concatenate(params_v) if params_v else np.empty((0, 4), np.float32)
         return feats, np.array(images, np.int32), np.array(views, np.int8), params, skipped, fps
 
