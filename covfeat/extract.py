@@ -27,14 +27,14 @@ from .cache import (SHARD_IMAGES, CacheLock, ShardSpec, ShardStore, assemble, ca
                     plan_shards, shard_fingerprints, shard_skips, verify_cache)
 from .config import DriverConfig, ExtractConfig, key_config
 from .errors import CacheLocked, ConfigError, DataError, FileUnavailable
-from .graphfile import backbone_forward
+from .graphfile import backbone_forward, discard
 from .images import SCALED_DECODE_MIN_SIDE, InputPipeline, UnreadableImage, apply_view, occlude, view_params
 from .neardup import MAX_BITS, MIN_CORR, describe, find_pairs, fingerprint
 from .sources import LABEL_NAMES, Manifest, load_sources
 
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 STREAMS = 2  # batches in the model at once (ShardComputer.features)
-BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 174 images)
+BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 178 images)
 
 
 def sample_sources() -> list[Path]:
@@ -303,8 +303,17 @@ class ShardComputer:
         # instantiated here on a single image: a warm-up batch of batch_size images would cost
         # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
         # features are the same, bit for bit (tests/test_extract.py).
+        # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.
+        self._as_traced = not tf.config.list_logical_devices("GPU")
         self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
-        self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+        try:
+            self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+        except (tf.errors.OpError, TypeError, ValueError) as exc:
+            if self._forward.source != "cache":
+                raise
+            discard(self._forward, exc)  # a cached graph this TensorFlow cannot run: build it again
+            self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
+            self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         self.batches = [np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32) for _ in range(STREAMS)]
         self.t_fwd = 0.0
         self.n_fwd = 0
@@ -317,7 +326,11 @@ class ShardComputer:
         for bit, at the same speed (measured; tests/test_extract.py holds the equality).  The
         option is process-wide in TensorFlow and part of every function call (each thread
         reads it when it first calls one), so it is set around the extraction's own calls, and
-        their threads, only, and restored after."""
+        their threads, only, and restored after (a thread of the caller's own that first calls a
+        TensorFlow function inside the window would keep it off; covfeat has none)."""
+        if not self._as_traced:
+            yield
+            return
         opts = self._tf.config.optimizer
         before = bool(opts.get_experimental_options().get("disable_meta_optimizer", False))
         opts.set_experimental_options({"disable_meta_optimizer": True})
@@ -358,7 +371,8 @@ class ShardComputer:
 
         def collect(b0, k, future):
             out = future.result()[:k]
-            feats[b0:b0 + k] = out
+            with np.errstate(over="ignore"):  # values beyond float16 become inf, reported just below
+                feats[b0:b0 + k] = out
             if not np.isfinite(feats[b0:b0 + k]).all():
                 raise ConfigError(
                     f"{cfg.backbone} gave feature values that {cfg.dtype} cannot hold (largest "
@@ -436,15 +450,16 @@ def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: Sh
             pending.append(pool.submit(decode_job, rows[i]["path"], rows[i]["sha256"], cfg, pipeline))
             nxt += 1
 
-    fill(max(lookahead, BUILD_LOOKAHEAD_BYTES // per_image))
-    t0 = time.perf_counter()
-    computer = ShardComputer(cfg, backbone, p.spec)
-    t_built = time.perf_counter()
-    bar = tqdm(total=len(order) * n_views, unit="img", desc=f"extract {cfg.backbone}",
-               disable=not progress, file=sys.stderr, smoothing=0.1)
+    bar = None
     t_wait = 0.0
     written = None
     try:
+        fill(max(lookahead, BUILD_LOOKAHEAD_BYTES // per_image))
+        t0 = time.perf_counter()
+        computer = ShardComputer(cfg, backbone, p.spec)  # inside the try: a failed build cancels the decoding
+        t_built = time.perf_counter()
+        bar = tqdm(total=len(order) * n_views, unit="img", desc=f"extract {cfg.backbone}",
+                   disable=not progress, file=sys.stderr, smoothing=0.1)
         for spec in todo:
             results = []
             for _ in spec.rows:
@@ -466,7 +481,8 @@ def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: Sh
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True)  # a shard being written is finished, never left half-done
-        bar.close()
+        if bar is not None:
+            bar.close()
     t_end = time.perf_counter()
     # pipeline_s: all the time the work took except the model build, as if decoding had not
     # overlapped the build at all (so a benchmark on few images cannot hide the decoding).

@@ -61,6 +61,11 @@ def _layout_digest(layout: dict) -> str:
                               sort_keys=True).encode())
 
 
+class Uncacheable(Exception):
+    """A traced graph that this cache cannot hold whole (it calls other functions, or reads
+    tensors that are not the model's variables)."""
+
+
 class Forward:
     """The backbone's forward pass, ``forward(batch) -> features`` (a tensor), on float32
     batches of any size.  ``source`` says where it came from: ``"keras"`` (built and traced
@@ -82,17 +87,18 @@ def backbone_forward(backbone, spec, seed: int = 0) -> Forward:
     folder = cache_root() / key
     if folder.is_dir():
         try:
-            return Forward(_load(folder, key), "cache", folder)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            print(f"note: the backbone graph {folder} is unusable ({exc}); building {backbone.name} with Keras "
-                  "and keeping it again.", file=sys.stderr, flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            return Forward(_load(folder, what), "cache", folder)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            discard(Forward(None, "cache", folder), exc)
     model = build_backbone(backbone, spec, seed=seed)
     fn = tf.function(lambda x: model(x, training=False),
                      input_signature=[tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)])
     concrete = fn.get_concrete_function()
     try:
         _save(folder, concrete, model, what)
+    except Uncacheable as exc:
+        print(f"note: the traced graph of {backbone.name} is not kept ({exc}); every extraction builds it with "
+              "Keras.", file=sys.stderr, flush=True)
     except OSError as exc:
         print(f"note: cannot keep the backbone graph in {folder.parent} ({exc.strerror or exc}); the next "
               "extraction builds it with Keras again (set COVFEAT_GRAPH_CACHE to a writable folder).",
@@ -100,13 +106,39 @@ def backbone_forward(backbone, spec, seed: int = 0) -> Forward:
     return Forward(fn, "keras", None)
 
 
+def discard(fwd: Forward, exc: BaseException) -> None:
+    """Remove a cached graph that cannot be used, with a note; the caller builds it again."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    shutil.rmtree(fwd.folder, ignore_errors=True)
+    tail = ("building it with Keras and keeping it again." if not fwd.folder.exists() else
+            f"building it with Keras; it cannot be removed, delete {fwd.folder} by hand.")
+    print(f"note: the backbone graph {fwd.folder} is unusable ({reason}); {tail}", file=sys.stderr, flush=True)
+
+
+def _prune(folder: Path, what: dict) -> None:
+    """Remove the entries of the same backbone, weights and seed under other keys (an older
+    covfeat, Keras or TensorFlow): each is 90-220 MB and no run of this install reads it."""
+    same = {k: what[k] for k in ("backbone", "weights", "seed")}
+    for other in folder.parent.iterdir():
+        if other == folder or other.name.startswith(".") or not other.is_dir():
+            continue
+        try:
+            old = json.loads((other / LAYOUT).read_text())["what"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if {k: old.get(k) for k in same} == same:
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def _save(folder: Path, concrete, model, what: dict) -> None:
     """The traced graph and, in the order the graph takes them, the values of its variables."""
     by_handle = {id(v.value.handle): v for v in model.weights}
     captured = list(concrete.captured_inputs)
     missing = [i for i, h in enumerate(captured) if id(h) not in by_handle]
-    if missing:  # a graph that captures anything but the model's variables is not cached
-        raise OSError(f"the traced graph captures {len(missing)} tensor(s) that are not model variables")
+    if missing:
+        raise Uncacheable(f"it reads {len(missing)} tensor(s) that are not the model's variables")
+    if concrete.graph.as_graph_def().library.function:
+        raise Uncacheable("it calls other functions")
     values = [np.ascontiguousarray(by_handle[id(h)].numpy()) for h in captured]
     variables, offset = [], 0
     for v in values:
@@ -123,9 +155,10 @@ def _save(folder: Path, concrete, model, what: dict) -> None:
                   "weights_sha256": _sha256(blob)}
         layout["layout_sha256"] = _layout_digest(layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=1))
+    _prune(folder, what)
 
 
-def _load(folder: Path, key: str):
+def _load(folder: Path, what: dict):
     """Register the cached graph under a name of its own and return a call of it on the
     cached weights (held in this process's variables)."""
     import tensorflow as tf
@@ -135,6 +168,8 @@ def _load(folder: Path, key: str):
     layout = json.loads((folder / LAYOUT).read_text())
     if layout.get("layout_sha256") != _layout_digest(layout):
         raise ValueError("layout checksum differs")
+    if layout["what"] != json.loads(json.dumps(what)):
+        raise ValueError("made for other settings")
     graph = (folder / GRAPH).read_bytes()
     blob = np.fromfile(folder / WEIGHTS, np.uint8)
     if _sha256(graph) != layout["graph_sha256"] or _sha256(blob) != layout["weights_sha256"]:
@@ -149,8 +184,9 @@ def _load(folder: Path, key: str):
         n = int(np.prod(meta["shape"], dtype=np.int64))
         value = blob[meta["offset"]:meta["offset"] + n * dt.itemsize].view(dt).reshape(meta["shape"])
         handles.append(tf.Variable(value, trainable=False))
-    # The traced name (__inference_<lambda>_N) is only unique within the process that traced it.
-    name = f"covfeat_backbone_{key}"
+    # The traced name (__inference_<lambda>_N) is only unique within the process that traced
+    # it; this one is the graph's own hash, so one name never stands for two graphs.
+    name = f"covfeat_backbone_{layout['graph_sha256'][:24]}"
     fdef.signature.name = name
     ctx = context.context()
     if not ctx.has_function(name):

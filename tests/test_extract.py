@@ -197,9 +197,10 @@ def test_extraction_forward_equals_the_keras_model_batch_by_batch():
     import tensorflow as tf
 
     from covfeat.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.errors import ConfigError
     from covfeat.extract import ShardComputer
 
-    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1, batch_size=4)
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1, batch_size=4, dtype="float32")
     bb = get_backbone("inception_v3")
     spec = resolve_weights(bb, "none")
     computer = ShardComputer(cfg, bb, spec)
@@ -209,6 +210,16 @@ def test_extraction_forward_equals_the_keras_model_batch_by_batch():
     model = build_backbone(bb, spec, seed=cfg.seed)
     fwd = tf.function(lambda b: model(b, training=False))
     views = x.reshape(10, 224, 224, 3)
-    last = np.concatenate([views[8:], np.zeros_like(views[:2])])  # a short last batch is filled with zeros
-    want = np.concatenate([fwd(views[:4]).numpy(), fwd(views[4:8]).numpy(), fwd(last).numpy()[:2]]).astype(cfg.dtype)
-    assert np.array_equal(feats, want)
+    last = np.concatenate([views[8:], np.zeros_like(views[:2])])
+    want = np.concatenate([fwd(views[:4]).numpy(), fwd(views[4:8]).numpy(), fwd(last).numpy()[:2]])
+    assert feats.dtype == np.float32 and np.array_equal(feats, want)
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)  # restored
+
+    # a batch that float16 cannot hold stops the shard, with both streams busy, and the option is restored
+    computer.cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1, batch_size=4)
+    computer.features(fake)  # float16 holds these
+    forward = computer._forward
+    computer._forward = lambda b: forward(b) + 1e6  # beyond float16 (65504)
+    with pytest.raises(ConfigError, match="gave feature values that float16 cannot hold"):
+        computer.features(fake)
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)

@@ -21,10 +21,23 @@ def _keras_reference(bb, spec, x):
     return tf.function(lambda b: model(b, training=False))(x).numpy()
 
 
+def _scrambled_weights(bb, path):
+    """A weights file in which every variable differs from every other (random init leaves
+    inception_v3's batch-norm statistics all 0 or all 1, where two swapped would not show)."""
+    from covfeat.backbones import build_backbone
+
+    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0)
+    rng = np.random.default_rng(7)
+    model.set_weights([(w * rng.uniform(0.5, 1.5, w.shape) + rng.normal(0, 0.05, w.shape)).astype(w.dtype)
+                       for w in model.get_weights()])
+    model.save_weights(path)
+    return path
+
+
 def test_the_cached_graph_gives_kerass_features_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "graphs"))
     bb = get_backbone("inception_v3")
-    spec = resolve_weights(bb, "none")
+    spec = resolve_weights(bb, str(_scrambled_weights(bb, tmp_path / "scrambled.weights.h5")))
     built = backbone_forward(bb, spec, seed=0)
     loaded = backbone_forward(bb, spec, seed=0)
     assert (built.source, loaded.source) == ("keras", "cache")
@@ -61,7 +74,7 @@ def test_a_damaged_graph_is_built_again_with_a_note(tmp_path, monkeypatch, capsy
     weights.write_bytes(bytes(data))
     again = backbone_forward(bb, spec, seed=0)
     assert again.source == "keras"
-    assert "is unusable (checksum differs); building inception_v3 with Keras" in capsys.readouterr().err
+    assert "is unusable (checksum differs); building it with Keras and keeping it again" in capsys.readouterr().err
     assert backbone_forward(bb, spec, seed=0).source == "cache"  # and kept again, whole
 
 
@@ -89,3 +102,42 @@ def test_the_graph_key_separates_what_changes_the_graph_or_its_weights(change, t
     else:
         other = graph_key(get_backbone("densenet201"), resolve_weights(get_backbone("densenet201"), "none"), 0)[0]
     assert other != base
+
+
+def test_a_cached_graph_that_cannot_run_is_built_again(tmp_path, monkeypatch, capsys):
+    import tensorflow as tf
+
+    from covfeat.extract import ShardComputer
+
+    monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bb = get_backbone("inception_v3")
+    spec = resolve_weights(bb, "none")
+    backbone_forward(bb, spec, seed=0)
+    real_load = graphfile._load
+
+    def unrunnable(folder, what):
+        real_load(folder, what)
+
+        def call(batch):
+            raise tf.errors.InvalidArgumentError(None, None, "Input to reshape is a tensor with 9216 values")
+        return call
+
+    monkeypatch.setattr(graphfile, "_load", unrunnable)
+    computer = ShardComputer(ExtractConfig(backbone="inception_v3", weights="none"), bb, spec)
+    assert computer._forward.source == "keras"
+    assert "is unusable (Input to reshape is a tensor with 9216 values); building it with Keras" in \
+        capsys.readouterr().err
+
+
+def test_an_older_entry_of_the_same_backbone_and_weights_is_removed(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bb = get_backbone("inception_v3")
+    spec = resolve_weights(bb, "none")
+    key, what = graph_key(bb, spec, 0)
+    for name, changes in (("older", {"keras": "0.0"}), ("other-seed", {"seed": 1})):
+        (tmp_path / "graphs" / name).mkdir(parents=True)
+        (tmp_path / "graphs" / name / "layout.json").write_text(json.dumps({"what": {**what, **changes}}))
+    backbone_forward(bb, spec, seed=0)
+    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == sorted([key, "other-seed"])
