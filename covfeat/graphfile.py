@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import INPUT_SIZE, build_backbone
-from .headfile import _keras_settings, _versions, cache_entry, user_cache
+from .headfile import _keras_settings, _sha256, _versions, cache_entry, user_cache
 
 FORMAT = 1
 GRAPH = "forward.pb"
@@ -50,10 +50,6 @@ def graph_key(backbone, spec, seed: int) -> tuple[str, dict]:
             "feature_shape": list(backbone.feature_shape), "sources_sha256": sources,
             "keras_settings": _keras_settings(), **_versions()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20], what
-
-
-def _sha256(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _layout_digest(layout: dict) -> str:
