@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from common import SHARED, machine, machine_line, matmul_gflops, model_flops, peak_rss_mb, table, write_results  # noqa: E402,E501
 
 
@@ -113,9 +112,10 @@ def main():
     if not SHARED.is_dir():
         sys.exit(f"benchmark data not found: {SHARED}")
 
-    from covfeat.backbones import build_backbone, get_backbone, list_backbones, resolve_weights
-    from covfeat.config import ExtractConfig
-    from covfeat.extract import STREAMS, extract
+    from covfeat.extraction.backbones import build_backbone, get_backbone, list_backbones, resolve_weights
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.run import extract
+    from covfeat.extraction.work import STREAMS
 
     names = list_backbones() if args.backbones == "all" else args.backbones.split(",")
     gflops_peak = matmul_gflops()
@@ -133,8 +133,9 @@ def main():
         # once), and every ratio against the faster of the two
         k1, f1 = forward_only(model, n_fwd), forward_only(model, n_fwd, streams=STREAMS)
         cfg = ExtractConfig(backbone=name, weights="none", augment=args.augment)
-        import h5py
         import json
+
+        import h5py
 
         runs = []
         # First run on a machine: covfeat's graph cache (a fresh folder here) has no graph for

@@ -35,13 +35,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from common import SHARED, machine, machine_line, peak_rss_mb, table, write_results  # noqa: E402
 
 
 def ensure_cache(cache_dir: Path) -> tuple[Path, float | None]:
-    from covfeat.config import ExtractConfig
-    from covfeat.extract import extract
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.run import extract
 
     cfg = ExtractConfig(backbone="densenet201", weights="none", augment=4)
     t = time.perf_counter()
@@ -55,8 +54,10 @@ def kernel_rates(fc, tr, bal, cfg, m) -> dict:
     achieved, beside the read bandwidth measured now."""
     from common import head_state, read_bandwidth_gb_s
 
-    from covfeat.kernels import head_epoch, keep_q, populated_empty
-    from covfeat.loop import MemorySource, epoch_plan
+    from covfeat.head.dropout import keep_q
+    from covfeat.head.kernels import head_epoch
+    from covfeat.head.loop import MemorySource, epoch_plan
+    from covfeat.store.reader import populated_empty
 
     n_real, n_syn, V = len(tr), len(bal.parents), fc.n_views
     shape = fc.feature_shape
@@ -110,12 +111,13 @@ def main():
 
     import h5py
 
-    from covfeat.backbones import build_backbone, get_backbone, resolve_weights
-    from covfeat.cache import open_cache
-    from covfeat.balance import balance
-    from covfeat.config import FitConfig
-    from covfeat.head import build_head, compile_head, one_hot
-    from covfeat.train import cross_validate, fit_head, make_split, rows_by_split
+    from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.head.balance import balance
+    from covfeat.head.config import FitConfig
+    from covfeat.head.cv import cross_validate
+    from covfeat.head.fit import fit_head, make_split, rows_by_split
+    from covfeat.head.model import build_head, compile_head, one_hot
+    from covfeat.store.reader import open_cache
 
     if args.cache is None:
         if not SHARED.is_dir():
@@ -163,7 +165,7 @@ def main():
     # 3. the paper's way: backbone + head on images, one epoch timed
     import keras
 
-    from covfeat.images import decode, resize
+    from covfeat.extraction.images import decode, resize
 
     n_img = args.paper_images or len(bal.labels)
     paths = [fc.manifest["path"][tr[i % len(tr)]] for i in range(n_img)]

@@ -32,7 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from common import head_state, machine, machine_line, read_bandwidth_gb_s, table, write_results  # noqa: E402
 
 R, V, S, C, N_SYN, H = 481, 5, 49, 1920, 313, 128
@@ -40,7 +39,8 @@ R, V, S, C, N_SYN, H = 481, 5, 49, 1920, 313, 128
 
 def measure() -> dict:
     """Run in the child process: time the kernels compiled for NUMBA_CPU_NAME."""
-    from covfeat.kernels import dropout_pool, head_epoch, keep_q
+    from covfeat.head.dropout import dropout_pool, keep_q
+    from covfeat.head.kernels import head_epoch
 
     rng = np.random.default_rng(0)
     pool = (rng.random((R, V, S, C), np.float32) * 3).astype(np.float16).view(np.uint16)

@@ -22,7 +22,6 @@ os.environ.setdefault("COVFEAT_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from common import SHARED, machine, machine_line, table, write_results  # noqa: E402
 
 
@@ -35,11 +34,12 @@ def main():
 
     import h5py
     import ray
-
     from bench_extract import subset
-    from covfeat.config import DriverConfig, ExtractConfig
-    from covfeat.extract import extract, sample_sources
-    from covfeat.quiet import import_tensorflow
+
+    from covfeat.core.quiet import import_tensorflow
+    from covfeat.extraction.config import DriverConfig, ExtractConfig
+    from covfeat.extraction.plan import sample_sources
+    from covfeat.extraction.run import extract
 
     import_tensorflow()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))

@@ -46,7 +46,7 @@ def machine_line(m: dict) -> str:
 
 
 def peak_rss_mb() -> float:
-    from covfeat.train import peak_rss_mb as own
+    from covfeat.head.fit import peak_rss_mb as own
 
     return own()
 
@@ -134,8 +134,8 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
 def head_state(channels: int, cfg=None, seed: int = 0) -> tuple[tuple, tuple, tuple]:
     """(weights, momenta, constants) for timing covfeat.kernels.head_epoch on its own: random
     weights of the paper's head shape and the numba engine's own constants (as loop.py passes them)."""
-    from covfeat.config import HeadConfig
-    from covfeat.head import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON
+    from covfeat.head.config import HeadConfig
+    from covfeat.head.model import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON
 
     cfg = cfg or HeadConfig()
     H = cfg.dense_units

@@ -9,12 +9,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import typer  # noqa: E402
 
-from .errors import CovfeatError  # noqa: E402
-from .quiet import import_tensorflow  # noqa: E402
+from covfeat.core.errors import CovfeatError  # noqa: E402
+from covfeat.core.quiet import import_tensorflow  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning COVID-19 vs NORMAL chest-radiograph classifiers on a cached feature store.")
@@ -57,27 +55,35 @@ def _progress() -> bool:
 
 
 def _backbone_help() -> str:
-    from .backbones import REGISTRY
+    from covfeat.extraction.backbones import REGISTRY
 
     return " | ".join(REGISTRY)
 
 
 def _dropout_help() -> str:
-    from .backbones import REGISTRY
+    from covfeat.extraction.backbones import REGISTRY
 
     return "\\[default: the paper's rate: " + ", ".join(f"{n} {b.dropout:g}" for n, b in REGISTRY.items()) + "]"
 
 
 Backbone = Annotated[str, typer.Option("--backbone", "-b", help=_backbone_help())]
+
+
 Data = Annotated[Optional[list[Path]], typer.Option("--data", "-d", exists=True, resolve_path=True,
                                                    help="Image source (repeatable): Cohen folder, Kermany folder, class folders or manifest CSV. Default: the bundled sample.")]
+
+
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where feature caches live.")]
+
+
 Weights = Annotated[str, typer.Option("--weights", help="imagenet (Keras download/cache), none (random init, NOT PRETRAINED) or a weights FILE.")]
+
+
 RunsDir = Annotated[Path, typer.Option(help="Where run folders are written.")]
 
 
 def _extract_config(**kw):
-    from .config import ExtractConfig, OcclusionConfig
+    from covfeat.extraction.config import ExtractConfig, OcclusionConfig
 
     kw["occlusion"] = OcclusionConfig.parse(kw.pop("occlude"))
     kw["scaled_decode"] = not kw.pop("full_decode")
@@ -118,13 +124,13 @@ def extract(
     The last line on stdout is the cache's path. Re-running a finished command does no work;
     re-running an interrupted one resumes it. The split is not made here: see fit-head.
     """
-    from . import extract as ex
+    import covfeat.extraction.run as ex
 
     cfg = _check(_extract_config, backbone=backbone, weights=weights, preprocess=preprocess, augment=augment,
                  seed=seed, views=views, dtype=dtype, batch_size=batch_size, workers=workers, occlude=occlude,
                  full_decode=full_decode, max_pixels=max_pixels, max_file_mb=max_file_mb, min_side=min_side,
                  max_aspect=max_aspect, on_conflict=on_conflict)
-    from .config import DriverConfig
+    from covfeat.extraction.config import DriverConfig
 
     drv = _check(lambda: DriverConfig(engine=engine, address=address, ray_workers=ray_workers,
                                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -170,17 +176,18 @@ def fit_head(
 
     The split is made here, so changing it reuses the cache. The last line on stdout is the run folder.
     """
-    from . import train
-    from .config import fit_config
+    import covfeat.head.fit as train
+    from covfeat.head.config import fit_config
 
     fit = _check(fit_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                  momentum=momentum, dropout=dropout, dense_units=dense_units, activity_l1=activity_l1,
                  activity_l2=activity_l2, balance=balance, smote_k=smote_k, seed=seed, engine=engine, val=val,
                  test=test, split_by=split_by, split_seed=split_seed, near_duplicates=near_duplicates, target_recall=target_recall, folds=folds,
                  repeats=repeats, memory_budget=memory_budget)
-    from .cache import choose_cache
+    from covfeat.extraction.sources import content_hashes
+    from covfeat.store.catalog import choose_cache
 
-    path = _guard(choose_cache, cache, backbone, cache_dir, data, tensorflow=False)
+    path = _guard(choose_cache, cache, backbone, cache_dir, content_hashes(data) if data else None, tensorflow=False)
     typer.echo(str(_guard(train.fit_head, path, fit, runs_dir, progress=_progress(), tensorflow=False)))
 
 
@@ -190,7 +197,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Folder for table2.md/.csv/.json and the PNG figures \\[default: the first run folder]")] = None,
 ):
     """Print the paper's Table 2 for the runs side by side; write Markdown, CSV, JSON and figures."""
-    from . import report as rp
+    import covfeat.use.report as rp
 
     typer.echo(_guard(rp.report, runs, out if out is not None else runs[0]))
 
@@ -202,7 +209,7 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Write the table to FILE.csv or FILE.json.")] = None,
 ):
     """P(COVID-19) for new radiographs, with the run's own preprocessing, backbone, head and threshold."""
-    from . import predict as pr
+    import covfeat.use.predict as pr
 
     _check(pr.check_table_path, out)
     rows = _guard(pr.predict, run, images)
@@ -220,7 +227,7 @@ def export(
     out: Annotated[Path, typer.Option(help="Output .keras file.")],
 ):
     """One Keras model (preprocessing, backbone, head): 224x224 RGB in [0, 255] -> (p_normal, p_covid)."""
-    from . import predict as pr
+    import covfeat.use.predict as pr
 
     typer.echo(str(_guard(pr.export, run, out)))
 
@@ -239,9 +246,10 @@ def reproduce(
 ):
     """The paper in one command: extract + fit-head + report for the four backbones, and its Table 2
     beside the measured one. Resumes where it stopped (each stage is cached)."""
-    from . import reproduce as rp
-    from .backbones import list_backbones
-    from .config import ExtractConfig, FitConfig, HeadConfig, SplitConfig
+    import covfeat.use.reproduce as rp
+    from covfeat.extraction.backbones import list_backbones
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.head.config import FitConfig, HeadConfig, SplitConfig
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
     for name in names:  # every name checked before the first extraction starts
@@ -265,8 +273,8 @@ def audit(
 
     Verdicts are printed and kept in RUN/audit.json; `covfeat report RUN` shows them.
     """
-    from . import audit as au
-    from .config import OcclusionConfig
+    import covfeat.probes.audit as au
+    from covfeat.extraction.config import OcclusionConfig
 
     occl = _check(OcclusionConfig.parse, occlude)
     res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),
@@ -282,7 +290,7 @@ def explain(
     out: Annotated[Optional[Path], typer.Option(help="Folder for the heat-map PNGs [default: RUN/gradcam, where report finds them]")] = None,
 ):
     """Grad-CAM heat maps (one PNG per image) through the run's preprocessing, backbone and head."""
-    from . import explain as ex
+    import covfeat.use.explain as ex
 
     out = out if out is not None else run / "gradcam"
     rows = _guard(ex.explain, run, images, out)
@@ -294,7 +302,7 @@ def explain(
 @app.command()
 def info(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Feature cache (.h5).")]):
     """A cache's config and counts, and every file that is not in it, with the reason."""
-    from .cache import info as cache_info
+    from covfeat.store.catalog import info as cache_info
 
     typer.echo(_guard(cache_info, cache))
 
@@ -302,7 +310,7 @@ def info(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help
 @app.command()
 def verify(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Feature cache (.h5).")]):
     """Check every checksum of a cache (Fletcher-32 on every chunk, a digest of the rest)."""
-    from .cache import verify_cache
+    from covfeat.store.catalog import verify_cache
 
     r = _guard(verify_cache, cache)
     typer.echo(f"{r['path']}: verified ({r['images']} images, {r['samples']} feature maps, {r['chunks']} chunks)")
@@ -317,8 +325,8 @@ def clean(
 
     Interrupted extractions lose their resumable shards; moved-aside damaged caches are listed, not removed.
     """
-    from .cache import clean_cache_dir
-    from .runs import remove_stale_tmp
+    from covfeat.head.runs import remove_stale_tmp
+    from covfeat.store.catalog import clean_cache_dir
 
     removed, kept = _guard(clean_cache_dir, cache_dir)
     removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
@@ -331,6 +339,9 @@ def clean(
 
 def main():
     app()
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def mini(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_cache(tmp_path_factory, mini):
     """inception_v3, random init, 2 jittered views: the cache most stage-two tests use."""
-    from covfeat.config import ExtractConfig
-    from covfeat.extract import extract
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.run import extract
 
     out = tmp_path_factory.mktemp("cache")
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=2)
@@ -89,7 +89,7 @@ MINI_SPLIT = {"val": 0.2, "test": 0.3}
 
 def fit(epochs: int = 5, target_recall=None, folds: int = 0, split: dict | None = None, **head):
     """A FitConfig on the mini split (val 0.2, test 0.3) with the given head settings."""
-    from covfeat.config import FitConfig, HeadConfig, SplitConfig
+    from covfeat.head.config import FitConfig, HeadConfig, SplitConfig
 
     return FitConfig(head=HeadConfig(epochs=epochs, **head), split=SplitConfig(**{**MINI_SPLIT, **(split or {})}),
                      target_recall=target_recall, folds=folds)
@@ -97,7 +97,7 @@ def fit(epochs: int = 5, target_recall=None, folds: int = 0, split: dict | None 
 
 @pytest.fixture(scope="session")
 def mini_run(tmp_path_factory, mini_cache):
-    from covfeat.train import fit_head
+    from covfeat.head.fit import fit_head
 
     return fit_head(mini_cache, fit(5), tmp_path_factory.mktemp("runs"), progress=False)
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import fit
 from typer.testing import CliRunner
 
-from conftest import fit
-from covfeat.audit import audit, source_probe
-from covfeat.cache import open_cache
 from covfeat.cli import app
-from covfeat.config import ExtractConfig
-from covfeat.extract import extract
-from covfeat.train import fit_head
+from covfeat.extraction.config import ExtractConfig
+from covfeat.extraction.run import extract
+from covfeat.head.fit import fit_head
+from covfeat.probes.audit import audit, source_probe
+from covfeat.store.reader import open_cache
 
 runner = CliRunner()
 FAST_HEAD = fit(25, learning_rate=0.02, momentum=0.9)
@@ -125,7 +125,7 @@ def test_external_validation_reports_the_drop(tmp_path):
 
 def test_external_copies_of_training_images_are_listed_and_left_out(tmp_path):
     run = _run(tmp_path, "corner")
-    from covfeat.runs import Run
+    from covfeat.head.runs import Run
 
     train = [p for p, s in zip(open_cache(Run(run).cache_info["path"]).manifest["path"], Run(run).split()) if s == 0]
     ext = tmp_path / "ext"
@@ -169,8 +169,9 @@ def test_cross_validation_and_report_intervals(mini_cache, tmp_path):
 def test_control_probe_of_a_pretrained_run_says_the_task_needs_no_imagenet(tmp_path, monkeypatch):
     """A 'pretrained' tiny backbone (weights from a file) on a task a random-init backbone
     also solves: the control reaches the run's AUC, and the verdict says what that means."""
-    from covfeat.backbones import REGISTRY, Backbone, Scaling, build_backbone, resolve_weights
     from test_backbones import _tiny_build
+
+    from covfeat.extraction.backbones import REGISTRY, Backbone, Scaling, build_backbone, resolve_weights
 
     monkeypatch.setitem(REGISTRY, "tiny", Backbone("tiny", _tiny_build, Scaling("tiny", 255.0), (7, 7, 8), 0.3))
     weights = tmp_path / "tiny.weights.h5"
@@ -227,7 +228,7 @@ def test_grad_cam_points_at_the_evidence():
     everything else, which it ignores: the heat map must light the corner and nothing else."""
     import keras
 
-    from covfeat.explain import grad_cam
+    from covfeat.use.explain import grad_cam
 
     inp = keras.Input((8, 8, 2))
     backbone = keras.Model(inp, keras.layers.Activation("linear")(inp))

@@ -2,17 +2,17 @@
 
 import dataclasses
 import hashlib
-from pathlib import Path
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from covfeat import backbones
-from covfeat.backbones import REGISTRY, build_backbone, get_backbone, list_backbones, resolve_weights
-from covfeat.errors import WeightsUnavailable
+import covfeat.extraction.backbones as backbones
+from covfeat.core.errors import WeightsUnavailable
+from covfeat.extraction.backbones import REGISTRY, build_backbone, get_backbone, list_backbones, resolve_weights
 
 
 def test_registry_holds_the_papers_four():
@@ -120,10 +120,10 @@ def test_a_backbone_added_by_one_registration_runs_end_to_end(monkeypatch, mini,
     """extract, fit-head, predict and export with a new backbone and no other edit."""
     from typer.testing import CliRunner
 
-    from covfeat.backbones import Backbone, Scaling
     from covfeat.cli import app
-    from covfeat.predict import Predictor, load_exported
-    from covfeat.runs import Run
+    from covfeat.extraction.backbones import Backbone, Scaling
+    from covfeat.head.runs import Run
+    from covfeat.use.predict import Predictor, load_exported
 
     monkeypatch.setitem(REGISTRY, "tiny", Backbone("tiny", _tiny_build, Scaling("tiny", 255.0, -0.5), (7, 7, 8), 0.3))
     runner = CliRunner()

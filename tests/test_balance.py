@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from covfeat.balance import balance
-from covfeat.config import HeadConfig
-from covfeat.errors import DataError
+from covfeat.core.errors import DataError
+from covfeat.head.balance import balance
+from covfeat.head.config import HeadConfig
 
 
 def test_balance_is_imblearns_smote_with_parents_read_back():

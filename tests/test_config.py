@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from covfeat.cache import cache_key
 from covfeat.cli import app
-from covfeat.config import (NOT_IN_KEY, ExtractConfig, FitConfig, HeadConfig, JitterConfig, OcclusionConfig,
-                            SplitConfig, fit_config, key_config)
-from covfeat.errors import ConfigError
+from covfeat.core.errors import ConfigError
+from covfeat.extraction.config import NOT_IN_KEY, ExtractConfig, JitterConfig, OcclusionConfig, key_config
+from covfeat.head.config import FitConfig, HeadConfig, SplitConfig, fit_config
+from covfeat.store.key import cache_key
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_a_run_records_every_fit_setting(mini_cache, tmp_path):
     r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--epochs", "2", "--test", "0.25",
                             "--split-seed", "3", "--runs-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    from covfeat.runs import Run
+    from covfeat.head.runs import Run
 
     run = Run(r.stdout.strip().splitlines()[-1])
     fit = run.fit_config()

@@ -12,13 +12,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_mini
 from typer.testing import CliRunner
 
-from covfeat.cache import CacheLock, open_cache
 from covfeat.cli import app
-from covfeat.config import ExtractConfig
-from covfeat.extract import plan
-from conftest import make_mini
+from covfeat.extraction.config import ExtractConfig
+from covfeat.extraction.plan import plan
+from covfeat.store.lock import CacheLock
+from covfeat.store.reader import open_cache
 
 runner = CliRunner()
 BASE = ["extract", "--backbone", "inception_v3", "--weights", "none", "--augment", "1"]
@@ -122,7 +123,7 @@ def test_class_with_no_readable_image_fails_before_model(tmp_path, mini, monkeyp
     bad = make_mini(tmp_path / "bad", n_covid=2)
     for i, p in enumerate((bad["cohen"] / "images").iterdir()):
         p.write_bytes(b"broken %d" % i)
-    import covfeat.extract as ex
+    import covfeat.extraction.work as ex
 
     monkeypatch.setattr(ex, "backbone_forward", lambda *a, **k: pytest.fail("model built or loaded"))
     r = run_cli(BASE + data_args(bad))
@@ -140,8 +141,8 @@ def test_unknown_backbone_and_bad_option(mini):
 
 
 def test_default_is_the_bundled_sample(tmp_path):
-    from covfeat.extract import sample_sources
-    from covfeat.sources import load_sources
+    from covfeat.extraction.plan import sample_sources
+    from covfeat.extraction.sources import load_sources
 
     m = load_sources(sample_sources())
     assert m.counts() == {"COVID-19": 30, "NORMAL": 30}
@@ -196,9 +197,9 @@ def test_extraction_forward_equals_the_keras_model_batch_by_batch():
     the same batches."""
     import tensorflow as tf
 
-    from covfeat.backbones import build_backbone, get_backbone, resolve_weights
-    from covfeat.errors import ConfigError
-    from covfeat.extract import ShardComputer
+    from covfeat.core.errors import ConfigError
+    from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.extraction.work import ShardComputer
 
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1, batch_size=4, dtype="float32")
     bb = get_backbone("inception_v3")

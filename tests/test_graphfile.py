@@ -5,17 +5,17 @@ import h5py
 import numpy as np
 import pytest
 
-import covfeat.graphfile as graphfile
-from covfeat.backbones import get_backbone, resolve_weights
-from covfeat.config import ExtractConfig
-from covfeat.extract import extract
-from covfeat.graphfile import WEIGHTS, backbone_forward, graph_key
+import covfeat.extraction.graphfile as graphfile
+from covfeat.extraction.backbones import get_backbone, resolve_weights
+from covfeat.extraction.config import ExtractConfig
+from covfeat.extraction.graphfile import WEIGHTS, backbone_forward, graph_key
+from covfeat.extraction.run import extract
 
 
 def _keras_reference(bb, spec, x):
     import tensorflow as tf
 
-    from covfeat.backbones import build_backbone
+    from covfeat.extraction.backbones import build_backbone
 
     model = build_backbone(bb, spec, seed=0)
     return tf.function(lambda b: model(b, training=False))(x).numpy()
@@ -24,7 +24,7 @@ def _keras_reference(bb, spec, x):
 def _scrambled_weights(bb, path):
     """A weights file in which every variable differs from every other (random init leaves
     inception_v3's batch-norm statistics all 0 or all 1, where two swapped would not show)."""
-    from covfeat.backbones import build_backbone
+    from covfeat.extraction.backbones import build_backbone
 
     model = build_backbone(bb, resolve_weights(bb, "none"), seed=0)
     rng = np.random.default_rng(7)
@@ -107,7 +107,7 @@ def test_the_graph_key_separates_what_changes_the_graph_or_its_weights(change, t
 def test_a_cached_graph_that_cannot_run_is_built_again(tmp_path, monkeypatch, capsys):
     import tensorflow as tf
 
-    from covfeat.extract import ShardComputer
+    from covfeat.extraction.work import ShardComputer
 
     monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "graphs"))
     bb = get_backbone("inception_v3")

@@ -12,9 +12,9 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from conftest import make_mini
 from typer.testing import CliRunner
 
-from conftest import make_mini
 from covfeat.cli import app
 
 runner = CliRunner()
@@ -291,7 +291,7 @@ def test_no_tensorflow_start_up_lines(cache, tmp_path):
 def test_a_file_that_cannot_be_read_now_stops_the_run_instead_of_a_lasting_skip(small, tmp_path, monkeypatch):
     """Listed, then gone (an unmounted share, a permission change): not a bad image. The run
     stops with one line and no shard records it as skipped; a rerun with the file back works."""
-    import covfeat.extract as ex
+    import covfeat.extraction.plan as ex
 
     d = make_mini(tmp_path / "d", n_covid=4, n_normal=4)
     victim = sorted(d["normal"].iterdir())[-1]

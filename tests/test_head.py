@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from covfeat.backbones import get_backbone, list_backbones
-from covfeat.config import HeadConfig
-from covfeat.head import build_head, compile_head, probability_bce
+from covfeat.extraction.backbones import get_backbone, list_backbones
+from covfeat.head.config import HeadConfig
+from covfeat.head.model import build_head, compile_head, probability_bce
 
 
 @pytest.mark.parametrize("name", list_backbones())

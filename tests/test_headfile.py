@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import MINI_SPLIT, fit
-from covfeat.config import HeadConfig
-from covfeat.head import build_head
-from covfeat.headfile import TEMPLATE, head_template, template_key
+
+from covfeat.head.config import HeadConfig
+from covfeat.head.model import build_head
+from covfeat.head.template import TEMPLATE, head_template, template_key
 
 RUN_CLI = ("import sys\nfrom covfeat.cli import app\ntry:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
            "print('TENSORFLOW-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TENSORFLOW', file=sys.stderr)\n"
@@ -84,8 +84,8 @@ def test_a_damaged_template_is_made_again_with_a_note(mini_cache, tmp_path):
 def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache, tmp_path):
     """The tf engine builds the head with Keras directly, the numba engine reads the template:
     one epoch each with the same seed gives the same loss."""
-    from covfeat.runs import Run
-    from covfeat.train import fit_head
+    from covfeat.head.fit import fit_head
+    from covfeat.head.runs import Run
 
     runs = {e: Run(fit_head(mini_cache, fit(1, engine=e), tmp_path / e, progress=False)) for e in ("numba", "tf")}
     la, lb = (r.history()[0]["loss"] for r in runs.values())

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from covfeat.config import JitterConfig
-from covfeat.images import UnreadableImage, apply_view, decode, resize, view_params
+from covfeat.extraction.config import JitterConfig
+from covfeat.extraction.images import UnreadableImage, apply_view, decode, resize, view_params
 
 
 def _grad(h=60, w=80):
@@ -118,7 +118,7 @@ def test_each_backbones_scaling_is_its_keras_preprocess_input_in_numpy_and_as_la
     """One Scaling serves extraction (numpy) and export (Keras layers); both equal Keras's own."""
     import keras
 
-    from covfeat.backbones import get_backbone
+    from covfeat.extraction.backbones import get_backbone
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
     want = getattr(keras.applications, KERAS_MODULE[name]).preprocess_input(x.copy())
@@ -130,8 +130,8 @@ def test_each_backbones_scaling_is_its_keras_preprocess_input_in_numpy_and_as_la
 
 
 def test_lung_masks_blank_exactly_their_pixels_and_a_missing_mask_is_a_reason(tmp_path):
-    from covfeat.config import OcclusionConfig
-    from covfeat.images import occlude
+    from covfeat.extraction.config import OcclusionConfig
+    from covfeat.extraction.images import occlude
 
     masks = tmp_path / "masks"
     masks.mkdir()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from covfeat.kernels import NO_PARENTS, dropout_pool, keep_q
+from covfeat.head.dropout import NO_PARENTS, dropout_pool, keep_q
 
 
 def test_dropout_keeps_the_right_share_and_is_seeded():
@@ -43,7 +43,7 @@ def test_float16_pool_is_converted_exactly_and_smote_rows_mix_parents():
 @pytest.mark.parametrize("C,rate", [(1920, 0.5), (1930, 0.2), (50, 0.5)])
 def test_dropout_pool_equals_a_plain_numpy_reference(C, rate):
     """Mean over positions of mask * map / (1 - rate), SMOTE rows mixed first, float16 input."""
-    from covfeat.kernels import mask_row
+    from covfeat.head.dropout import mask_row
 
     rng = np.random.default_rng(1)
     S = 9
@@ -63,7 +63,7 @@ def test_dropout_pool_equals_a_plain_numpy_reference(C, rate):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_all_finite_finds_any_inf_or_nan_and_passes_extremes(dtype):
-    from covfeat.kernels import all_finite
+    from covfeat.store.reader import all_finite
 
     a = np.ones((100, 7, 7, 64), dtype)
     assert all_finite(a)

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from covfeat.config import HeadConfig
-from covfeat.head import build_head, compile_head, one_hot, pooled_mean
-from covfeat.loop import MemorySource, epoch_plan, train
-
+from covfeat.head.config import HeadConfig
+from covfeat.head.loop import MemorySource, epoch_plan, train
+from covfeat.head.model import build_head, compile_head, one_hot, pooled_mean
 
 # Settings under which every term of the head's gradient matters: a partial last batch
 # (45 = 5 x 8 + 5), class weights, activity L1/L2 strong enough to move the weights, a large

@@ -8,13 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SAMPLE, SHARED
 from typer.testing import CliRunner
 
-from conftest import SAMPLE, SHARED
-from covfeat.cache import open_cache
 from covfeat.cli import app
-from covfeat.images import load
-from covfeat.neardup import find_pairs, fingerprint, join_groups
+from covfeat.extraction.images import load
+from covfeat.store.reader import open_cache
+from covfeat.trust.neardup import find_pairs, fingerprint, join_groups
 
 runner = CliRunner()
 COHEN = sorted((SAMPLE / "cohen" / "images").glob("*.jp*g"))
@@ -105,10 +105,11 @@ def test_extract_reports_the_pair_and_fit_head_keeps_it_together(tmp_path):
 
 def test_cross_validation_keeps_pairs_in_one_fold(tmp_path):
     man = _duplicated_manifest(tmp_path)
-    from covfeat.config import ExtractConfig, FitConfig, HeadConfig, SplitConfig
-    from covfeat.extract import extract
-    from covfeat.runs import Run
-    from covfeat.train import fit_head
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.run import extract
+    from covfeat.head.config import FitConfig, HeadConfig, SplitConfig
+    from covfeat.head.fit import fit_head
+    from covfeat.head.runs import Run
 
     cache = extract([man], ExtractConfig(backbone="inception_v3", weights="none", augment=0), "c", progress=False)
     (i, j, *_), = open_cache(cache).near_duplicate_pairs()

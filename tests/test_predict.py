@@ -29,9 +29,9 @@ def test_predict_folder_with_a_corrupt_file(mini, mini_run, tmp_path):
 
 def test_predict_matches_the_cached_features_path(mini, mini_run):
     """New-image prediction = the run's head on the cached maps of the same images."""
-    from covfeat.cache import open_cache
-    from covfeat.predict import predict
-    from covfeat.runs import Run
+    from covfeat.head.runs import Run
+    from covfeat.store.reader import open_cache
+    from covfeat.use.predict import predict
 
     run = Run(mini_run)
     fc = open_cache(run.cache_info["path"])
@@ -44,9 +44,10 @@ def test_predict_matches_the_cached_features_path(mini, mini_run):
 def test_export_after_target_recall_gives_predicts_labels(mini, mini_cache, tmp_path):
     """The exported model carries the run's threshold: its labels equal covfeat predict's."""
     from conftest import fit
-    from covfeat.predict import Predictor, load_exported, predict
-    from covfeat.runs import Run
-    from covfeat.train import fit_head
+
+    from covfeat.head.fit import fit_head
+    from covfeat.head.runs import Run
+    from covfeat.use.predict import Predictor, load_exported, predict
 
     run = fit_head(mini_cache, fit(20, target_recall=0.9, learning_rate=0.02, momentum=0.9), tmp_path / "runs",
                    progress=False)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covfeat.cli import app
-from covfeat.metrics import classification_metrics, threshold_for_recall, wilson
+from covfeat.trust.metrics import classification_metrics, threshold_for_recall, wilson
 
 runner = CliRunner()
 
@@ -38,7 +38,7 @@ def test_threshold_for_recall():
     the validation labels are those of ">= that probability", and stay so when every
     probability moves by the ~1e-6 that separates the same head computed by Keras and by
     compiled code."""
-    from covfeat.metrics import THRESHOLD_MARGIN
+    from covfeat.trust.metrics import THRESHOLD_MARGIN
 
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.5, 0.3, 0.1, 0.05])

@@ -11,9 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_mini
 from typer.testing import CliRunner
 
-from conftest import make_mini
 from covfeat.cli import app
 
 runner = CliRunner()
@@ -61,8 +61,8 @@ def test_slices_in_separate_processes_then_the_merge_equal_the_reference(data, r
     assert outs[1] == outs[2] and "nothing to do" in r.stderr
     index = Path(outs[1])
     _same(index, reference)
-    from covfeat.config import FitConfig, HeadConfig
-    from covfeat.train import fit_head
+    from covfeat.head.config import FitConfig, HeadConfig
+    from covfeat.head.fit import fit_head
 
     runs = [fit_head(x, FitConfig(head=HeadConfig(epochs=3)), tmp_path / n, progress=False)
             for x, n in ((index, "a"), (reference, "b"))]
@@ -122,8 +122,8 @@ def ray_cluster():
 
 
 def test_ray_on_a_local_two_worker_cluster_equals_the_local_driver(data, reference, tmp_path, ray_cluster):
-    from covfeat.config import DriverConfig, ExtractConfig
-    from covfeat.extract import extract
+    from covfeat.extraction.config import DriverConfig, ExtractConfig
+    from covfeat.extraction.run import extract
 
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1)
     out = extract([data["cohen"], data["normal"]], cfg, tmp_path / "c", progress=False,
@@ -133,12 +133,11 @@ def test_ray_on_a_local_two_worker_cluster_equals_the_local_driver(data, referen
 
 def test_a_killed_ray_worker_is_restarted_and_every_image_appears_once(data, tmp_path, ray_cluster, monkeypatch):
     """Shards of 4 images (12 of them); one worker is killed with SIGKILL after the first shard."""
-    import covfeat.extract as ex
-    from covfeat.config import DriverConfig, ExtractConfig
+    import covfeat.extraction.run as ex
+    import covfeat.store.shards
+    from covfeat.extraction.config import DriverConfig, ExtractConfig
 
-    import covfeat.cache
-
-    monkeypatch.setattr(covfeat.cache, "SHARD_IMAGES", 4)
+    monkeypatch.setattr(covfeat.store.shards, "SHARD_IMAGES", 4)
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1)
     c = tmp_path / "c"
     killed = []

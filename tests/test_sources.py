@@ -3,10 +3,10 @@
 import shutil
 
 import pytest
-
-from covfeat.errors import DataError, SourceNotFound
-from covfeat.sources import COVID, NORMAL, detect_layout, kermany_patient, load_sources
 from conftest import SAMPLE
+
+from covfeat.core.errors import DataError, SourceNotFound
+from covfeat.extraction.sources import COVID, NORMAL, detect_layout, kermany_patient, load_sources
 
 
 def test_cohen_keeps_covid_pa_and_reports_missing(mini):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from covfeat.errors import ConfigError
-from covfeat.config import SplitConfig
-from covfeat.split import TEST, TRAIN, VAL, assign_split, cv_folds
+from covfeat.core.errors import ConfigError
+from covfeat.head.config import SplitConfig
+from covfeat.head.split import TEST, TRAIN, VAL, assign_split, cv_folds
 
 
 def _data():

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MINI_SPLIT, fit
 from typer.testing import CliRunner
 
-from conftest import MINI_SPLIT, fit
-from covfeat.cache import open_cache
 from covfeat.cli import app
-from covfeat.config import HeadConfig, SplitConfig
-from covfeat.errors import CacheError
-from covfeat.split import TEST, TRAIN, VAL
-from covfeat.train import fit_head, make_split, rows_by_split
+from covfeat.core.errors import CacheError
+from covfeat.head.config import HeadConfig, SplitConfig
+from covfeat.head.fit import fit_head, make_split, rows_by_split
+from covfeat.head.split import TEST, TRAIN, VAL
+from covfeat.store.reader import open_cache
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_streaming_from_hdf5_gives_the_same_training(mini_cache, tmp_path):
 
 
 def test_reloaded_run_gives_the_same_predictions(mini_run):
-    from covfeat.runs import Run
+    from covfeat.head.runs import Run
 
     run = Run(mini_run)
     fc = open_cache(run.cache_info["path"])
@@ -139,7 +139,8 @@ def test_the_default_split_groups_patients(mini_cache):
 
 def _synthetic_cache(path: Path) -> Path:
     """A cache written straight from seeded synthetic maps (no backbone): stage two alone."""
-    from covfeat.cache import ShardStore, assemble, plan_shards
+    from covfeat.store.index import assemble
+    from covfeat.store.shards import ShardStore, plan_shards
 
     rng = np.random.default_rng(0)
     n_covid, n_normal, V, shape = 24, 36, 3, (3, 3, 32)
@@ -169,9 +170,9 @@ def test_stage_two_numbers_are_pinned(monkeypatch, tmp_path, name):
     restructuring (tests/data/pinned_stage_two.json, written by commit ca3506f's code)."""
     import dataclasses
 
-    from covfeat.backbones import REGISTRY
-    from covfeat.config import FitConfig
-    from covfeat.runs import Run
+    from covfeat.extraction.backbones import REGISTRY
+    from covfeat.head.config import FitConfig
+    from covfeat.head.runs import Run
 
     monkeypatch.setitem(REGISTRY, "pinfake", dataclasses.replace(REGISTRY["inception_v3"], name="pinfake",
                                                                  feature_shape=(3, 3, 32), dropout=0.5))
@@ -197,7 +198,7 @@ def test_cross_validation_folds_equal_single_runs_on_their_splits(mini_cache, tm
     (a memory budget too small to hold the rows)."""
     from dataclasses import replace
 
-    from covfeat.runs import Run
+    from covfeat.head.runs import Run
 
     cv = Run(fit_head(mini_cache, fit(3, folds=3), tmp_path / "cv", progress=False))
     streamed = Run(fit_head(mini_cache, replace(fit(3, folds=3), memory_budget_gb=1e-6), tmp_path / "st",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from covfeat.audit import group_bootstrap_auc, separation
 from covfeat.cli import app
-from covfeat.metrics import by_source, cv_interval, wilson
+from covfeat.probes.audit import group_bootstrap_auc, separation
+from covfeat.trust.metrics import by_source, cv_interval, wilson
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -94,7 +94,7 @@ def test_bootstrap_resamples_patients_not_images():
 
 
 def test_readme_lists_every_deviation():
-    from covfeat.deviations import DEVIATIONS
+    from covfeat.trust.deviations import DEVIATIONS
 
     text = " ".join(README.read_text().split())
     section = text[text.index("## How covfeat differs from the paper"):text.index("## What covfeat decides")]

@@ -1,0 +1,166 @@
+"""Stage one's settings: what decides the cached feature maps, and who computes them.
+
+* :class:`ExtractConfig` -- what changes the cached features (every field enters the
+  cache key except those named, with the reason, in :data:`NOT_IN_KEY`);
+* :class:`JitterConfig`, :class:`OcclusionConfig` -- its nested parts;
+* :class:`DriverConfig` -- local, Ray or a slice of the shards; never changes a number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from covfeat.core.errors import ConfigError
+from covfeat.core.settings import (
+    BOOL,
+    STRINGS,
+    TEXT,
+    Checked,
+    Rule,
+    _is_int,
+    _is_number,
+    _plain,
+    fail,
+    from_dict,
+    integer,
+    number,
+    one_of,
+    optional,
+    setting,
+)
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class JitterConfig(Checked):
+    """Ranges of the random jitter (the meaning ImageDataGenerator gives each range)."""
+
+    rotation: float = setting(15.0, number(0, 180))  # degrees, uniform in [-r, r]
+    shift: float = setting(0.1, number(0, 0.5))  # fraction of the side, uniform in [-s, s]
+    zoom: float = setting(0.1, number(0, 1, hi_open=True))  # scale uniform in [1-z, 1+z]
+
+
+def _box_ok(b) -> bool:
+    return (isinstance(b, (tuple, list)) and len(b) == 4 and all(_is_number(x) and 0 <= x <= 1 for x in b)
+            and b[0] < b[2] and b[1] < b[3])
+
+
+@dataclass(frozen=True)
+class OcclusionConfig(Checked):
+    """What the occlusion probe blanks before extraction: nothing, a central box, or lung masks."""
+
+    kind: str = setting("none", one_of("none", "box", "masks"), flag="--occlude")
+    box: tuple[float, float, float, float] = setting(
+        (0.15, 0.1, 0.85, 0.9), Rule("four fractions x0 < x1, y0 < y1 in [0, 1]", _box_ok))
+    masks: str = setting("", Rule("a string", lambda v: isinstance(v, str)))  # folder of masks named like the images
+    fill: float = setting(127.5, number(0, 255))  # constant on the [0, 255] scale
+
+    def _check(self):
+        if self.kind == "masks" and not Path(self.masks).is_dir():
+            raise fail("--occlude", "a folder of lung masks", self.masks)
+
+    @classmethod
+    def parse(cls, text: str) -> "OcclusionConfig":
+        """The --occlude flag: none, box, or a folder of masks."""
+        if text in ("none", "box"):
+            return cls(kind=text)
+        return cls(kind="masks", masks=str(text))
+
+
+def _backbone_rule() -> Rule:
+    from covfeat.extraction.backbones import list_backbones
+
+    names = list_backbones()
+    return Rule("a registered backbone, one of " + ", ".join(names), lambda v: isinstance(v, str) and v in names)
+
+
+@dataclass(frozen=True)
+class ExtractConfig(Checked):
+    """Stage one: everything that decides the cached feature maps (see NOT_IN_KEY)."""
+
+    backbone: str = setting(MISSING, None, flag="--backbone")  # rule: the registry, at validation time
+    weights: str = setting("imagenet", TEXT, flag="--weights")
+    preprocess: str = setting("paper", one_of("paper", "backbone"), flag="--preprocess")
+    augment: int = setting(4, integer(0, 100), flag="--augment")
+    seed: int = setting(0, integer(0), flag="--seed")
+    views: tuple[str, ...] = setting(("PA",), STRINGS, flag="--views")
+    dtype: str = setting("float16", one_of("float16", "float32"), flag="--dtype")
+    jitter: JitterConfig = setting(factory=JitterConfig, nested=True)
+    occlusion: OcclusionConfig = setting(factory=OcclusionConfig, nested=True)
+    scaled_decode: bool = setting(True, BOOL, flag="--full-decode")  # large JPEGs decoded at 1/2..1/8 scale
+    max_pixels: int = setting(64_000_000, integer(1), flag="--max-pixels")  # read from the header, before decoding
+    max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb")
+    min_side: int = setting(64, integer(1), flag="--min-side")
+    max_aspect: float = setting(4.0, number(1), flag="--max-aspect")  # longer side / shorter side
+    on_conflict: str = setting("error", one_of("error", "skip"), flag="--on-conflict")
+    batch_size: int = setting(16, integer(1, 4096), flag="--batch-size")
+    workers: int = setting(2, integer(1, 64), flag="--workers")
+
+    def _rule(self, f):
+        return _backbone_rule() if f.name == "backbone" else f.metadata.get("rule")
+
+    def _check(self):
+        if not isinstance(self.jitter, JitterConfig) or not isinstance(self.occlusion, OcclusionConfig):
+            raise ConfigError("jitter and occlusion must be JitterConfig and OcclusionConfig.")
+
+    @classmethod
+    def from_stored(cls, stored: dict, weights: str | None = None) -> "ExtractConfig":
+        """The config recorded in a cache (its key fields), with ``weights`` as the argument
+        that reproduces its weights (the stored identity is a hash, not a path)."""
+        names = {f.name for f in fields(cls)} - set(NOT_IN_KEY)
+        values = {k: stored[k] for k in names if k in stored}
+        values["weights"] = weights if weights is not None else stored["weights"]["kind"]
+        return from_dict(cls, values, "the cache's config")
+
+
+# Fields of ExtractConfig that do NOT enter the cache key, each with its reason.  Every
+# other field does, defaults included; tests/test_config.py derives the fields from the
+# dataclass, so a new field enters the key unless it is added here with a reason.
+NOT_IN_KEY = {
+    "weights": "replaced by the resolved weights identity (a file's hash, never its path)",
+    "batch_size": "the forward pass's batch size does not change the features",
+    "workers": "the number of decoding threads does not change the features",
+    "on_conflict": "decides which files enter the manifest, whose content and labels are in the key already",
+}
+
+
+def key_config(cfg: ExtractConfig, weights_identity: str) -> dict:
+    """The part of an extraction config that the cache key is a hash of."""
+    out = {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in NOT_IN_KEY}
+    out["weights"] = {"identity": weights_identity}
+    return out
+
+
+def _shard_ok(v) -> bool:
+    return v is None or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(x) for x in v) and 0 <= v[0] < v[1])
+
+
+@dataclass(frozen=True)
+class DriverConfig(Checked):
+    """Who computes the shards of an extraction; never changes the numbers (no field is keyed)."""
+
+    engine: str = setting("local", one_of("local", "ray"), flag="--engine")
+    address: str | None = setting(None, optional(TEXT, "an embedded local Ray, or RAY_ADDRESS"), flag="--address")
+    ray_workers: int = setting(2, integer(1, 10000), flag="--ray-workers")  # actors, each holding the model once
+    cpus_per_worker: float = setting(0.5, number(0, lo_open=True), flag="--cpus-per-worker")
+    gpus_per_worker: float = setting(0.0, number(0), flag="--gpus-per-worker")
+    shard: tuple[int, int] | None = setting(None, Rule("i/N with 0 <= i < N", _shard_ok), flag="--shard")
+
+    def _check(self):
+        if self.shard is not None and self.engine == "ray":
+            raise fail("--shard", "the local engine (a slice per process, for array jobs)", "with --engine ray")
+
+    @staticmethod
+    def parse_shard(text: str | None) -> tuple[int, int] | None:
+        if text is None:
+            return None
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise fail("--shard", "i/N with 0 <= i < N", text) from None
+        return (i, n)
+
+
+# --------------------------------------------------------------------------- stage two

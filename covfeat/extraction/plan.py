@@ -1,0 +1,95 @@
+"""What an extraction will produce, known before any image is decoded or a model built:
+weights resolved, sources read and hashed, classes checked, the cache and its shards named."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from covfeat.core.errors import DataError
+from covfeat.extraction.backbones import INPUT_SIZE, get_backbone, resolve_weights
+from covfeat.extraction.config import ExtractConfig, key_config
+from covfeat.extraction.images import SCALED_DECODE_MIN_SIDE
+from covfeat.extraction.sources import Manifest, load_sources
+from covfeat.store.key import cache_key, cache_name
+from covfeat.store.shards import ShardSpec, plan_shards
+
+SAMPLE_DIR = Path(__file__).parents[1] / "data" / "sample"
+
+
+def sample_sources() -> list[Path]:
+    """The bundled sample: a few dozen downscaled radiographs per class (see NOTICE)."""
+    return [SAMPLE_DIR / "cohen", SAMPLE_DIR / "kermany" / "NORMAL"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolved_config(cfg: ExtractConfig, spec) -> dict:
+    """What the cache records of its config: the key fields, the weights, and fixed facts."""
+    out = key_config(cfg, spec.identity)
+    out["weights"] = {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label}
+    out.update(
+        input_size=INPUT_SIZE,
+        resize="cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
+        decode=(f"JPEG scaled in the DCT domain to >= {SCALED_DECODE_MIN_SIDE} px when larger"
+                if cfg.scaled_decode else "full size"),
+        augment_scope="all rows (evaluation uses view 0 only)",
+    )
+    return out
+
+
+def _check_classes(manifest: Manifest) -> None:
+    counts = manifest.counts()
+    empty = [k for k, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(
+            f"No {' or '.join(empty)} images in the given data ({manifest.summary()}); "
+            "covfeat needs both COVID-19 and NORMAL images."
+        )
+
+
+@dataclass
+class Plan:
+    """What an extraction will produce, known before any image is decoded or model built."""
+
+    target: Path
+    manifest: Manifest
+    config: dict
+    rows: list[dict]
+    spec: object  # the resolved weights
+    key: str
+    shards: list[ShardSpec]
+
+
+def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache") -> Plan:
+    """Resolve weights, read and hash the sources, check both classes, name the cache and its shards.
+
+    Raises
+    ------
+    WeightsUnavailable, SourceNotFound, DataError, ConfigError
+    """
+    cfg.validate()
+    backbone = get_backbone(cfg.backbone)
+    spec = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
+    if not sources:
+        sources = sample_sources()
+        _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
+    manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict)
+    _log(f"Data: {manifest.summary()}")
+    for what, items in (("missing", manifest.missing), ("broken link", manifest.broken_links),
+                        ("not opened", manifest.not_images), ("conflicting label", manifest.conflicts)):
+        for path, reason in items[:3]:
+            _log(f"  {what}: {path} ({reason})")
+        if len(items) > 3:
+            _log(f"  ... and {len(items) - 3} more ({what}); `covfeat info CACHE` lists every one")
+    _check_classes(manifest)
+    config = resolved_config(cfg, spec)
+    rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
+             "view": r.view, "sha256": r.sha256} for r in manifest.records]
+    key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
+    key = cache_key(key_config(cfg, spec.identity), key_rows)
+    target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, key)
+    return Plan(target, manifest, config, rows, spec, key, plan_shards(rows, key))

@@ -1,0 +1,352 @@
+"""Where images come from: source layouts, detection, and the merged manifest.
+
+Four layouts are recognised, each the way its publisher ships it:
+
+1. Cohen's covid-chestxray-dataset: ``metadata.csv`` + ``images/``.  Only COVID-19
+   X-rays of the chosen views are kept, with their ``patientid``.
+2. Kermany's chest_xray: a root holding ``NORMAL/`` (optionally under train/test/val),
+   or a ``NORMAL`` folder itself; the patient comes from the file name.
+3. A plain class-folder root ``ROOT/<label>/*``.
+4. A manifest CSV ``path,label[,patient_id,source]``.
+
+All sources merge into one :class:`Manifest` (path, label, patient id, source, view,
+SHA-256 of the bytes).  Byte-identical duplicates are dropped and counted; files named
+in metadata but absent are counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covfeat.core.errors import DataError, SourceNotFound
+
+COVID, NORMAL = 1, 0
+
+
+COVID, NORMAL = 1, 0
+
+
+LABEL_NAMES = {COVID: "COVID-19", NORMAL: "NORMAL"}
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+
+_LABEL_ALIASES = {
+    "covid": COVID, "covid-19": COVID, "covid19": COVID, "positive": COVID, "1": COVID,
+    "normal": NORMAL, "negative": NORMAL, "healthy": NORMAL, "0": NORMAL,
+}
+
+
+def parse_label(text: str) -> int | None:
+    """Map a class name to 1 (COVID-19) or 0 (NORMAL); ``None`` for other classes."""
+    return _LABEL_ALIASES.get(text.strip().lower().replace("_", "-"))
+
+
+@dataclass
+class Record:
+    path: str
+    label: int
+    patient_id: str
+    source: str
+    view: str = ""  # radiographic projection (PA, AP, ...), when the source says
+    sha256: str = ""
+
+
+@dataclass
+class Manifest:
+    """The merged list of images plus what was dropped on the way, and why."""
+
+    records: list[Record] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, kept)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed but not there
+    broken_links: list[tuple[str, str]] = field(default_factory=list)  # (link, target)
+    not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never opened
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, other path): same bytes, two labels
+    outside: int = 0  # manifest paths outside the manifest's folder
+    ignored: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def counts(self) -> dict[str, int]:
+        out = {name: 0 for name in LABEL_NAMES.values()}
+        for r in self.records:
+            out[LABEL_NAMES[r.label]] += 1
+        return out
+
+    def summary(self) -> str:
+        c = self.counts()
+        parts = [f"{n} {k}" for k, n in c.items()]
+        s = f"{len(self.records)} images ({', '.join(parts)})"
+        for n, what in ((len(self.duplicates), "byte-identical duplicates dropped"),
+                        (len(self.missing), "listed files missing"),
+                        (len(self.broken_links), "broken links"),
+                        (len(self.not_images), "non-image files not opened"),
+                        (len(self.conflicts), "listings dropped for conflicting labels"),
+                        (self.outside, "manifest paths outside its folder")):
+            if n:
+                s += f", {n} {what}"
+        return s
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        from covfeat.core.errors import FileUnavailable
+
+        raise FileUnavailable(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable or "
+                              "leave it out of the data.") from None
+    return h.hexdigest()
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def _broken_link(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
+def _scan(folder: Path, m: "Manifest", recursive: bool = False) -> list[Path]:
+    """Image files of a folder, sorted; broken links counted (they would vanish otherwise)."""
+    out = []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if _broken_link(p) and p.suffix.lower() in IMAGE_SUFFIXES:
+            m.broken_links.append((str(p), os.readlink(p)))
+        elif _is_image(p):
+            out.append(p)
+    return out
+
+
+def _read_table(path: Path, what: str, needed: set[str]) -> tuple[list[dict], list[str]]:
+    """Rows of a CSV read as UTF-8 (with or without a byte-order mark), its columns checked.
+
+    Raises DataError naming the columns needed and those found, or the encoding problem.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        "save it as UTF-8 and run again.") from None
+    reader = csv.DictReader(text.splitlines())
+    found = [c.strip() for c in (reader.fieldnames or [])]
+    missing = sorted(needed - set(found))
+    if missing:
+        raise DataError(f"{path}: {what} needs the column(s) {', '.join(missing)}; found "
+                        f"{', '.join(found) if found else 'none'}.")
+    return [{(k or "").strip(): v for k, v in row.items()} for row in reader], found
+
+
+def kermany_patient(filename: str) -> str:
+    """Patient of a Kermany file: ``IM-0115-0001.jpeg`` -> ``IM-0115``,
+    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``, ``person1_virus_6.jpeg`` -> ``person1``."""
+    stem = Path(filename).stem
+    m = re.match(r"^((?:NORMAL2-)?IM-\d+)", stem)
+    if m:
+        return m.group(1)
+    m = re.match(r"^(person\d+)_", stem)
+    if m:
+        return m.group(1)
+    return stem
+
+
+_KERMANY_NAME = re.compile(r"^((NORMAL2-)?IM-\d+|person\d+_)")
+
+
+def _kermany_named(folder: Path) -> bool:
+    """Most image names follow Kermany's patterns (IM-0115-0001, NORMAL2-IM-..., person1_...)."""
+    names = [p.name for p in folder.iterdir() if _is_image(p)]
+    return bool(names) and sum(bool(_KERMANY_NAME.match(n)) for n in names) >= 0.9 * len(names)
+
+
+def detect_layout(src: Path) -> str:
+    """Name the layout of a --data source: cohen, kermany, class (one class folder), folders or csv."""
+    if src.is_file():
+        if src.suffix.lower() == ".csv":
+            return "csv"
+        raise DataError(f"{src}: a file source must be a manifest CSV (path,label[,patient_id,source]).")
+    if (src / "metadata.csv").is_file() and (src / "images").is_dir():
+        return "cohen"
+    labelled = {parse_label(d.name) for d in src.iterdir() if d.is_dir()} - {None}
+    if parse_label(src.name) is not None:  # a class folder itself: Kermany's NORMAL, or another source's
+        return "kermany" if parse_label(src.name) == NORMAL and _kermany_named(src) else "class"
+    if COVID in labelled:  # a class-folder root; Kermany's chest_xray has no COVID-19 folder
+        return "folders"
+    kermany = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
+    if kermany and all(_kermany_named(k) for k in kermany):
+        return "kermany"
+    if labelled:
+        return "folders"
+    raise DataError(
+        f"{src}: not a known layout. Expected a Cohen folder (metadata.csv + images/), "
+        "a Kermany chest_xray folder or its NORMAL folder, class folders "
+        "(ROOT/COVID-19/*, ROOT/NORMAL/*), or a manifest CSV."
+    )
+
+
+def _load_cohen(src: Path, views: tuple[str, ...], m: Manifest) -> list[Record]:
+    out = []
+    rows, _ = _read_table(src / "metadata.csv", "Cohen's metadata.csv", {"filename", "patientid", "finding", "view"})
+    for row in rows:
+        findings = {s.strip() for s in (row.get("finding") or "").split(",")}
+        if "COVID-19" not in findings:
+            m.ignored["cohen: finding is not COVID-19"] = m.ignored.get("cohen: finding is not COVID-19", 0) + 1
+            continue
+        if (row.get("modality") or "X-ray") != "X-ray":
+            m.ignored["cohen: not an X-ray"] = m.ignored.get("cohen: not an X-ray", 0) + 1
+            continue
+        if (row.get("view") or "").strip().upper() not in views:
+            key = f"cohen: view not in {','.join(views)}"
+            m.ignored[key] = m.ignored.get(key, 0) + 1
+            continue
+        path = src / (row.get("folder") or "images") / row["filename"]
+        if _broken_link(path):
+            m.broken_links.append((str(path), os.readlink(path)))
+            continue
+        if not path.is_file():
+            m.missing.append((str(path), "listed in metadata.csv but not on disk"))
+            continue
+        out.append(Record(str(path), COVID, f"cohen:{row['patientid']}", "cohen", row["view"].strip().upper()))
+    return out
+
+
+def _load_kermany(src: Path, m: Manifest) -> list[Record]:
+    if src.name.upper() == "NORMAL":
+        folders = [src]
+    else:
+        folders = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
+    out = []
+    for folder in folders:
+        for p in _scan(folder, m):
+            out.append(Record(str(p), NORMAL, f"kermany:{kermany_patient(p.name)}", "kermany"))
+    return out
+
+
+def _load_folders(src: Path, m: Manifest) -> list[Record]:
+    out = []
+    for d in sorted(src.iterdir()):
+        if not d.is_dir():
+            continue
+        label = parse_label(d.name)
+        if label is None:
+            m.ignored[f"{src.name}: class folder {d.name!r} is neither COVID-19 nor NORMAL"] = sum(
+                1 for _ in d.iterdir()
+            )
+            continue
+        for p in _scan(d, m, recursive=True):
+            out.append(Record(str(p), label, f"{src.name}:{p.stem}", src.name))
+    return out
+
+
+def _load_class_folder(src: Path, m: Manifest) -> list[Record]:
+    """``ROOT/NORMAL`` (or ``ROOT/COVID-19``) given directly: the class from the folder's name,
+    the source from its parent's (``openist/NORMAL`` -> source ``openist``), one patient per file."""
+    label = parse_label(src.name)
+    source = src.resolve().parent.name or src.name
+    return [Record(str(p), label, f"{source}:{p.stem}", source) for p in _scan(src, m, recursive=True)]
+
+
+def _load_csv(src: Path, m: Manifest) -> list[Record]:
+    """A manifest: only files with an image or DICOM extension are opened (others are listed as
+    not opened, before any read); paths outside the manifest's folder are allowed and counted."""
+    out = []
+    rows, _ = _read_table(src, "a manifest CSV (path,label[,patient_id,source])", {"path", "label"})
+    base = src.resolve().parent
+    for i, row in enumerate(rows, start=2):
+        label = parse_label(row["label"] or "")
+        if label is None:
+            raise DataError(f"{src}, line {i}: label {row['label']!r} is neither COVID-19 nor NORMAL.")
+        path = Path(row["path"] or "")
+        if not path.is_absolute():
+            path = src.parent / path
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            m.not_images.append((str(path), f"{src.name}, line {i}: not an image or DICOM file name; not opened"))
+            continue
+        if _broken_link(path):
+            m.broken_links.append((str(path), os.readlink(path)))
+            continue
+        if not path.is_file():
+            m.missing.append((str(path), f"listed in {src.name} but not on disk"))
+            continue
+        if not path.resolve().is_relative_to(base):
+            m.outside += 1
+        source = row.get("source") or src.stem
+        patient = row.get("patient_id") or path.stem
+        out.append(Record(str(path), label, f"{source}:{patient}", source))
+    return out
+
+
+def _sha_of(path: str, listings: dict) -> str | None:
+    return next((h for h, rs in listings.items() if any(r.path == path for r in rs)), None)
+
+
+def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on_conflict: str = "error") -> Manifest:
+    """Read every source, hash every file, and merge into one de-duplicated manifest.
+
+    The same bytes under two labels is an error listing the files (``on_conflict="skip"``
+    drops every copy of them instead, and counts them).
+
+    Raises
+    ------
+    SourceNotFound
+        A source path does not exist.
+    DataError
+        A source's layout is not recognised.
+    """
+    m = Manifest()
+    views = tuple(v.strip().upper() for v in views)
+    found: list[Record] = []
+    for s in sources:
+        src = Path(s).expanduser()
+        if not src.exists():
+            raise SourceNotFound(f"--data {s}: no such file or folder.")
+        layout = detect_layout(src)
+        if layout == "cohen":
+            found += _load_cohen(src, views, m)
+        elif layout == "kermany":
+            found += _load_kermany(src, m)
+        elif layout == "folders":
+            found += _load_folders(src, m)
+        elif layout == "class":
+            found += _load_class_folder(src, m)
+        else:
+            found += _load_csv(src, m)
+    seen: dict[str, Record] = {}
+    listings: dict[str, list[Record]] = {}
+    for r in found:
+        r.path = str(Path(r.path).resolve())
+        r.sha256 = _sha256(Path(r.path))
+        listings.setdefault(r.sha256, []).append(r)
+        first = seen.get(r.sha256)
+        if first is None:
+            seen[r.sha256] = r
+            m.records.append(r)
+        elif first.label == r.label:
+            m.duplicates.append((r.path, first.path))
+    conflicted = {h for h, rs in listings.items() if len({r.label for r in rs}) > 1}
+    if conflicted:
+        described = [" = ".join(f"{r.path} ({LABEL_NAMES[r.label]})" for r in listings[h]) for h in sorted(conflicted)]
+        if on_conflict != "skip":
+            more = f" and {len(described) - 3} more" if len(described) > 3 else ""
+            raise DataError(f"{len(described)} image(s) have the same bytes under both labels: "
+                            f"{'; '.join(described[:3])}{more}. Fix the labels, or pass --on-conflict skip to drop "
+                            "every copy of them.")
+        m.records = [r for r in m.records if r.sha256 not in conflicted]
+        m.duplicates = [d for d in m.duplicates if _sha_of(d[0], listings) not in conflicted]
+        m.conflicts = [(r.path, "dropped: the same bytes are listed as " +
+                        " and ".join(sorted({LABEL_NAMES[x.label] for x in listings[h]})))
+                       for h in sorted(conflicted) for r in listings[h]]
+    return m
+
+
+def content_hashes(sources: list[str | Path]):
+    """The SHA-256 of every image of ``sources``, as a function of the radiographic views
+    kept (what :func:`covfeat.store.catalog.choose_cache` compares a cache's images with)."""
+    return lambda views: {r.sha256 for r in load_sources(sources, views=views, on_conflict="skip").records}

@@ -1,0 +1,190 @@
+"""The per-shard work every driver shares: decode an image into its views, run a shard's
+images through the backbone, write the shard."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from covfeat.core.errors import ConfigError, FileUnavailable
+from covfeat.extraction.backbones import INPUT_SIZE
+from covfeat.extraction.config import ExtractConfig
+from covfeat.extraction.graphfile import backbone_forward, discard
+from covfeat.extraction.images import InputPipeline, UnreadableImage, apply_view, occlude, view_params
+from covfeat.store.shards import ShardSpec, ShardStore
+from covfeat.trust.neardup import fingerprint
+
+STREAMS = 2  # batches in the model at once (ShardComputer.features)
+
+
+def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
+    """Decode one file once and return its model inputs for every view, their jitter, and
+    its near-duplicate fingerprint (of the image before any occlusion).
+
+    Returns
+    -------
+    inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
+    params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
+    fingerprint : (hashes, thumbnails), see :mod:`covfeat.neardup`
+    """
+    raw = pipeline.decode(path, occluded=False)
+    fp = fingerprint(raw)
+    base = occlude(raw, path, pipeline.occlusion)
+    inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
+    params = np.zeros((cfg.augment + 1, 4), np.float32)
+    pipeline.scale(base, out=inputs[0])
+    for v in range(1, cfg.augment + 1):
+        params[v] = view_params(sha256, v, cfg.seed, cfg.jitter)
+        pipeline.scale(apply_view(base, params[v]), out=inputs[v])
+    return inputs, params, fp
+
+
+def decode_job(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
+    """prepare_image, with every failure turned into a skip reason (a string)."""
+    try:
+        return prepare_image(path, sha256, cfg, pipeline)
+    except UnreadableImage as exc:
+        return str(exc)
+    except FileUnavailable:
+        raise  # not the image's fault: stop, and do not record a lasting skip
+    except Exception as exc:  # an unexpected decoder failure is still a per-file skip
+        return f"unreadable ({type(exc).__name__}: {exc})"
+
+
+class ShardComputer:
+    """The forward pass of one shard's decoded images, in batches formed within the shard, so
+    every driver computes a shard's features identically."""
+
+    def __init__(self, cfg: ExtractConfig, backbone, spec):
+        from covfeat.core.quiet import import_tensorflow
+
+        import_tensorflow()
+        import tensorflow as tf
+
+        self.cfg, self.backbone, self._tf = cfg, backbone, tf
+        # One graph for any batch size (kept in covfeat's graph cache, see covfeat.graphfile),
+        # instantiated here on a single image: a warm-up batch of batch_size images would cost
+        # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
+        # features are the same, bit for bit (tests/test_extract.py).
+        # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.
+        self._as_traced = not tf.config.list_logical_devices("GPU")
+        self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
+        try:
+            self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+        except (tf.errors.OpError, TypeError, ValueError) as exc:
+            if self._forward.source != "cache":
+                raise
+            discard(self._forward, exc)  # a cached graph this TensorFlow cannot run: build it again
+            self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
+            self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+        self.batches = [np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32) for _ in range(STREAMS)]
+        self.t_fwd = 0.0
+        self.n_fwd = 0
+
+    @contextmanager
+    def _graph_as_traced(self):
+        """TensorFlow's graph optimiser (grappler) finds nothing to gain in these inference
+        graphs on a CPU yet spends 0.3-1.0 s on each one when first called (densenet201 0.9 s,
+        inception_resnet_v2 1.0 s); with it off the four backbones give the same features, bit
+        for bit, at the same speed (measured; tests/test_extract.py holds the equality).  The
+        option is process-wide in TensorFlow and part of every function call (each thread
+        reads it when it first calls one), so it is set around the extraction's own calls, and
+        their threads, only, and restored after (a thread of the caller's own that first calls a
+        TensorFlow function inside the window would keep it off; covfeat has none)."""
+        if not self._as_traced:
+            yield
+            return
+        opts = self._tf.config.optimizer
+        before = bool(opts.get_experimental_options().get("disable_meta_optimizer", False))
+        opts.set_experimental_options({"disable_meta_optimizer": True})
+        try:
+            yield
+        finally:
+            opts.set_experimental_options({"disable_meta_optimizer": before})
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The backbone on one batch, its graph run as traced."""
+        with self._graph_as_traced():
+            return self._forward(batch).numpy()
+
+    def features(self, results: list, on_batch=None):
+        """(features, images, views, params, skipped, fingerprints) of one shard's decode results.
+
+        Batches are formed in order within the shard, always batch_size rows (the rows after a
+        short last batch are zeros), and STREAMS of them run through the model at once: on 2
+        cores two concurrent batches keep both busy through the many small, memory-bound
+        operations of a batch (densenet201's concatenations and batch norms) and hide the
+        per-batch copying and checking; each batch's features are what it gives alone."""
+        cfg, n_views, bs = self.cfg, self.cfg.augment + 1, self.cfg.batch_size
+        inputs, images, views, params_v, skipped, fps = [], [], [], [], {}, {}
+        for pos, res in enumerate(results):
+            if isinstance(res, str):
+                skipped[pos] = res
+                continue
+            inputs.append(res[0])
+            params_v.append(res[1])
+            fps[pos] = res[2]
+            images += [pos] * n_views
+            views += list(range(n_views))
+        views_list = [v for arr in inputs for v in arr]  # views in order, no copy
+        feats = np.empty((len(views_list), *self.backbone.feature_shape), np.dtype(cfg.dtype))
+
+        def run(batch):
+            return self._forward(batch).numpy()
+
+        def collect(b0, k, future):
+            out = future.result()[:k]
+            with np.errstate(over="ignore"):  # values beyond float16 become inf, reported just below
+                feats[b0:b0 + k] = out
+            if not np.isfinite(feats[b0:b0 + k]).all():
+                raise ConfigError(
+                    f"{cfg.backbone} gave feature values that {cfg.dtype} cannot hold (largest "
+                    f"{float(np.abs(out).max()):.3g}); extract again with --dtype float32."
+                )
+            self.n_fwd += k
+            if on_batch:
+                on_batch(k)
+
+        tf0 = time.perf_counter()
+        # New threads inside _graph_as_traced: each reads the optimiser option when it first calls.
+        with self._graph_as_traced(), ThreadPoolExecutor(max_workers=STREAMS) as streams:
+            in_flight = deque()
+            try:
+                for i, b0 in enumerate(range(0, len(views_list), bs)):
+                    if len(in_flight) == STREAMS:  # its batch buffer is free once its batch is done
+                        collect(*in_flight.popleft())
+                    batch, k = self.batches[i % STREAMS], min(bs, len(views_list) - b0)
+                    for j in range(k):
+                        batch[j] = views_list[b0 + j]
+                    batch[k:] = 0.0
+                    in_flight.append((b0, k, streams.submit(run, batch)))
+                while in_flight:
+                    collect(*in_flight.popleft())
+            finally:
+                for _, _, f in in_flight:  # an error: let the other stream finish, not run on
+                    f.cancel()
+        self.t_fwd += time.perf_counter() - tf0
+        params = np.concatenate(params_v) if params_v else np.empty((0, 4), np.float32)
+        return feats, np.array(images, np.int32), np.array(views, np.int8), params, skipped, fps
+
+
+def compute_shard(spec: ShardSpec, rows: list[dict], cfg: ExtractConfig, pipeline: InputPipeline,
+                  computer: ShardComputer, decoded: list | None = None, on_batch=None) -> tuple:
+    """Everything a shard file holds: its images decoded (unless ``decoded`` already holds
+    their decode results, as the local driver's look-ahead has them) and run through the model."""
+    if decoded is None:
+        decoded = [decode_job(rows[i]["path"], rows[i]["sha256"], cfg, pipeline) for i in spec.rows]
+    return ([rows[i]["sha256"] for i in spec.rows], *computer.features(decoded, on_batch=on_batch))
+
+
+def extract_shard(spec: ShardSpec, rows: list[dict], cfg: ExtractConfig, pipeline: InputPipeline,
+                  store: ShardStore, computer: ShardComputer) -> Path:
+    """One shard, start to finish: decode its images, run the forward pass, write its file.
+    A pure function of (images, config): a retry writes the same shard.  Every driver computes
+    shards with compute_shard and writes them with ShardStore.write, as here."""
+    return store.write(spec, *compute_shard(spec, rows, cfg, pipeline, computer))

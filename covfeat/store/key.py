@@ -1,0 +1,38 @@
+"""A cache's name: the hash of its resolved config and its data's content, and the format version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 3  # 2: no split in the cache; 3: an index over immutable shard files
+
+
+MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
+
+
+def library_versions() -> dict[str, str]:
+    import cv2
+    import keras
+    import tensorflow as tf
+
+    from covfeat.core import __version__
+
+    return {
+        "covfeat": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "opencv": cv2.__version__,
+    }
+
+
+def cache_key(config: dict, manifest_rows: list[dict]) -> str:
+    """Short hash of the full resolved config (defaults included) and the data's content."""
+    payload = json.dumps({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_name(backbone: str, weights_kind: str, key: str) -> str:
+    return f"{backbone}-{weights_kind}-{key}.h5"

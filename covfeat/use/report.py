@@ -1,0 +1,324 @@
+"""Reports: the paper's Table 2 for one or more runs, side by side, and their figures.
+
+Every report says which weights the features came from, loudly when they were not
+pretrained, prints the test count of each class beside the metrics, and gives intervals
+(Wilson for a single split, a t interval over folds for cross-validation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from covfeat.head.runs import Run
+from covfeat.trust.metrics import COUNT_KEYS, METRIC_ROWS
+
+NOT_PRETRAINED = "!!! NOT PRETRAINED: features from a random-init backbone; these numbers say nothing about ImageNet transfer !!!"
+
+
+def load_run(run: str | Path) -> dict:
+    """A run's metrics (and audit) as the report reads them."""
+    return Run(run).as_report_dict()
+
+
+def _fmt(key: str, v, ci=None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if key in COUNT_KEYS:
+        return str(int(round(v))) if float(v).is_integer() else f"{v:.1f}"
+    s = f"{v:.2f}"
+    if ci is not None and not any(math.isnan(c) for c in ci):
+        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return s
+
+
+def _fraction(a: dict, key: str) -> str:
+    """The counts behind a proportion, so the test size is seen beside every metric."""
+    tp, fp, fn, tn = (a.get(k, 0) for k in ("TP", "FP", "FN", "TN"))
+    parts = {"covid_recall": (tp, tp + fn), "covid_precision": (tp, tp + fp), "normal_recall": (tn, tn + fp),
+             "normal_precision": (tn, tn + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, tp + fp + fn + tn)}
+    if key not in parts:
+        return ""
+    k, n = parts[key]
+    return f"{k}/{n}"
+
+
+def table_cells(m: dict) -> dict[str, str]:
+    """One column of the side-by-side table: label -> formatted value (with interval)."""
+    out = {}
+    if "cv" in m:
+        cv = m["cv"]
+        n_scores = cv["n_folds"] * cv["n_repeats"]
+        for label, key in METRIC_ROWS:
+            if key in cv:
+                c = cv[key]
+                out[label] = _fmt(key, c["mean"], None if key in COUNT_KEYS else (c["lo"], c["hi"]))
+                if c["undefined"]:
+                    out[label] += f" ({c['n']} of {n_scores} folds; {c['undefined']} undefined)"
+        for k, nm in (("op_covid_recall", "recall"), ("op_covid_precision", "precision"),
+                      ("op_specificity", "specificity")):
+            if k in cv:
+                c = cv[k]
+                out[f"at the recall target: test {nm}"] = _fmt(k, c["mean"], (c["lo"], c["hi"]))
+        out["folds"] = f"{cv['n_folds']} folds x {cv['n_repeats']} repeats: mean [{cv['interval']}]"
+    else:
+        a = m["argmax"]
+        ci = a.get("ci", {})
+        for label, key in METRIC_ROWS:
+            out[label] = _fmt(key, a.get(key), ci.get(key))
+            frac = _fraction(a, key)
+            if frac and out[label] != "n/a":
+                out[label] += f" ({frac})"
+        op = m.get("operating_point")
+        if op:
+            t = op["test"]
+            out[f"at recall target {op['target_recall']:.2f}: threshold"] = f"{op['threshold']:.3f}"
+            for k, nm in (("covid_recall", "recall"), ("covid_precision", "precision"), ("specificity", "specificity")):
+                out[f"at recall target {op['target_recall']:.2f}: test {nm}"] = _fmt(k, t[k], t["ci"].get(k))
+    for kind, rows in m.get("by_source", {}).items():
+        tag = "" if kind == "argmax" else f" at threshold {m['operating_point']['threshold']:.3f}"
+        for src, e in rows.items():
+            for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
+                if key in e:
+                    v, lo, hi, k, n = e[key]
+                    out[f"{name}, {src}{tag}"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
+    nu = {k: v for k, v in m.get("not_used", {}).items() if v}
+    if nu:
+        out["images not used"] = ", ".join(f"{v} {k}" for k, v in nu.items()) + " (`covfeat info CACHE` lists them)"
+    nd = m.get("near_duplicates")
+    if nd and nd.get("n_pairs"):
+        out["near-duplicate pairs kept together"] = (f"{nd['n_pairs']} ({nd['n_pairs_across_patients']} across "
+                                                      f"patient IDs)" if nd["mode"] == "group" else
+                                                      f"{nd['n_pairs']} found, NOT grouped (--near-duplicates ignore)")
+    out["weights"] = "NOT PRETRAINED" if not m.get("pretrained", True) else m["weights"]["label"]
+    for k, v in m.get("audit", {}).items():
+        if isinstance(v, dict) and "status" in v:
+            out[f"audit: {k} probe"] = v["status"]
+    return out
+
+
+def side_by_side(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = [table_cells(m) for m in runs]
+    labels = []
+    for c in cols:
+        for k in c:
+            if k not in labels:
+                labels.append(k)
+    header = ["metric"] + [f"{m['backbone']} ({m['_name']})" for m in runs]
+    body = [[lab] + [c.get(lab, "") for c in cols] for lab in labels]
+    return header, body
+
+
+def render_text(header, body) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
+
+
+def render_markdown(header, body) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in body]
+    return "\n".join(out)
+
+
+def banners(runs: list[dict]) -> list[str]:
+    out = []
+    if any(not m.get("pretrained", True) for m in runs):
+        out.append(NOT_PRETRAINED)
+    srcs = set()
+    for m in runs:
+        srcs |= {k.split("/")[0] for k in m.get("sources_test", {})}
+    by_class = {}
+    for m in runs:
+        for k in m.get("sources_test", {}):
+            s, c = k.split("/")
+            by_class.setdefault(c, set()).add(s)
+    for m in runs:
+        for k, v in m.get("audit", {}).items():
+            if isinstance(v, dict) and "verdict" in v:
+                out.append(f"audit of {m['_name']}, {k} probe: {v['verdict']}")
+    if len(by_class) == 2 and all(len(v) == 1 for v in by_class.values()) and by_class["COVID-19"] != by_class["NORMAL"]:
+        out.append(f"CAUTION: every COVID-19 test image comes from {', '.join(by_class['COVID-19'])} and every NORMAL one "
+                   f"from {', '.join(by_class['NORMAL'])}: the classes are confounded with their source. High scores "
+                   "may measure where an image came from, not the disease. Run `covfeat audit`.")
+    return out
+
+
+def plot_run(m: dict, out_dir: Path) -> list[Path]:
+    """Curves (the paper's Figures 4-7), confusion matrix, ROC and PR for one run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+    run = Run(m["_path"])
+    tag = "" if m.get("pretrained", True) else "  [NOT PRETRAINED]"
+    files = []
+    hist = run.history()
+    if hist:
+        ep = [int(h["epoch"]) for h in hist]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        for i, key in enumerate(("accuracy", "loss")):
+            ax[i].plot(ep, [float(h[key]) for h in hist], label=f"training {key}")
+            ax[i].plot(ep, [float(h["val_" + key]) for h in hist], label=f"validation {key}")
+            ax[i].set_xlabel("epoch")
+            ax[i].set_title(f"{m['backbone']}: {key}{tag}")
+            ax[i].legend()
+        fig.tight_layout()
+        files.append(out_dir / f"{m['_name']}_curves.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    if run.has_predictions:
+        pr = run.predictions()
+        y, p, yhat = pr["label"], pr["p_covid"], pr["pred"]
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+        ConfusionMatrixDisplay.from_predictions(y, yhat, labels=[1, 0], display_labels=["COVID-19", "NORMAL"],
+                                                ax=ax[0], colorbar=False)
+        ax[0].set_title(f"{m['backbone']} confusion{tag}")
+        if len(np.unique(y)) == 2:
+            RocCurveDisplay.from_predictions(y, p, ax=ax[1], name=m["backbone"])
+            PrecisionRecallDisplay.from_predictions(y, p, ax=ax[2], name=m["backbone"])
+        ax[1].set_title(f"ROC (n={int(y.sum())} COVID-19, {int((1 - y).sum())} NORMAL){tag}")
+        ax[2].set_title(f"precision-recall{tag}")
+        fig.tight_layout()
+        files.append(out_dir / f"{m['_name']}_confusion_roc_pr.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files
+
+
+def report(runs: list[str | Path], out_dir: str | Path | None = None) -> str:
+    """Table 2 for every run side by side; with ``out_dir``, also Markdown, CSV, JSON and PNGs."""
+    ms = [load_run(r) for r in runs]
+    header, body = side_by_side(ms)
+    text = "\n".join(banners(ms) + ["", render_text(header, body)]) if banners(ms) else render_text(header, body)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        md = "\n\n".join(["\n".join(f"> **{b}**" for b in banners(ms)), render_markdown(header, body)])
+        (out / "table2.md").write_text(md.strip() + "\n")
+        with open(out / "table2.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(body)
+        (out / "table2.json").write_text(json.dumps({"banners": banners(ms), "runs": [
+            {k: v for k, v in m.items()} for m in ms]}, indent=2, default=str))
+        files = []
+        for m in ms:
+            files += plot_run(m, out)
+        html = write_html(ms, out, files)
+        text += "\n\nWrote " + ", ".join(str(p) for p in [html, out / "table2.md", out / "table2.csv",
+                                                            out / "table2.json"] + files)
+    return text
+
+
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
+color:#1d232a;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.15em;margin-top:28px;border-bottom:1px solid #d6dbe0;padding-bottom:4px}
+.banner{padding:10px 14px;border-radius:6px;margin:8px 0;font-weight:600}
+.warn{background:#fff4e5;border:1px solid #f0a030}.bad{background:#fdecec;border:1px solid #d9534f}
+table{border-collapse:collapse;font-size:.92em;margin:8px 0}td,th{border:1px solid #d6dbe0;padding:4px 8px;text-align:left}
+th{background:#f3f5f7}td.num{font-variant-numeric:tabular-nums}
+.FLAGGED{color:#b02a2a;font-weight:700}.CONFOUNDED{color:#b02a2a;font-weight:700}.ok{color:#2a7a2a;font-weight:700}
+img{max-width:100%;border:1px solid #d6dbe0;margin:6px 0}.cams img{width:260px;margin-right:8px}
+.small{color:#5a6570;font-size:.88em}
+"""
+
+
+def _embed(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _table_html(header, body) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td class='num'>{escape(str(v))}</td>" for v in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
+    """One self-contained page (figures embedded): banners, Table 2 beside the paper's, the
+    per-source breakdown, every audit verdict with its number, the deviations from the paper
+    that apply, the figures, and Grad-CAM overlays when ``covfeat explain`` made them."""
+    from html import escape
+
+    from covfeat.trust.deviations import applying
+    from covfeat.trust.paper import paper_table2
+
+    paper = paper_table2()
+    parts = [f"<h1>covfeat report: {escape(', '.join(m['_name'] for m in ms))}</h1>",
+             f"<p class='small'>{len(ms)} run(s): " + "; ".join(
+                 f"{escape(m['backbone'])}, weights {escape(str(m['weights']['label']))}" for m in ms) + "</p>"]
+    for b in banners(ms):
+        parts.append(f"<div class='banner {'bad' if b.startswith('!!!') else 'warn'}'>{escape(b)}</div>")
+
+    parts.append("<h2>Table 2, measured beside the paper</h2>")
+    header = ["metric"]
+    for m in ms:
+        header += [f"{m['backbone']} paper", f"{m['_name']} measured"]
+    cols = [table_cells(m) for m in ms]
+    body = []
+    for label, key in METRIC_ROWS:
+        row = [label]
+        for m, c in zip(ms, cols):
+            pv = paper.get(m["backbone"], {}).get(key)
+            row += ["" if pv is None else (str(pv) if key in COUNT_KEYS else f"{pv:.2f}"), c.get(label, "")]
+        body.append(row)
+    parts.append(_table_html(header, body))
+    if any("cv" in m for m in ms):
+        parts.append("<p class='small'>Cross-validation: " + escape(next(m["cv"]["interval"] for m in ms if "cv" in m))
+                     + ".</p>")
+
+    src_rows = []
+    for m in ms:
+        for kind, rows in m.get("by_source", {}).items():
+            for src, e in rows.items():
+                for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
+                    if key in e:
+                        v, lo, hi, k, n = e[key]
+                        src_rows.append([m["_name"], src, name, "argmax" if kind == "argmax" else "run threshold",
+                                         f"{v:.2f} [{lo:.2f}, {hi:.2f}]", f"{k}/{n}"])
+    parts.append("<h2>Per source (test images)</h2>")
+    parts.append(_table_html(["run", "source", "metric", "at", "value [95% Wilson]", "count"], src_rows)
+                 if src_rows else "<p>No per-source breakdown in these runs.</p>")
+
+    parts.append("<h2>Audit</h2>")
+    audited = False
+    for m in ms:
+        for k, v in m.get("audit", {}).items():
+            if isinstance(v, dict) and "verdict" in v:
+                audited = True
+                status = v.get("status", "")
+                cls = status if status in ("FLAGGED", "CONFOUNDED") else "ok"
+                parts.append(f"<p><b>{escape(m['_name'])}, {escape(k)} probe</b>: <span class='{cls}'>"
+                             f"{escape(status)}</span> &mdash; {escape(v['verdict'])}</p>")
+    if not audited:
+        parts.append("<p>Not audited yet: run <code>covfeat audit --run RUN</code>, then this report again.</p>")
+
+    parts.append("<h2>How these runs differ from the paper</h2>")
+    for m in ms:
+        devs = applying(Run(m["_path"]).config)
+        parts.append(f"<p><b>{escape(m['_name'])}</b></p><ul>" +
+                     "".join(f"<li>{escape(d.text)}</li>" for d in devs) + "</ul>")
+
+    parts.append("<h2>Figures</h2>")
+    parts += [f"<img alt='{escape(f.name)}' src='{_embed(f)}'>" for f in figures]
+    cams = [p for m in ms for p in sorted((Path(m["_path"]) / "gradcam").glob("*_gradcam.png"))[:6]]
+    if cams:
+        parts.append("<h2>Grad-CAM</h2><div class='cams'>" +
+                     "".join(f"<img alt='{escape(p.name)}' title='{escape(p.name)}' src='{_embed(p)}'>" for p in cams)
+                     + "</div>")
+    html = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>covfeat report</title>"
+            f"<style>{HTML_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    path = Path(out) / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path
