@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from covfeat.core.errors import ConfigError, WeightsUnavailable
+from covfeat.core.registry import Registry
 
 INPUT_SIZE = 224
 
@@ -115,29 +116,21 @@ def _imagenet(folder: str, file: str, md5: str) -> ImagenetWeights:
     return ImagenetWeights(file, f"{_KERAS_URL}{folder}/{file}", md5)
 
 
-REGISTRY: dict[str, Backbone] = {}
+REGISTRY: Registry[Backbone] = Registry("backbone", option="--backbone")
 
 
 def register(backbone: Backbone) -> Backbone:
     """Add a backbone; everything else (CLI, cache, head, export) reads it from here."""
-    if backbone.name in REGISTRY:
-        raise ConfigError(f"A backbone named {backbone.name!r} is already registered.")
-    REGISTRY[backbone.name] = backbone
-    return backbone
+    return REGISTRY.register(backbone)
 
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone."""
-    return list(REGISTRY)
+    return REGISTRY.names()
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"--backbone: expected a registered backbone, one of {', '.join(REGISTRY)}; got {name!r}."
-        ) from None
+    return REGISTRY.get(name)
 
 
 def keras_cache_dir() -> Path:
