@@ -225,6 +225,40 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 0) -> WeightsS
     return WeightsSpec("file", str(path.resolve()), f"file:sha256={file_digest(path)}", True)
 
 
+def weights_from_config(stored: dict, path: str | None, purpose: str) -> str:
+    """The ``--weights`` argument that rebuilds the backbone a cache was extracted with.
+
+    A cache records its weights by identity.  ``none`` (seeded) and ``imagenet`` (Keras's
+    published file, whose hash :func:`resolve_weights` checks) rebuild as they were; a file is
+    recorded by its SHA-256 and the path it was read from, and must still be there with the
+    same bytes: other weights give other features under the same run, and predictions or an
+    audit's retrained heads would then belong to another backbone.
+
+    Parameters
+    ----------
+    stored
+        The cache's recorded extraction config (``fc.config``, a run's ``extract_config``).
+    path
+        The weights file the cache was extracted from, as recorded beside it; ``None`` if none.
+    purpose
+        What the weights are for, in the error: ``"predict"``, ``"audit the run"``.
+
+    Raises
+    ------
+    WeightsUnavailable
+        The weights file is gone, or its bytes have changed since extraction.
+    """
+    w = stored["weights"]
+    if w["kind"] in ("none", "imagenet"):
+        return w["kind"]
+    if not path or not Path(path).is_file():
+        raise WeightsUnavailable(f"The run's backbone weights file {path!r} is gone; put it back to {purpose}.")
+    if f"file:sha256={file_digest(path)}" != w["identity"]:
+        raise WeightsUnavailable(f"{path} has changed since extraction (its hash differs); refusing to {purpose} "
+                                 "with other weights.")
+    return path
+
+
 def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0):
     """Build the frozen, top-less backbone at 224x224 with the resolved weights.
 
