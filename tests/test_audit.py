@@ -15,7 +15,8 @@ from covfeat.cli import app
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.run import extract
 from covfeat.head.fit import fit_head
-from covfeat.probes.audit import audit, source_probe
+from covfeat.probes.audit import audit
+from covfeat.probes.source import source_probe
 from covfeat.store.reader import open_cache
 
 runner = CliRunner()
@@ -184,6 +185,27 @@ def test_control_probe_of_a_pretrained_run_says_the_task_needs_no_imagenet(tmp_p
     assert res["status"] == "FLAGGED", res
     assert res["verdict"].startswith("FLAGGED: a random-init backbone with the same head and split reaches ROC AUC ")
     assert "the task is solvable without ImageNet features" in res["verdict"]
+
+
+def test_the_audit_refuses_a_weights_file_changed_since_extraction(tmp_path, monkeypatch):
+    """The audit extracts again with the run's own weights, checked as predict checks them: a file
+    whose bytes changed after extraction would give another backbone's features under this run."""
+    from test_backbones import _tiny_build
+
+    from covfeat.extraction.backbones import REGISTRY, Backbone, Scaling, build_backbone, resolve_weights
+
+    monkeypatch.setitem(REGISTRY, "tiny", Backbone("tiny", _tiny_build, Scaling("tiny", 255.0), (7, 7, 8), 0.3))
+    weights = tmp_path / "tiny.weights.h5"
+    build_backbone(REGISTRY["tiny"], resolve_weights(REGISTRY["tiny"], "none", seed=1), seed=1).save_weights(weights)
+    src = synthetic(tmp_path / "clean", "clean", n=12)
+    cache = extract(src, ExtractConfig(backbone="tiny", weights=str(weights), augment=0), tmp_path / "cache",
+                    progress=False)
+    run = fit_head(cache, fit(2), tmp_path / "runs", progress=False)
+    build_backbone(REGISTRY["tiny"], resolve_weights(REGISTRY["tiny"], "none", seed=2), seed=2).save_weights(weights)
+    r = runner.invoke(app, ["audit", "--run", str(run), "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: {weights} has changed since extraction (its hash differs); refusing to audit the run "
+                        "with other weights.\n")
 
 
 def test_target_recall_picks_the_threshold_on_validation(mini_cache, tmp_path):

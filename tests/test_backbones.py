@@ -149,3 +149,23 @@ def test_a_backbone_added_by_one_registration_runs_end_to_end(monkeypatch, mini,
     np.testing.assert_allclose(probs[:, 1], pr.p_covid(np.stack([pr.pipeline(p) for p in imgs])), atol=1e-5)
     # the export's scaling layers are the registry's: x / 255 - 0.5
     np.testing.assert_allclose(np.asarray(model.get_layer("preprocess_tiny")(x[:1])), x[:1] / 255.0 - 0.5, atol=1e-6)
+
+
+def test_recorded_weights_rebuild_only_from_the_same_file(tmp_path):
+    """One function turns a cache's recorded weights into a --weights argument, for predict and
+    the audit alike: a file is taken only while it holds the bytes extraction hashed."""
+    from covfeat.extraction.backbones import weights_from_config
+
+    f = tmp_path / "mine.weights.h5"
+    f.write_bytes(b"weights as extracted")
+    stored = {"weights": {"kind": "file", "identity": "file:sha256=" + hashlib.sha256(f.read_bytes()).hexdigest()}}
+    assert weights_from_config(stored, str(f), "predict") == str(f)
+    assert weights_from_config({"weights": {"kind": "none"}}, None, "predict") == "none"
+    assert weights_from_config({"weights": {"kind": "imagenet"}}, None, "predict") == "imagenet"
+    f.write_bytes(b"weights trained further")
+    with pytest.raises(WeightsUnavailable, match=rf"^{f} has changed since extraction \(its hash differs\); refusing "
+                                                 r"to audit the run with other weights\.$"):
+        weights_from_config(stored, str(f), "audit the run")
+    f.unlink()
+    with pytest.raises(WeightsUnavailable, match=r"is gone; put it back to predict\.$"):
+        weights_from_config(stored, str(f), "predict")

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covfeat.cli import app
-from covfeat.probes.audit import group_bootstrap_auc, separation
+from covfeat.probes.common import group_bootstrap_auc, separation
 from covfeat.trust.metrics import by_source, cv_interval, wilson
 
 runner = CliRunner()

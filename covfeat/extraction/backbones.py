@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from covfeat.core.errors import ConfigError, WeightsUnavailable
+from covfeat.core.registry import Registry
 
 INPUT_SIZE = 224
 
@@ -115,29 +116,21 @@ def _imagenet(folder: str, file: str, md5: str) -> ImagenetWeights:
     return ImagenetWeights(file, f"{_KERAS_URL}{folder}/{file}", md5)
 
 
-REGISTRY: dict[str, Backbone] = {}
+REGISTRY: Registry[Backbone] = Registry("backbone", option="--backbone")
 
 
 def register(backbone: Backbone) -> Backbone:
     """Add a backbone; everything else (CLI, cache, head, export) reads it from here."""
-    if backbone.name in REGISTRY:
-        raise ConfigError(f"A backbone named {backbone.name!r} is already registered.")
-    REGISTRY[backbone.name] = backbone
-    return backbone
+    return REGISTRY.register(backbone)
 
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone."""
-    return list(REGISTRY)
+    return REGISTRY.names()
 
 
 def get_backbone(name: str) -> Backbone:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"--backbone: expected a registered backbone, one of {', '.join(REGISTRY)}; got {name!r}."
-        ) from None
+    return REGISTRY.get(name)
 
 
 def keras_cache_dir() -> Path:
@@ -230,6 +223,40 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 0) -> WeightsS
             f"of a weights file for {backbone.name}."
         )
     return WeightsSpec("file", str(path.resolve()), f"file:sha256={file_digest(path)}", True)
+
+
+def weights_from_config(stored: dict, path: str | None, purpose: str) -> str:
+    """The ``--weights`` argument that rebuilds the backbone a cache was extracted with.
+
+    A cache records its weights by identity.  ``none`` (seeded) and ``imagenet`` (Keras's
+    published file, whose hash :func:`resolve_weights` checks) rebuild as they were; a file is
+    recorded by its SHA-256 and the path it was read from, and must still be there with the
+    same bytes: other weights give other features under the same run, and predictions or an
+    audit's retrained heads would then belong to another backbone.
+
+    Parameters
+    ----------
+    stored
+        The cache's recorded extraction config (``fc.config``, a run's ``extract_config``).
+    path
+        The weights file the cache was extracted from, as recorded beside it; ``None`` if none.
+    purpose
+        What the weights are for, in the error: ``"predict"``, ``"audit the run"``.
+
+    Raises
+    ------
+    WeightsUnavailable
+        The weights file is gone, or its bytes have changed since extraction.
+    """
+    w = stored["weights"]
+    if w["kind"] in ("none", "imagenet"):
+        return w["kind"]
+    if not path or not Path(path).is_file():
+        raise WeightsUnavailable(f"The run's backbone weights file {path!r} is gone; put it back to {purpose}.")
+    if f"file:sha256={file_digest(path)}" != w["identity"]:
+        raise WeightsUnavailable(f"{path} has changed since extraction (its hash differs); refusing to {purpose} "
+                                 "with other weights.")
+    return path
 
 
 def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0):

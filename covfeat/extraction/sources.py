@@ -1,13 +1,16 @@
 """Where images come from: source layouts, detection, and the merged manifest.
 
-Four layouts are recognised, each the way its publisher ships it:
+Four layouts are recognised, each the way its publisher ships it, each one :class:`Layout`
+in :data:`LAYOUTS` (how to recognise it, how to read it, how to name it in help and errors):
 
 1. Cohen's covid-chestxray-dataset: ``metadata.csv`` + ``images/``.  Only COVID-19
    X-rays of the chosen views are kept, with their ``patientid``.
 2. Kermany's chest_xray: a root holding ``NORMAL/`` (optionally under train/test/val),
    or a ``NORMAL`` folder itself; the patient comes from the file name.
-3. A plain class-folder root ``ROOT/<label>/*``.
+3. A plain class-folder root ``ROOT/<label>/*``, or one class folder given itself.
 4. A manifest CSV ``path,label[,patient_id,source]``.
+
+A new layout is one ``LAYOUTS.register(Layout(...))``; it is asked after those above.
 
 All sources merge into one :class:`Manifest` (path, label, patient id, source, view,
 SHA-256 of the bytes).  Byte-identical duplicates are dropped and counted; files named
@@ -22,11 +25,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from covfeat.core.errors import DataError, SourceNotFound
-
-COVID, NORMAL = 1, 0
-
+from covfeat.core.errors import DataError, FileUnavailable, SourceNotFound
+from covfeat.core.registry import Registry
 
 COVID, NORMAL = 1, 0
 
@@ -99,8 +101,6 @@ def _sha256(path: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError as exc:
-        from covfeat.core.errors import FileUnavailable
-
         raise FileUnavailable(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable or "
                               "leave it out of the data.") from None
     return h.hexdigest()
@@ -166,32 +166,12 @@ def _kermany_named(folder: Path) -> bool:
     return bool(names) and sum(bool(_KERMANY_NAME.match(n)) for n in names) >= 0.9 * len(names)
 
 
-def detect_layout(src: Path) -> str:
-    """Name the layout of a --data source: cohen, kermany, class (one class folder), folders or csv."""
-    if src.is_file():
-        if src.suffix.lower() == ".csv":
-            return "csv"
-        raise DataError(f"{src}: a file source must be a manifest CSV (path,label[,patient_id,source]).")
-    if (src / "metadata.csv").is_file() and (src / "images").is_dir():
-        return "cohen"
-    labelled = {parse_label(d.name) for d in src.iterdir() if d.is_dir()} - {None}
-    if parse_label(src.name) is not None:  # a class folder itself: Kermany's NORMAL, or another source's
-        return "kermany" if parse_label(src.name) == NORMAL and _kermany_named(src) else "class"
-    if COVID in labelled:  # a class-folder root; Kermany's chest_xray has no COVID-19 folder
-        return "folders"
-    kermany = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
-    if kermany and all(_kermany_named(k) for k in kermany):
-        return "kermany"
-    if labelled:
-        return "folders"
-    raise DataError(
-        f"{src}: not a known layout. Expected a Cohen folder (metadata.csv + images/), "
-        "a Kermany chest_xray folder or its NORMAL folder, class folders "
-        "(ROOT/COVID-19/*, ROOT/NORMAL/*), or a manifest CSV."
-    )
+def _kermany_roots(src: Path) -> list[Path]:
+    """The NORMAL folders of a Kermany chest_xray root: ``NORMAL/`` or ``{train,test,val}/NORMAL/``."""
+    return [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
 
 
-def _load_cohen(src: Path, views: tuple[str, ...], m: Manifest) -> list[Record]:
+def _load_cohen(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
     out = []
     rows, _ = _read_table(src / "metadata.csv", "Cohen's metadata.csv", {"filename", "patientid", "finding", "view"})
     for row in rows:
@@ -217,11 +197,8 @@ def _load_cohen(src: Path, views: tuple[str, ...], m: Manifest) -> list[Record]:
     return out
 
 
-def _load_kermany(src: Path, m: Manifest) -> list[Record]:
-    if src.name.upper() == "NORMAL":
-        folders = [src]
-    else:
-        folders = [src / d / "NORMAL" for d in ("", "train", "test", "val") if (src / d / "NORMAL").is_dir()]
+def _load_kermany(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
+    folders = [src] if src.name.upper() == "NORMAL" else _kermany_roots(src)
     out = []
     for folder in folders:
         for p in _scan(folder, m):
@@ -229,7 +206,7 @@ def _load_kermany(src: Path, m: Manifest) -> list[Record]:
     return out
 
 
-def _load_folders(src: Path, m: Manifest) -> list[Record]:
+def _load_folders(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
     out = []
     for d in sorted(src.iterdir()):
         if not d.is_dir():
@@ -245,7 +222,7 @@ def _load_folders(src: Path, m: Manifest) -> list[Record]:
     return out
 
 
-def _load_class_folder(src: Path, m: Manifest) -> list[Record]:
+def _load_class_folder(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
     """``ROOT/NORMAL`` (or ``ROOT/COVID-19``) given directly: the class from the folder's name,
     the source from its parent's (``openist/NORMAL`` -> source ``openist``), one patient per file."""
     label = parse_label(src.name)
@@ -253,7 +230,7 @@ def _load_class_folder(src: Path, m: Manifest) -> list[Record]:
     return [Record(str(p), label, f"{source}:{p.stem}", source) for p in _scan(src, m, recursive=True)]
 
 
-def _load_csv(src: Path, m: Manifest) -> list[Record]:
+def _load_csv(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
     """A manifest: only files with an image or DICOM extension are opened (others are listed as
     not opened, before any read); paths outside the manifest's folder are allowed and counted."""
     out = []
@@ -283,6 +260,113 @@ def _load_csv(src: Path, m: Manifest) -> list[Record]:
     return out
 
 
+# --------------------------------------------------------------------------- the layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a source can be laid out on disk.
+
+    ``detect(src)`` says whether a --data path (a file or a folder that exists) has this
+    layout; the registered layouts are asked in registration order and the first that says
+    yes reads it, so a detector may rely on the layouts before it having said no.
+    ``load(src, m, views)`` returns its records (unhashed; :func:`load_sources` hashes and
+    merges them), noting in the manifest ``m`` what it skipped and why; ``views`` are the
+    radiographic projections to keep, for layouts that record them.  ``help`` names it on the
+    command line, ``expected`` describes it in the error for an unknown source (layouts that
+    share a phrase are named once).
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, Manifest, tuple[str, ...]], list[Record]]
+    help: str
+    expected: str
+
+
+LAYOUTS: Registry[Layout] = Registry("data layout")
+
+
+def _labelled_subfolders(src: Path) -> set[int]:
+    return {parse_label(d.name) for d in src.iterdir() if d.is_dir()} - {None}
+
+
+def _is_cohen(src: Path) -> bool:
+    return src.is_dir() and (src / "metadata.csv").is_file() and (src / "images").is_dir()
+
+
+def _is_kermany(src: Path) -> bool:
+    """Kermany's NORMAL folder itself, or a root whose NORMAL folders hold Kermany's file names
+    and which has no COVID-19 folder (Kermany's chest_xray has none; a root with one is class folders)."""
+    if not src.is_dir():
+        return False
+    if parse_label(src.name) is not None:
+        return parse_label(src.name) == NORMAL and _kermany_named(src)
+    roots = _kermany_roots(src)
+    return bool(roots) and COVID not in _labelled_subfolders(src) and all(_kermany_named(k) for k in roots)
+
+
+def _is_class_folder(src: Path) -> bool:
+    """A folder named for its class (``openist/NORMAL``); Kermany's own NORMAL folder was claimed before."""
+    return src.is_dir() and parse_label(src.name) is not None
+
+
+def _is_class_root(src: Path) -> bool:
+    return src.is_dir() and parse_label(src.name) is None and bool(_labelled_subfolders(src))
+
+
+def _is_manifest(src: Path) -> bool:
+    return src.is_file() and src.suffix.lower() == ".csv"
+
+
+_CLASS_FOLDERS = "class folders (ROOT/COVID-19/*, ROOT/NORMAL/*)"
+
+# The order is the precedence: Kermany's own NORMAL folder is claimed before the class-folder
+# layouts, which would read it too (as one source and one patient per file).
+for _layout in (
+    Layout("cohen", _is_cohen, _load_cohen, "Cohen folder", "a Cohen folder (metadata.csv + images/)"),
+    Layout("kermany", _is_kermany, _load_kermany, "Kermany folder", "a Kermany chest_xray folder or its NORMAL folder"),
+    Layout("class", _is_class_folder, _load_class_folder, "class folders", _CLASS_FOLDERS),
+    Layout("folders", _is_class_root, _load_folders, "class folders", _CLASS_FOLDERS),
+    Layout("csv", _is_manifest, _load_csv, "manifest CSV", "a manifest CSV"),
+):
+    LAYOUTS.register(_layout)
+
+
+def _phrases(what: str) -> list[str]:
+    """The registered layouts' ``help`` or ``expected`` phrases, each once, in order."""
+    return list(dict.fromkeys(getattr(layout, what) for layout in LAYOUTS.values()))
+
+
+def _or_list(phrases: list[str], comma_before_or: bool) -> str:
+    if len(phrases) < 2:
+        return "".join(phrases)
+    return ", ".join(phrases[:-1]) + ("," if comma_before_or else "") + " or " + phrases[-1]
+
+
+def describe_layouts() -> str:
+    """The registered layouts in a few words, for --data's help:
+    ``Cohen folder, Kermany folder, class folders or manifest CSV``."""
+    return _or_list(_phrases("help"), comma_before_or=False)
+
+
+def detect_layout(src: Path) -> str:
+    """Name the layout of an existing --data source: the first registered layout that recognises
+    it (cohen, kermany, class (one class folder), folders or csv, then any registered later).
+
+    Raises
+    ------
+    DataError
+        No layout recognises it: the error describes every registered layout.
+    """
+    for layout in LAYOUTS.values():
+        if layout.detect(src):
+            return layout.name
+    if src.is_file():
+        raise DataError(f"{src}: a file source must be a manifest CSV (path,label[,patient_id,source]).")
+    raise DataError(f"{src}: not a known layout. Expected {_or_list(_phrases('expected'), comma_before_or=True)}.")
+
+
 def _sha_of(path: str, listings: dict) -> str | None:
     return next((h for h, rs in listings.items() if any(r.path == path for r in rs)), None)
 
@@ -307,17 +391,7 @@ def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on
         src = Path(s).expanduser()
         if not src.exists():
             raise SourceNotFound(f"--data {s}: no such file or folder.")
-        layout = detect_layout(src)
-        if layout == "cohen":
-            found += _load_cohen(src, views, m)
-        elif layout == "kermany":
-            found += _load_kermany(src, m)
-        elif layout == "folders":
-            found += _load_folders(src, m)
-        elif layout == "class":
-            found += _load_class_folder(src, m)
-        else:
-            found += _load_csv(src, m)
+        found += LAYOUTS[detect_layout(src)].load(src, m, views)
     seen: dict[str, Record] = {}
     listings: dict[str, list[Record]] = {}
     for r in found:

@@ -16,35 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from covfeat.core.errors import ConfigError, DataError, WeightsUnavailable
-from covfeat.extraction.backbones import (
-    INPUT_SIZE,
-    WeightsSpec,
-    build_backbone,
-    file_digest,
-    get_backbone,
-    resolve_weights,
-)
+from covfeat.core.errors import ConfigError, DataError
+from covfeat.extraction.backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights, weights_from_config
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.images import InputPipeline, UnreadableImage
 from covfeat.extraction.sources import IMAGE_SUFFIXES
 from covfeat.head.runs import Run, check_writable
 
 TABLE_FIELDS = ["path", "p_covid", "label", "error"]
-
-
-def _weights(stored: dict, weights_path: str | None) -> tuple[str, WeightsSpec]:
-    """The --weights argument that rebuilds the run's backbone, and its resolved spec (checked)."""
-    w = stored["weights"]
-    bb = get_backbone(stored["backbone"])
-    if w["kind"] in ("none", "imagenet"):
-        return w["kind"], resolve_weights(bb, w["kind"], seed=stored["seed"])
-    if not weights_path or not Path(weights_path).is_file():
-        raise WeightsUnavailable(f"The run's backbone weights file {weights_path!r} is gone; put it back to predict.")
-    if f"file:sha256={file_digest(weights_path)}" != w["identity"]:
-        raise WeightsUnavailable(f"{weights_path} has changed since extraction (its hash differs); refusing to "
-                                 "predict with other weights.")
-    return weights_path, resolve_weights(bb, weights_path)
 
 
 class Predictor:
@@ -62,7 +41,8 @@ class Predictor:
     def __init__(self, run: str | Path):
         self.run = Run(run).require_single("this command")
         stored = self.run.extract_config
-        arg, self.spec = _weights(stored, self.run.cache_info.get("weights", {}).get("path"))
+        arg = weights_from_config(stored, self.run.cache_info.get("weights", {}).get("path"), "predict")
+        self.spec = resolve_weights(get_backbone(stored["backbone"]), arg, seed=stored["seed"])
         self.extract = ExtractConfig.from_stored(stored, weights=arg)
         self.pipeline = InputPipeline.for_config(self.extract)
         self.threshold = self.run.threshold

@@ -1,0 +1,73 @@
+"""What an audit probe is: :class:`Probe` entries in :data:`PROBES`, and the inputs they share.
+
+A probe module defines its probe and registers it where it defines it; the package's
+``__init__`` imports every probe module, in the order the audit runs them, and
+:func:`covfeat.probes.audit.audit` runs whatever is registered.  A new probe is one
+``PROBES.register(Probe(...))``: it is run by default, kept in ``audit.json`` under its
+name, and shown by ``covfeat audit`` and ``covfeat report`` with no other edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from covfeat.core.registry import Registry
+from covfeat.extraction.config import OcclusionConfig
+from covfeat.head.config import FitConfig
+from covfeat.head.runs import Run
+from covfeat.store.reader import FeatureCache
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """Everything a probe may use: the finished run, its cache (``fc``), its stage-two config,
+    where probes that extract again keep their caches, and the audit's own options."""
+
+    run: Run
+    fc: FeatureCache
+    fit: FitConfig
+    cache_dir: str | Path
+    progress: bool
+    occlusion: OcclusionConfig
+    external: list | None = None
+    keep_overlap: bool = False
+
+    @property
+    def seed(self) -> int:
+        """The run's head seed, which the probes' own cross-validation and bootstrap use too."""
+        return self.fit.head.seed
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One audit probe.
+
+    ``run(inputs)`` returns its result: a JSON-ready dict with at least ``status`` (FLAGGED,
+    not flagged, ...) and ``verdict`` (one paragraph a reader can act on), which ``audit.json``
+    keeps under ``name``.  ``help`` names it in the command's help (default: its name).
+    ``on_request``, when set, makes it run exactly when it says the audit asked for it (the
+    external probe: when other sources are given), never by default.
+    """
+
+    name: str
+    run: Callable[[AuditInputs], dict]
+    help: str = ""
+    on_request: Callable[[AuditInputs], bool] | None = None
+
+
+PROBES: Registry[Probe] = Registry("audit probe")
+
+
+def default_probes() -> list[str]:
+    """Names of the probes an audit runs unless told otherwise, in their order."""
+    return [p.name for p in PROBES.values() if p.on_request is None]
+
+
+def describe_probes() -> str:
+    """The registered probes in a few words, for the audit command's help:
+    ``metadata, control, occlusion and source probes, and (with --external) external validation``."""
+    names = [PROBES[n].help or n for n in default_probes()]
+    text = (", ".join(names[:-1]) + " and " if len(names) > 1 else "") + (names[-1] if names else "no") + " probes"
+    return text + "".join(f", and {p.help or p.name}" for p in PROBES.values() if p.on_request is not None)
