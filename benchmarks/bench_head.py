@@ -114,8 +114,7 @@ def main():
     from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
     from covfeat.head.balance import balance
     from covfeat.head.config import FitConfig
-    from covfeat.head.cv import cross_validate
-    from covfeat.head.fit import fit_head, make_split, rows_by_split
+    from covfeat.head.fit import cross_validate, fit_head, make_split, rows_by_split
     from covfeat.head.model import build_head, compile_head, one_hot
     from covfeat.store.reader import open_cache
 

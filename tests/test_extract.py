@@ -224,3 +224,36 @@ def test_extraction_forward_equals_the_keras_model_batch_by_batch():
     with pytest.raises(ConfigError, match="gave feature values that float16 cannot hold"):
         computer.features(fake)
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+
+def test_an_extraction_resolves_backbone_weights_and_pipeline_once(mini, tmp_path, monkeypatch):
+    """The plan resolves the backbone entry, the weights and the input pipeline; the driver,
+    the class probe, the shard computations and the merge take them from it.  Counted where
+    each caller looks the function up (the pipeline's own lookup of its scaling is the one
+    call inside InputPipeline.for_config)."""
+    import sys
+    from collections import Counter
+
+    import covfeat.extraction.backbones as backbones
+    import covfeat.extraction.run as ex
+    from covfeat.extraction.images import InputPipeline
+
+    calls = Counter()
+
+    def counted(label, fn):
+        def call(*args, **kw):
+            calls[label] += 1
+            return fn(*args, **kw)
+        return call
+
+    originals = {name: getattr(backbones, name) for name in ("get_backbone", "resolve_weights")}
+    for mod in [m for n, m in sys.modules.items() if n.startswith("covfeat.")]:
+        for name, fn in originals.items():
+            if getattr(mod, name, None) is fn:
+                monkeypatch.setattr(mod, name, counted(f"{mod.__name__}.{name}", fn))
+    for_config = counted("InputPipeline.for_config", InputPipeline.for_config.__func__)
+    monkeypatch.setattr(InputPipeline, "for_config", classmethod(for_config))
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=0)
+    assert ex.extract([mini["cohen"], mini["normal"]], cfg, tmp_path / "once", progress=False).is_file()
+    assert calls == {"covfeat.extraction.plan.get_backbone": 1, "covfeat.extraction.plan.resolve_weights": 1,
+                     "InputPipeline.for_config": 1, "covfeat.extraction.images.get_backbone": 1}

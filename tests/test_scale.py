@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -164,3 +165,25 @@ def test_a_killed_ray_worker_is_restarted_and_every_image_appears_once(data, tmp
     with h5py.File(index) as h:
         rows = h["row"][:]
     assert sorted(np.bincount(rows)) == [2] * 48  # every image once, with its two views
+
+
+def test_a_ray_actor_is_described_by_the_plan_and_refuses_other_weights(data, tmp_path):
+    """A Ray actor rebuilds the backbone on its node from the plan's description, and a node
+    with another weights file at the planned path adds no shard (checked before any model is built)."""
+    from covfeat.core.errors import WeightsUnavailable
+    from covfeat.core.settings import from_dict
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.plan import plan
+    from covfeat.extraction.ray_driver import _ShardActor, actor_description
+
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"planned")
+    cfg = ExtractConfig(backbone="inception_v3", weights=str(weights), augment=1)
+    p = plan([data["cohen"], data["normal"]], cfg, tmp_path / "c")
+    desc = actor_description(p, p.shards)
+    assert from_dict(ExtractConfig, desc["cfg"], "test") == replace(cfg, weights=p.weights.path)
+    assert desc["identity"] == p.weights.identity and desc["key"] == p.key and desc["rows"] == p.rows
+    weights.write_bytes(b"another file")
+    with pytest.raises(WeightsUnavailable, match=r"The weights on this Ray node \(file:sha256=.*\) are not the "
+                                                 r"planned ones \(file:sha256="):
+        _ShardActor(**desc)

@@ -211,3 +211,38 @@ def test_cross_validation_folds_equal_single_runs_on_their_splits(mini_cache, tm
         for name in ("history.csv", "predictions.csv"):
             assert (fold.path / name).read_text() == (single.path / name).read_text(), name
             assert (other.path / name).read_text() == (single.path / name).read_text(), name
+
+
+def test_cross_validation_takes_each_folds_numbers_from_memory(mini_cache, tmp_path, monkeypatch):
+    """Cross-validation opens the cache and looks its backbone up once for every fold, and takes
+    each fold's metrics from the fold's own fit instead of reading its run folder back; the
+    parent's numbers are those the fold folders hold."""
+    import covfeat.head.fit as fitmod
+    import covfeat.head.runs as runs
+    from covfeat.extraction.backbones import get_backbone
+    from covfeat.head.runs import Run
+    from covfeat.trust.metrics import METRIC_KEYS, cv_interval
+
+    looked_up = []
+    monkeypatch.setattr(fitmod, "get_backbone", lambda name: looked_up.append(name) or get_backbone(name))
+
+    def no_reading_back(path):
+        raise AssertionError(f"cross-validation read {path} back")
+
+    monkeypatch.setattr(runs, "Run", no_reading_back)
+    parent = fit_head(mini_cache, fit(2, folds=3, target_recall=0.5), tmp_path, progress=False)
+    monkeypatch.undo()
+    assert looked_up == ["inception_v3"]
+    cv = Run(parent)
+    folds = [f.metrics for f in cv.folds()]
+    assert len(folds) == 3
+
+    def same(a, b):  # as metrics.json writes them (an undefined metric, NaN, equals itself there)
+        return json.dumps(a, default=float) == json.dumps(b, default=float)
+
+    assert same(cv.metrics["folds"], [m["argmax"] for m in folds])
+    ratio = float(np.mean([m["n_test"] / m["n_train_real"] for m in folds]))
+    for k in METRIC_KEYS:
+        assert same(cv.metrics["cv"][k], cv_interval([m["argmax"][k] for m in folds], ratio, 3)), k
+    for k in ("covid_recall", "covid_precision", "specificity"):
+        assert same(cv.metrics["cv"][f"op_{k}"], cv_interval([m["operating_point"]["test"][k] for m in folds], ratio, 3))

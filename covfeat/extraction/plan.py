@@ -1,5 +1,10 @@
 """What an extraction will produce, known before any image is decoded or a model built:
-weights resolved, sources read and hashed, classes checked, the cache and its shards named."""
+weights resolved, sources read and hashed, classes checked, the cache and its shards named.
+
+The plan is also where the extraction's backbone entry, weights and input pipeline are
+made, once: every driver and every shard computation takes them from it, so no two parts
+of one extraction can resolve them differently (a weights file replaced mid-run, say).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covfeat.core.errors import DataError
-from covfeat.extraction.backbones import INPUT_SIZE, get_backbone, resolve_weights
+from covfeat.extraction.backbones import INPUT_SIZE, Backbone, WeightsSpec, get_backbone, resolve_weights
 from covfeat.extraction.config import ExtractConfig, key_config
-from covfeat.extraction.images import SCALED_DECODE_MIN_SIDE
+from covfeat.extraction.images import SCALED_DECODE_MIN_SIDE, InputPipeline
 from covfeat.extraction.sources import Manifest, load_sources
 from covfeat.store.key import cache_key, cache_name
 from covfeat.store.shards import ShardSpec, plan_shards
@@ -23,14 +28,31 @@ def sample_sources() -> list[Path]:
     return [SAMPLE_DIR / "cohen", SAMPLE_DIR / "kermany" / "NORMAL"]
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """One line of the extraction's progress, on stderr (stdout holds only the cache's path)."""
     print(msg, file=sys.stderr, flush=True)
 
 
-def resolved_config(cfg: ExtractConfig, spec) -> dict:
+def resolve(cfg: ExtractConfig) -> tuple[Backbone, WeightsSpec, InputPipeline]:
+    """The registry entry, the resolved weights and the input pipeline of ``cfg``.
+
+    Called once per extraction, by :func:`plan`, and once by each Ray actor on its own node
+    (whose weights file and Keras cache are its own; the actor checks the identity).
+
+    Raises
+    ------
+    ConfigError, WeightsUnavailable
+    """
+    backbone = get_backbone(cfg.backbone)
+    weights = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
+    return backbone, weights, InputPipeline.for_config(cfg)
+
+
+def resolved_config(cfg: ExtractConfig, weights: WeightsSpec) -> dict:
     """What the cache records of its config: the key fields, the weights, and fixed facts."""
-    out = key_config(cfg, spec.identity)
-    out["weights"] = {"identity": spec.identity, "kind": spec.kind, "pretrained": spec.pretrained, "label": spec.label}
+    out = key_config(cfg, weights.identity)
+    out["weights"] = {"identity": weights.identity, "kind": weights.kind, "pretrained": weights.pretrained,
+                      "label": weights.label}
     out.update(
         input_size=INPUT_SIZE,
         resize="cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
@@ -53,15 +75,19 @@ def _check_classes(manifest: Manifest) -> None:
 
 @dataclass
 class Plan:
-    """What an extraction will produce, known before any image is decoded or model built."""
+    """What an extraction will produce, known before any image is decoded or model built,
+    and what it is made with: drivers and shard computations take these, never resolve them."""
 
     target: Path
     manifest: Manifest
-    config: dict
+    config: dict  # what the cache records of cfg
     rows: list[dict]
-    spec: object  # the resolved weights
     key: str
     shards: list[ShardSpec]
+    cfg: ExtractConfig
+    backbone: Backbone  # the registry entry
+    weights: WeightsSpec
+    pipeline: InputPipeline
 
 
 def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache") -> Plan:
@@ -72,24 +98,23 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     WeightsUnavailable, SourceNotFound, DataError, ConfigError
     """
     cfg.validate()
-    backbone = get_backbone(cfg.backbone)
-    spec = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
+    backbone, weights, pipeline = resolve(cfg)
     if not sources:
         sources = sample_sources()
-        _log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
+        log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
     manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict)
-    _log(f"Data: {manifest.summary()}")
+    log(f"Data: {manifest.summary()}")
     for what, items in (("missing", manifest.missing), ("broken link", manifest.broken_links),
                         ("not opened", manifest.not_images), ("conflicting label", manifest.conflicts)):
         for path, reason in items[:3]:
-            _log(f"  {what}: {path} ({reason})")
+            log(f"  {what}: {path} ({reason})")
         if len(items) > 3:
-            _log(f"  ... and {len(items) - 3} more ({what}); `covfeat info CACHE` lists every one")
+            log(f"  ... and {len(items) - 3} more ({what}); `covfeat info CACHE` lists every one")
     _check_classes(manifest)
-    config = resolved_config(cfg, spec)
+    config = resolved_config(cfg, weights)
     rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
              "view": r.view, "sha256": r.sha256} for r in manifest.records]
     key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
-    key = cache_key(key_config(cfg, spec.identity), key_rows)
-    target = Path(cache_dir) / cache_name(cfg.backbone, spec.kind, key)
-    return Plan(target, manifest, config, rows, spec, key, plan_shards(rows, key))
+    key = cache_key(key_config(cfg, weights.identity), key_rows)
+    target = Path(cache_dir) / cache_name(cfg.backbone, weights.kind, key)
+    return Plan(target, manifest, config, rows, key, plan_shards(rows, key), cfg, backbone, weights, pipeline)

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from covfeat.core.errors import CacheLocked, DataError
-from covfeat.extraction.backbones import INPUT_SIZE, get_backbone
+from covfeat.extraction.backbones import INPUT_SIZE
 from covfeat.extraction.config import DriverConfig, ExtractConfig
-from covfeat.extraction.images import InputPipeline, UnreadableImage
-from covfeat.extraction.plan import Plan, _log, plan
+from covfeat.extraction.images import UnreadableImage
+from covfeat.extraction.plan import Plan, log, plan
 from covfeat.extraction.sources import LABEL_NAMES
 from covfeat.extraction.work import ShardComputer, compute_shard, decode_job
 from covfeat.store.catalog import move_aside, verify_cache
@@ -34,13 +34,13 @@ from covfeat.trust.neardup import MAX_BITS, MIN_CORR, describe, find_pairs
 BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 178 images)
 
 
-def _probe_classes(records, pipeline: InputPipeline) -> None:
+def _probe_classes(p: Plan) -> None:
     """Find one readable image per class before any model is built."""
     for label, name in LABEL_NAMES.items():
         reasons = []
-        for r in (r for r in records if r.label == label):
+        for r in (r for r in p.manifest.records if r.label == label):
             try:
-                pipeline.decode(r.path)
+                p.pipeline.decode(r.path)
                 break
             except UnreadableImage as exc:
                 reasons.append(str(exc))
@@ -69,17 +69,15 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked, CacheError
     """
     driver = driver or DriverConfig()
-    p = plan(sources, cfg, cache_dir)
-    target, manifest = p.target, p.manifest
-    backbone = get_backbone(cfg.backbone)
-    pipeline = InputPipeline.for_config(cfg)
+    p = plan(sources, cfg, cache_dir)  # the backbone, weights and input pipeline, resolved once, for every driver
+    target = p.target
     if rebuild:
         with CacheLock(target):
             for m in move_aside(target):
-                _log(f"Moved aside: {m}")
+                log(f"Moved aside: {m}")
     elif target.exists():
         verify_cache(target)  # raises, naming --rebuild, if anything is damaged
-        _log(f"Cache is complete and verified; nothing to do ({p.spec.label}).")
+        log(f"Cache is complete and verified; nothing to do ({p.weights.label}).")
         return target
 
     store = ShardStore(target, p.key)
@@ -90,63 +88,63 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
         todo = [s for s in todo if s.index % n_slices == i]
     done = len(p.shards) - len(store.missing(p.shards))
     if done:
-        _log(f"Resuming: {done} of {len(p.shards)} shards already extracted; computing {len(todo)}.")
+        log(f"Resuming: {done} of {len(p.shards)} shards already extracted; computing {len(todo)}.")
     timings = {}
     if todo:
-        _probe_classes(manifest.records, pipeline)
+        _probe_classes(p)
         if driver.engine == "ray":
             from covfeat.extraction.ray_driver import run_ray
 
             with CacheLock(target, shared=True):  # adds shards beside others; clean and --rebuild wait
-                timings = run_ray(todo, p, cfg, driver, progress)
+                timings = run_ray(todo, p, driver, progress)
         elif driver.shard is None:
             with CacheLock(target):  # one local driver per cache: a second would only repeat the work
-                timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
+                timings = _run(todo, p, store, progress)
         else:
             with CacheLock(target, shared=True):
-                timings = _run(todo, p, cfg, backbone, store, progress, pipeline)
+                timings = _run(todo, p, store, progress)
     still = store.missing(p.shards)
     if still:
-        _log(f"{len(p.shards) - len(still)} of {len(p.shards)} shards present; the index is written when all are "
+        log(f"{len(p.shards) - len(still)} of {len(p.shards)} shards present; the index is written when all are "
              "(run the same command without --shard, or let the other slices finish).")
         return None
     try:
         with CacheLock(target):
             if not target.exists():
-                _merge(p, cfg, backbone, store, timings)
+                _merge(p, store, timings)
     except CacheLocked:
         if driver.shard is None:
             raise
-        _log("Another process holds this cache (computing shards or writing the index); the index is written by "
+        log("Another process holds this cache (computing shards or writing the index); the index is written by "
              "the last one to finish, or by a run without --shard.")
         return None
-    if not p.spec.pretrained:
-        _log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
+    if not p.weights.pretrained:
+        log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
     return target
 
 
-def _merge(p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, timings: dict) -> None:
+def _merge(p: Plan, store: ShardStore, timings: dict) -> None:
     """The index over the shards: every shard verified, near-duplicates found, skips listed."""
     rows, manifest, target = p.rows, p.manifest, p.target
     for spec in p.shards:  # every shard whole before anything is read from it
         store.verify(spec, rows)
     skipped = shard_skips(store, p.shards)
     if skipped:
-        _log(f"Skipped {len(skipped)} unreadable file(s):")
+        log(f"Skipped {len(skipped)} unreadable file(s):")
         for k in sorted(skipped)[:10]:
-            _log(f"  {rows[k]['path']}: {skipped[k]}")
+            log(f"  {rows[k]['path']}: {skipped[k]}")
         if len(skipped) > 10:
-            _log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
+            log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
     near = near_duplicates(store, p.shards, rows)
     extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
              "duplicates": [list(d) for d in manifest.duplicates],
              "broken_links": [list(b) for b in manifest.broken_links],
              "not_images": [list(b) for b in manifest.not_images],
              "conflicts": [list(c) for c in manifest.conflicts], "outside_manifest_folder": manifest.outside,
-             "ignored": manifest.ignored, "weights_label": p.spec.label, "weights_path": p.spec.path or "",
+             "ignored": manifest.ignored, "weights_label": p.weights.label, "weights_path": p.weights.path or "",
              "timings": timings}
-    assemble(target, store, p.shards, config=p.config, manifest=rows, feature_shape=backbone.feature_shape,
-             dtype=cfg.dtype, extra=extra, verified=True)
+    assemble(target, store, p.shards, config=p.config, manifest=rows, feature_shape=p.backbone.feature_shape,
+             dtype=p.cfg.dtype, extra=extra, verified=True)
 
 
 def near_duplicates(store: ShardStore, specs, rows: list[dict]) -> dict:
@@ -157,10 +155,10 @@ def near_duplicates(store: ShardStore, specs, rows: list[dict]) -> dict:
     patients = [r["patient_id"] for r in rows]
     cross = sum(1 for i, j, *_ in pairs if patients[i] != patients[j])
     if pairs:
-        _log(f"Near-duplicates: {len(pairs)} pair(s) of images, {cross} of them under two patient IDs "
+        log(f"Near-duplicates: {len(pairs)} pair(s) of images, {cross} of them under two patient IDs "
              f"(fit-head keeps each pair on one side of every split):")
         for line in describe(pairs, paths, patients):
-            _log(line)
+            log(line)
     return {"max_bits": MAX_BITS, "min_corr": MIN_CORR,
             "pairs": [[int(i), int(j), int(d), round(float(c), 4)] for i, j, d, c in pairs]}
 
@@ -174,13 +172,12 @@ def _lower_priority() -> None:
         pass
 
 
-def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: ShardStore, progress: bool,
-         pipeline: InputPipeline) -> dict:
+def _run(todo: list[ShardSpec], p: Plan, store: ShardStore, progress: bool) -> dict:
     """The local driver: decode in a worker pool a shard ahead, forward on the main thread,
     write each shard file off-thread; the same per-shard computation as every other driver."""
     from tqdm import tqdm
 
-    rows = p.rows
+    rows, cfg, pipeline = p.rows, p.cfg, p.pipeline
     n_views = cfg.augment + 1
     order = [(s, i) for s in todo for i in s.rows]  # images in shard order
     pool = ThreadPoolExecutor(max_workers=cfg.workers, initializer=_lower_priority)
@@ -208,7 +205,7 @@ def _run(todo: list[ShardSpec], p: Plan, cfg: ExtractConfig, backbone, store: Sh
     try:
         fill(max(lookahead, BUILD_LOOKAHEAD_BYTES // per_image))
         t0 = time.perf_counter()
-        computer = ShardComputer(cfg, backbone, p.spec)  # inside the try: a failed build cancels the decoding
+        computer = ShardComputer(cfg, p.backbone, p.weights)  # inside the try: a failed build cancels the decoding
         t_built = time.perf_counter()
         bar = tqdm(total=len(order) * n_views, unit="img", desc=f"extract {cfg.backbone}",
                    disable=not progress, file=sys.stderr, smoothing=0.1)

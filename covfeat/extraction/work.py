@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.errors import ConfigError, FileUnavailable
-from covfeat.extraction.backbones import INPUT_SIZE
+from covfeat.extraction.backbones import INPUT_SIZE, Backbone, WeightsSpec
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.graphfile import backbone_forward, discard
 from covfeat.extraction.images import InputPipeline, UnreadableImage, apply_view, occlude, view_params
@@ -60,7 +60,9 @@ class ShardComputer:
     """The forward pass of one shard's decoded images, in batches formed within the shard, so
     every driver computes a shard's features identically."""
 
-    def __init__(self, cfg: ExtractConfig, backbone, spec):
+    def __init__(self, cfg: ExtractConfig, backbone: Backbone, weights: WeightsSpec):
+        """``backbone`` and ``weights`` as the extraction's plan resolved them (or a Ray actor,
+        on its node): built here, never resolved again."""
         from covfeat.core.quiet import import_tensorflow
 
         import_tensorflow()
@@ -73,14 +75,14 @@ class ShardComputer:
         # features are the same, bit for bit (tests/test_extract.py).
         # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.
         self._as_traced = not tf.config.list_logical_devices("GPU")
-        self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
+        self._forward = backbone_forward(backbone, weights, seed=cfg.seed)
         try:
             self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         except (tf.errors.OpError, TypeError, ValueError) as exc:
             if self._forward.source != "cache":
                 raise
             discard(self._forward, exc)  # a cached graph this TensorFlow cannot run: build it again
-            self._forward = backbone_forward(backbone, spec, seed=cfg.seed)
+            self._forward = backbone_forward(backbone, weights, seed=cfg.seed)
             self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         self.batches = [np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32) for _ in range(STREAMS)]
         self.t_fwd = 0.0

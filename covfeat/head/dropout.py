@@ -68,7 +68,7 @@ def _keep_word(state, q, low):
     return result, state  # lanes still undecided equal q so far: not below q, drop
 
 
-_LANES = 16  # channels per vector step: one 16-bit slice of a 64-bit dropout word
+LANES = 16  # channels per vector step: one 16-bit slice of a 64-bit dropout word
 
 
 def _vector_codegen(n_src):
@@ -88,23 +88,23 @@ def _vector_codegen(n_src):
         mask = args[2 + n_src]
         weights = args[3 + n_src:]
         f32 = ir.FloatType()
-        vf = ir.VectorType(f32, _LANES)
+        vf = ir.VectorType(f32, LANES)
         accp = builder.gep(context.make_array(acc_t)(context, builder, acc_v).data, [c0])
         accp = builder.bitcast(accp, vf.as_pointer())
-        m = builder.bitcast(builder.trunc(mask, ir.IntType(_LANES)), ir.VectorType(ir.IntType(1), _LANES))
+        m = builder.bitcast(builder.trunc(mask, ir.IntType(LANES)), ir.VectorType(ir.IntType(1), LANES))
         total = None
         for k in range(n_src):
             st = sig.args[2 + k]
             p = builder.gep(context.make_array(st)(context, builder, srcs[k]).data, [c0])
             if st.dtype == types.uint16:
-                vh = ir.VectorType(ir.HalfType(), _LANES)
+                vh = ir.VectorType(ir.HalfType(), LANES)
                 x = builder.fpext(builder.load(builder.bitcast(p, vh.as_pointer()), align=2), vf)
             else:
                 x = builder.load(builder.bitcast(p, vf.as_pointer()), align=4)
             x = builder.select(m, x, ir.Constant(vf, None))
             if weights:
                 w = builder.insert_element(ir.Constant(vf, ir.Undefined), weights[k], ir.Constant(ir.IntType(32), 0))
-                w = builder.shuffle_vector(w, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), _LANES), None))
+                w = builder.shuffle_vector(w, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
                 x = builder.fmul(x, w)
             total = x if total is None else builder.fadd(total, x)
         builder.store(builder.fadd(builder.load(accp, align=4), total), accp, align=4)

@@ -3,8 +3,8 @@
 ``fit_head`` is the whole of ``covfeat fit-head`` as a library call: one split (the
 paper's protocol, grouped by patient by default) or, with ``folds``, stratified grouped
 cross-validation on the same cache.  The split is made here, from the cache's manifest,
-so changing it never re-extracts.  Balancing is :mod:`covfeat.balance`, the model
-:mod:`covfeat.head`, the epochs :mod:`covfeat.loop`, the folder :mod:`covfeat.runs`.
+so changing it never re-extracts.  Balancing is :mod:`covfeat.head.balance`, the model
+:mod:`covfeat.head.model`, the epochs :mod:`covfeat.head.loop`, the folder :mod:`covfeat.head.runs`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.errors import CacheError, DataError
-from covfeat.extraction.backbones import get_backbone
+from covfeat.extraction.backbones import Backbone, get_backbone
 from covfeat.head.balance import balance
 from covfeat.head.config import FitConfig, SplitConfig
 from covfeat.head.loop import MemorySource, StreamedSource, train
@@ -140,7 +140,9 @@ class LoadedMaps:
         return out
 
 
-def _open(cache_path, fc: FeatureCache | None) -> FeatureCache:
+def _open(cache_path, fc: FeatureCache | None) -> tuple[FeatureCache, Backbone]:
+    """The cache (opened unless given) and its backbone's registry entry, looked up once per
+    fit-head and checked against the maps' shape; cross-validation hands both to its folds."""
     if fc is None:
         from covfeat.store.catalog import describe_cache
 
@@ -150,7 +152,7 @@ def _open(cache_path, fc: FeatureCache | None) -> FeatureCache:
     if tuple(fc.feature_shape) != tuple(bb.feature_shape):
         raise CacheError(f"{fc.path} holds maps of shape {fc.feature_shape}, but {bb.name} gives "
                          f"{bb.feature_shape}; extract again.")
-    return fc
+    return fc, bb
 
 
 def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str | Path = "runs", *,
@@ -173,8 +175,16 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     if fit.folds:
         return cross_validate(cache_path, fit, runs_dir, progress=progress, fc=fc)
     t0 = time.perf_counter()
-    fc = _open(cache_path, fc)
-    fit = fit.resolved(get_backbone(fc.backbone))  # dropout resolved once, here
+    fc, backbone = _open(cache_path, fc)
+    return _fit_split(fc, fit.resolved(backbone), runs_dir, t0, split=split, name=name, progress=progress,
+                      maps=maps)[0]
+
+
+def _fit_split(fc: FeatureCache, fit: FitConfig, runs_dir: str | Path, t0: float, *, split: np.ndarray | None,
+               name: str | None, progress: bool, maps: LoadedMaps | None) -> tuple[Path, dict]:
+    """One split on an opened cache, ``fit`` with its dropout already resolved against the
+    cache's backbone (once, by the caller); returns the run folder and the metrics it wrote,
+    so cross-validation takes each fold's numbers from memory instead of reading them back."""
     cfg = fit.head
     if split is None:
         split = make_split(fc, fit.split)
@@ -282,7 +292,7 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
     with AtomicDir(runs_dir, name or f"{fc.backbone}-{time.strftime('%Y%m%d-%H%M%S')}") as d:
         write_run(d.path, model=model, fit=fit, fc=fc, history=history, test_rows=test_rows, p_test=p_test,
                   threshold=threshold, split=split, metrics=metrics)
-    return d.final
+    return d.final, metrics
 
 
 def _initial_head(shape, cfg):
@@ -330,10 +340,11 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
 
     Every image has its augmented views in the cache, so any fold can train on any image
     without extracting again.  The parent's metrics.json holds the mean and 95% t interval
-    of every metric over folds; each fold is a complete run folder of its own.
+    of every metric over folds; each fold is a complete run folder of its own.  The cache is
+    opened, its backbone looked up and the dropout resolved once, here, for every fold.
     """
-    fc = _open(cache_path, fc)
-    fit = fit.resolved(get_backbone(fc.backbone))
+    fc, backbone = _open(cache_path, fc)
+    fit = fit.resolved(backbone)
     t0 = time.perf_counter()
     man = fc.manifest
     idx = np.flatnonzero(fc.has_features())
@@ -350,11 +361,9 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
             split = np.full(fc.n_rows, -1, np.int8)
             split[idx] = sp
             _log(f"fold {f + 1}/{fit.folds}, repeat {r + 1}/{fit.repeats}")
-            run = fit_head(cache_path, one, d.path, split=split, name=f"r{r}-f{f}", progress=progress, fc=fc,
-                           maps=maps)
-            from covfeat.head.runs import Run
-
-            fold_metrics.append(Run(run).metrics)
+            _, m = _fit_split(fc, one, d.path, time.perf_counter(), split=split, name=f"r{r}-f{f}",
+                              progress=progress, maps=maps)
+            fold_metrics.append(m)
         ratio = float(np.mean([m["n_test"] / m["n_train_real"] for m in fold_metrics]))
         cv = {k: cv_interval([m["argmax"][k] for m in fold_metrics], ratio, fit.folds) for k in METRIC_KEYS}
         if fit.target_recall is not None:

@@ -8,7 +8,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from covfeat.head.dropout import _LANES
+from covfeat.head.dropout import LANES
 
 _ROWS = 8  # rows of the first dense layer's forward pass held in vector registers at once
 
@@ -49,7 +49,7 @@ def _dense_rows(typingctx, X, a, B, W, j0, Z, z0):
 
     def codegen(context, builder, sg, args):
         Xv, av, Bv, Wv, j0v, Zv, z0v = args
-        vf = ir.VectorType(ir.FloatType(), _LANES)
+        vf = ir.VectorType(ir.FloatType(), LANES)
         xp, (_, C) = _ptr(context, builder, sg.args[0], Xv)
         wp, (_, H) = _ptr(context, builder, sg.args[3], Wv)
         zp, _ = _ptr(context, builder, sg.args[5], Zv)
@@ -88,7 +88,7 @@ def _dense_grad_step(typingctx, X, a, B, D, W, M, j0, mom, lr):
 
     def codegen(context, builder, sg, args):
         Xv, av, Bv, Dv, Wv, Mv, j0v, momv, lrv = args
-        vf = ir.VectorType(ir.FloatType(), _LANES)
+        vf = ir.VectorType(ir.FloatType(), LANES)
         xp, (_, C) = _ptr(context, builder, sg.args[0], Xv)
         dp, (_, HD) = _ptr(context, builder, sg.args[3], Dv)
         wp, (_, H) = _ptr(context, builder, sg.args[4], Wv)
@@ -170,7 +170,7 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
     mW1, mb1, mg, mbt, mW2, mb2 = M
     n, C = X.shape
     H = W1.shape[1]
-    H16 = H - H % _LANES
+    H16 = H - H % LANES
     z1 = np.empty((bs, H), np.float32)
     a1 = np.empty((bs, H), np.float32)
     xn = np.empty((bs, H), np.float32)
@@ -191,7 +191,7 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
         fB = np.float32(B)
         # Dense 1 + relu
         for k0 in range(0, B, _ROWS):
-            for j0 in range(0, H16, _LANES):
+            for j0 in range(0, H16, LANES):
                 _dense_rows(X, a + k0, min(_ROWS, B - k0), W1, j0, z1, k0)
         if H16 < H:  # units after the last full 16
             for k in range(B):
@@ -308,7 +308,7 @@ def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
                 s += dz1[k, j]
             mb1[j] = mom * mb1[j] - lr * s
             b1[j] += mb1[j]
-        for j0 in range(0, H16, _LANES):
+        for j0 in range(0, H16, LANES):
             _dense_grad_step(X, a, B, dz1, W1, mW1, j0, mom, lr)
         if H16 < H:
             for i in range(C):
