@@ -256,4 +256,4 @@ def test_an_extraction_resolves_backbone_weights_and_pipeline_once(mini, tmp_pat
     cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=0)
     assert ex.extract([mini["cohen"], mini["normal"]], cfg, tmp_path / "once", progress=False).is_file()
     assert calls == {"covfeat.extraction.plan.get_backbone": 1, "covfeat.extraction.plan.resolve_weights": 1,
-                     "InputPipeline.for_config": 1, "covfeat.extraction.images.get_backbone": 1}
+                     "InputPipeline.for_config": 1}  # the pipeline gets the plan's backbone, no lookup of its own

@@ -292,9 +292,12 @@ class InputPipeline:
     limits: ImageLimits = ImageLimits()
 
     @classmethod
-    def for_config(cls, cfg: ExtractConfig) -> "InputPipeline":
+    def for_config(cls, cfg: ExtractConfig, backbone=None) -> "InputPipeline":
+        """The pipeline of ``cfg``; ``backbone`` is its registry entry when the caller has
+        resolved it already (extraction's plan does), else it is looked up here."""
         limits = ImageLimits(cfg.max_pixels, cfg.max_file_mb, cfg.min_side, cfg.max_aspect)
-        return cls(get_backbone(cfg.backbone).scaling_for(cfg.preprocess), cfg.scaled_decode, cfg.occlusion, limits)
+        backbone = backbone if backbone is not None else get_backbone(cfg.backbone)
+        return cls(backbone.scaling_for(cfg.preprocess), cfg.scaled_decode, cfg.occlusion, limits)
 
     @property
     def min_side(self) -> int | None:

@@ -45,7 +45,7 @@ def resolve(cfg: ExtractConfig) -> tuple[Backbone, WeightsSpec, InputPipeline]:
     """
     backbone = get_backbone(cfg.backbone)
     weights = resolve_weights(backbone, cfg.weights, seed=cfg.seed)
-    return backbone, weights, InputPipeline.for_config(cfg)
+    return backbone, weights, InputPipeline.for_config(cfg, backbone)
 
 
 def resolved_config(cfg: ExtractConfig, weights: WeightsSpec) -> dict:
