@@ -5,14 +5,21 @@ No logic lives only here; each command calls a function of the library.
 
 from __future__ import annotations
 
+import inspect
+import operator
 import os
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer  # noqa: E402
 
 from covfeat.core.errors import CovfeatError  # noqa: E402
 from covfeat.core.quiet import import_tensorflow  # noqa: E402
+from covfeat.core.settings import default_of, flagged, from_dict, help_text, option_name, shown_default
+from covfeat.extraction.config import DriverConfig, ExtractConfig, OcclusionConfig
+from covfeat.head.config import FitConfig, HeadConfig, SplitConfig, file_keys, fit_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning COVID-19 vs NORMAL chest-radiograph classifiers on a cached feature store.")
@@ -54,19 +61,102 @@ def _progress() -> bool:
     return not os.environ.get("COVFEAT_NO_PROGRESS")
 
 
-def _backbone_help() -> str:
-    from covfeat.extraction.backbones import REGISTRY
-
-    return " | ".join(REGISTRY)
-
-
-def _dropout_help() -> str:
-    from covfeat.extraction.backbones import REGISTRY
-
-    return "\\[default: the paper's rate: " + ", ".join(f"{n} {b.dropout:g}" for n, b in REGISTRY.items()) + "]"
+# --------------------------------------------------------------------------- options from the declarations
+# A setting's flag, help and default are declared once, on its config field (covfeat.core.settings.setting);
+# the options of extract and fit-head are made from those declarations, so a new field is a new flag.  What
+# stays here is what only the command line has: options that are no setting (--data, --cache-dir, ...) and
+# the conversions between a flag's text and its setting's value.
 
 
-Backbone = Annotated[str, typer.Option("--backbone", "-b", help=_backbone_help())]
+@dataclass(frozen=True)
+class Conversion:
+    """A flag whose command-line form is not its setting's value."""
+
+    type: Any  # what typer parses
+    values: Callable[[Any], dict]  # the flag's value -> the settings it gives, at its field's level
+    default: Callable[[Any], Any] = lambda d: d  # the setting's default -> the flag's
+
+
+EXTRACT_CONVERSIONS = {
+    "views": Conversion(str, lambda text: {"views": tuple(v.strip() for v in text.split(",") if v.strip())}, ",".join),
+    "occlude": Conversion(str, lambda text: OcclusionConfig.parse(text).as_dict()),  # none, box or a masks folder
+    "full_decode": Conversion(bool, lambda full: {"scaled_decode": not full}, operator.not_),
+    "shard": Conversion(str, lambda text: {"shard": DriverConfig.parse_shard(text)}),
+}
+
+
+def _field(cls, name: str):
+    return {f.name: f for f in fields(cls)}[name]
+
+
+def _option(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def declared(cls, conversions: dict | None = None, *, only=None, skip=(), given: bool = False) -> list:
+    """The typer options of the flagged settings of ``cls``, in declaration order: each one's
+    flag, short form, help and default from its declaration, or from its conversion.
+
+    With ``given``, every option is Optional with no default (None: not given, so a config
+    file may set it) and the declared default is written into its help, as "[default: ...]".
+    """
+    conversions = conversions or {}
+    out = []
+    for _, owner, f in flagged(cls):
+        name = option_name(f)
+        if (only is not None and name not in only) or name in skip:
+            continue
+        conv = conversions.get(name)
+        typ = conv.type if conv else _plain_type(owner, f)
+        decls = (f.metadata["flag"], f.metadata["short"]) if f.metadata.get("short") else ()
+        if given:
+            shown = shown_default(f)
+            text = " ".join(t for t in (help_text(f), f"\\[default: {shown}]" if shown is not None else "") if t)
+            out.append(_option(name, Annotated[Optional[typ], typer.Option(*decls, help=text)], None))
+            continue
+        default = conv.default(default_of(f)) if conv else default_of(f)
+        out.append(_option(name, Annotated[typ if default is not None else Optional[typ],
+                                           typer.Option(*decls, help=help_text(f))],
+                           inspect.Parameter.empty if default is MISSING else default))
+    return out
+
+
+def _plain_type(owner, f):
+    """int, float, str or bool: the field's type without ``| None``; anything else needs a Conversion."""
+    hint = typing.get_type_hints(owner)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    typ = args[0] if len(args) == 1 else hint
+    if typ not in (int, float, str, bool):
+        raise TypeError(f"{owner.__name__}.{f.name}: {f.metadata['flag']} of type {hint} needs a Conversion in "
+                        "covfeat/cli.py (typer parses int, float, str and bool).")
+    return typ
+
+
+def options(*params: inspect.Parameter):
+    """Give a command ``fn(**opts)`` the signature typer reads its options from (in this order)."""
+    names = [p.name for p in params]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TypeError(f"two options named {twice}")
+
+    def give(fn):
+        fn.__signature__ = inspect.Signature(list(params))
+        return fn
+
+    return give
+
+
+def settings_from(cls, opts: dict, conversions: dict | None = None):
+    """The config ``cls`` from a command's parsed options (those :func:`declared` made)."""
+    conversions = conversions or {}
+    values: dict = {}
+    for path, _, f in flagged(cls):
+        where = values
+        for name in path:
+            where = where.setdefault(name, {})
+        name = option_name(f)
+        where.update(conversions[name].values(opts[name]) if name in conversions else {f.name: opts[name]})
+    return from_dict(cls, values, "flags")
 
 
 Data = Annotated[Optional[list[Path]], typer.Option("--data", "-d", exists=True, resolve_path=True,
@@ -76,49 +166,24 @@ Data = Annotated[Optional[list[Path]], typer.Option("--data", "-d", exists=True,
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where feature caches live.")]
 
 
-Weights = Annotated[str, typer.Option("--weights", help="imagenet (Keras download/cache), none (random init, NOT PRETRAINED) or a weights FILE.")]
+Weights = Annotated[str, typer.Option("--weights", help=help_text(_field(ExtractConfig, "weights")))]
 
 
 RunsDir = Annotated[Path, typer.Option(help="Where run folders are written.")]
 
 
-def _extract_config(**kw):
-    from covfeat.extraction.config import ExtractConfig, OcclusionConfig
-
-    kw["occlusion"] = OcclusionConfig.parse(kw.pop("occlude"))
-    kw["scaled_decode"] = not kw.pop("full_decode")
-    kw["views"] = tuple(v.strip() for v in kw["views"].split(",") if v.strip())
-    return ExtractConfig(**kw)
+DATA = _option("data", Data, None)
+CACHE_DIR = _option("cache_dir", CacheDir, Path("cache"))
+RUNS_DIR = _option("runs_dir", RunsDir, Path("runs"))
 
 
 @app.command()
-def extract(
-    backbone: Backbone,
-    data: Data = None,
-    weights: Weights = "imagenet",
-    preprocess: Annotated[str, typer.Option(help="paper ([0,1] after BGR->RGB) or backbone (its own preprocess_input).")] = "paper",
-    augment: Annotated[int, typer.Option(help="Augmented (jittered) views stored per image, besides the original.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the jitter and of a random-init backbone.")] = 0,
-    views: Annotated[str, typer.Option(help="Cohen radiographic views to keep, comma-separated.")] = "PA",
-    dtype: Annotated[str, typer.Option(help="float16 or float32 storage.")] = "float16",
-    batch_size: Annotated[int, typer.Option(help="Forward-pass batch size.")] = 16,
-    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
-    occlude: Annotated[str, typer.Option(help="none, box (a central lung box) or a folder of lung masks: blanked before extraction.")] = "none",
-    full_decode: Annotated[bool, typer.Option(help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 px, then the same resize).")] = False,
-    max_pixels: Annotated[int, typer.Option(help="Skip images with more pixels (read from the header, before decoding).")] = 64_000_000,
-    max_file_mb: Annotated[float, typer.Option(help="Skip larger files, before reading them.")] = 256.0,
-    min_side: Annotated[int, typer.Option(help="Skip images whose shorter side is smaller.")] = 64,
-    max_aspect: Annotated[float, typer.Option(help="Skip images whose longer side exceeds the shorter this many times.")] = 4.0,
-    on_conflict: Annotated[str, typer.Option(help="error (stop, listing them) or skip (drop every copy): the same bytes under two labels.")] = "error",
-    rebuild: Annotated[bool, typer.Option(help="Move a damaged or unwanted cache (and its shards) aside and extract again.")] = False,
-    engine: Annotated[str, typer.Option(help="local (this process) or ray (an actor pool on an embedded or existing Ray; pip install -e '.[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")] = None,
-    ray_workers: Annotated[int, typer.Option(help="Ray actors, each holding the backbone once.")] = 2,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor reserves (fractions leave room for Ray's own tasks on small machines).")] = 0.5,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor reserves (1 on a GPU node).")] = 0.0,
-    shard: Annotated[Optional[str], typer.Option(help="i/N: compute only slice i of N of the shards (Slurm array or Kubernetes indexed jobs); a run without it merges.")] = None,
-    cache_dir: CacheDir = Path("cache"),
-):
+@options(*declared(ExtractConfig, only=("backbone",)), DATA,
+         *declared(ExtractConfig, EXTRACT_CONVERSIONS, skip=("backbone",)),
+         _option("rebuild", Annotated[bool, typer.Option(
+             help="Move a damaged or unwanted cache (and its shards) aside and extract again.")], False),
+         *declared(DriverConfig, EXTRACT_CONVERSIONS), CACHE_DIR)
+def extract(**opts):
     """Run one frozen backbone over the radiographs and cache the pre-pool feature maps (HDF5).
 
     The last line on stdout is the cache's path. Re-running a finished command does no work;
@@ -126,16 +191,10 @@ def extract(
     """
     import covfeat.extraction.run as ex
 
-    cfg = _check(_extract_config, backbone=backbone, weights=weights, preprocess=preprocess, augment=augment,
-                 seed=seed, views=views, dtype=dtype, batch_size=batch_size, workers=workers, occlude=occlude,
-                 full_decode=full_decode, max_pixels=max_pixels, max_file_mb=max_file_mb, min_side=min_side,
-                 max_aspect=max_aspect, on_conflict=on_conflict)
-    from covfeat.extraction.config import DriverConfig
-
-    drv = _check(lambda: DriverConfig(engine=engine, address=address, ray_workers=ray_workers,
-                                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                      shard=DriverConfig.parse_shard(shard)))
-    path = _guard(ex.extract, data, cfg, cache_dir, progress=_progress(), rebuild=rebuild, driver=drv)
+    cfg = _check(settings_from, ExtractConfig, opts, EXTRACT_CONVERSIONS)
+    drv = _check(settings_from, DriverConfig, opts, EXTRACT_CONVERSIONS)
+    path = _guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=_progress(), rebuild=opts["rebuild"],
+                  driver=drv)
     if path is None:
         typer.echo("shards written; the index follows when every shard is present")
     else:
@@ -143,52 +202,30 @@ def extract(
 
 
 @app.command("fit-head")
-def fit_head(
-    cache: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, resolve_path=True, help="Feature cache (.h5).")] = None,
-    backbone: Annotated[Optional[str], typer.Option("--backbone", "-b", help="Use the complete cache of this backbone (refused when there are several, unless --data picks one).")] = None,
-    data: Data = None,
-    cache_dir: CacheDir = Path("cache"),
-    runs_dir: RunsDir = Path("runs"),
-    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="JSON or TOML file of settings (keys as the flags, with _).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="\\[default: 100]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="\\[default: 8]")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="SGD learning rate \\[default: 1e-4]")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum \\[default: 0.5]")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help=_dropout_help())] = None,
-    dense_units: Annotated[Optional[int], typer.Option(help="\\[default: 128]")] = None,
-    activity_l1: Annotated[Optional[float], typer.Option(help="\\[default: 0.001]")] = None,
-    activity_l2: Annotated[Optional[float], typer.Option(help="\\[default: 0.001]")] = None,
-    balance: Annotated[Optional[str], typer.Option(help="smote | none | class-weight \\[default: smote]")] = None,
-    smote_k: Annotated[Optional[int], typer.Option(help="SMOTE neighbours, reduced for a small minority \\[default: 5]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of SMOTE, the head's initialisation, dropout and shuffling \\[default: 0]")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="numba (compiled batch steps) | tf (Keras layers in tf.function); same maths \\[default: numba]")] = None,
-    val: Annotated[Optional[float], typer.Option(help="Validation share \\[default: 0.1]")] = None,
-    test: Annotated[Optional[float], typer.Option(help="Test share \\[default: 0.3]")] = None,
-    split_by: Annotated[Optional[str], typer.Option(help="patient (no patient in two splits) or image (the paper's naive split) \\[default: patient]")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Seed of the split and the folds \\[default: 0]")] = None,
-    near_duplicates: Annotated[Optional[str], typer.Option(help="group (near-duplicate images on one side of every split) or ignore \\[default: group]")] = None,
-    target_recall: Annotated[Optional[float], typer.Option(help="Pick the threshold on validation rows to reach this COVID-19 recall.")] = None,
-    folds: Annotated[Optional[int], typer.Option(help="Cross-validation folds (0: one split) \\[default: 0]")] = None,
-    repeats: Annotated[Optional[int], typer.Option(help="Cross-validation repeats \\[default: 1]")] = None,
-    memory_budget: Annotated[Optional[float], typer.Option(help="GiB of training maps held in memory; above it they are streamed from HDF5 \\[default: 8]")] = None,
-):
+@options(_option("cache", Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, resolve_path=True,
+                                                                 help="Feature cache (.h5).")], None),
+         _option("backbone", Annotated[Optional[str], typer.Option("--backbone", "-b", help=(
+             "Use the complete cache of this backbone (refused when there are several, unless --data picks one)."))],
+                 None),
+         DATA, CACHE_DIR, RUNS_DIR,
+         _option("config", Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help=(
+             "JSON or TOML file of settings (keys as the flags, with _)."))], None),
+         *declared(FitConfig, given=True))
+def fit_head(**opts):
     """Train the paper's head on cached features (split, SMOTE in feature space, fresh views each epoch).
 
     The split is made here, so changing it reuses the cache. The last line on stdout is the run folder.
     """
     import covfeat.head.fit as train
-    from covfeat.head.config import fit_config
 
-    fit = _check(fit_config, config, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                 momentum=momentum, dropout=dropout, dense_units=dense_units, activity_l1=activity_l1,
-                 activity_l2=activity_l2, balance=balance, smote_k=smote_k, seed=seed, engine=engine, val=val,
-                 test=test, split_by=split_by, split_seed=split_seed, near_duplicates=near_duplicates, target_recall=target_recall, folds=folds,
-                 repeats=repeats, memory_budget=memory_budget)
+    fit = _check(fit_config, opts["config"], **{k: opts[k] for k in file_keys()})
     from covfeat.extraction.sources import content_hashes
     from covfeat.store.catalog import choose_cache
 
-    path = _guard(choose_cache, cache, backbone, cache_dir, content_hashes(data) if data else None, tensorflow=False)
-    typer.echo(str(_guard(train.fit_head, path, fit, runs_dir, progress=_progress(), tensorflow=False)))
+    data = opts["data"]
+    path = _guard(choose_cache, opts["cache"], opts["backbone"], opts["cache_dir"],
+                  content_hashes(data) if data else None, tensorflow=False)
+    typer.echo(str(_guard(train.fit_head, path, fit, opts["runs_dir"], progress=_progress(), tensorflow=False)))
 
 
 @app.command()
@@ -235,11 +272,12 @@ def export(
 @app.command()
 def reproduce(
     data: Data = None,
-    weights: Weights = "imagenet",
-    augment: Annotated[int, typer.Option(help="Jittered views per image.")] = 4,
+    weights: Weights = _field(ExtractConfig, "weights").default,
+    augment: Annotated[int, typer.Option(help="Jittered views per image.")] = _field(ExtractConfig, "augment").default,
     seed: Annotated[int, typer.Option(help="Seed of jitter, random init, split and head.")] = 0,
-    split_by: Annotated[str, typer.Option(help="patient or image (the paper's naive split).")] = "patient",
-    epochs: Annotated[int, typer.Option(help="Head epochs (the paper: 100).")] = 100,
+    split_by: Annotated[str, typer.Option(help="patient or image (the paper's naive split).")] = _field(
+        SplitConfig, "by").default,
+    epochs: Annotated[int, typer.Option(help="Head epochs (the paper: 100).")] = _field(HeadConfig, "epochs").default,
     backbones: Annotated[str, typer.Option(help="Comma-separated, default all registered.")] = "",
     cache_dir: CacheDir = Path("cache"),
     runs_dir: RunsDir = Path("runs"),
@@ -248,8 +286,6 @@ def reproduce(
     beside the measured one. Resumes where it stopped (each stage is cached)."""
     import covfeat.use.reproduce as rp
     from covfeat.extraction.backbones import list_backbones
-    from covfeat.extraction.config import ExtractConfig
-    from covfeat.head.config import FitConfig, HeadConfig, SplitConfig
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
     for name in names:  # every name checked before the first extraction starts
@@ -274,7 +310,6 @@ def audit(
     Verdicts are printed and kept in RUN/audit.json; `covfeat report RUN` shows them.
     """
     import covfeat.probes.audit as au
-    from covfeat.extraction.config import OcclusionConfig
 
     occl = _check(OcclusionConfig.parse, occlude)
     res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),

@@ -18,15 +18,15 @@ from covfeat.core.settings import (
     TEXT,
     Checked,
     Rule,
-    _is_int,
-    _is_number,
-    _plain,
     fail,
     from_dict,
     integer,
+    is_int,
+    is_number,
     number,
     one_of,
     optional,
+    plain,
     setting,
 )
 
@@ -43,7 +43,7 @@ class JitterConfig(Checked):
 
 
 def _box_ok(b) -> bool:
-    return (isinstance(b, (tuple, list)) and len(b) == 4 and all(_is_number(x) and 0 <= x <= 1 for x in b)
+    return (isinstance(b, (tuple, list)) and len(b) == 4 and all(is_number(x) and 0 <= x <= 1 for x in b)
             and b[0] < b[2] and b[1] < b[3])
 
 
@@ -51,7 +51,8 @@ def _box_ok(b) -> bool:
 class OcclusionConfig(Checked):
     """What the occlusion probe blanks before extraction: nothing, a central box, or lung masks."""
 
-    kind: str = setting("none", one_of("none", "box", "masks"), flag="--occlude")
+    kind: str = setting("none", one_of("none", "box", "masks"), flag="--occlude",
+                        help="none, box (a central lung box) or a folder of lung masks: blanked before extraction.")
     box: tuple[float, float, float, float] = setting(
         (0.15, 0.1, 0.85, 0.9), Rule("four fractions x0 < x1, y0 < y1 in [0, 1]", _box_ok))
     masks: str = setting("", Rule("a string", lambda v: isinstance(v, str)))  # folder of masks named like the images
@@ -69,34 +70,52 @@ class OcclusionConfig(Checked):
         return cls(kind="masks", masks=str(text))
 
 
-def _backbone_rule() -> Rule:
+def _backbone_names() -> list[str]:
     from covfeat.extraction.backbones import list_backbones
 
-    names = list_backbones()
+    return list_backbones()
+
+
+def _backbone_rule() -> Rule:
+    names = _backbone_names()
     return Rule("a registered backbone, one of " + ", ".join(names), lambda v: isinstance(v, str) and v in names)
 
 
 @dataclass(frozen=True)
 class ExtractConfig(Checked):
-    """Stage one: everything that decides the cached feature maps (see NOT_IN_KEY)."""
+    """Stage one: everything that decides the cached feature maps (see NOT_IN_KEY).
 
-    backbone: str = setting(MISSING, None, flag="--backbone")  # rule: the registry, at validation time
-    weights: str = setting("imagenet", TEXT, flag="--weights")
-    preprocess: str = setting("paper", one_of("paper", "backbone"), flag="--preprocess")
-    augment: int = setting(4, integer(0, 100), flag="--augment")
-    seed: int = setting(0, integer(0), flag="--seed")
-    views: tuple[str, ...] = setting(("PA",), STRINGS, flag="--views")
-    dtype: str = setting("float16", one_of("float16", "float32"), flag="--dtype")
+    The order of the fields is the order of ``covfeat extract --help``."""
+
+    backbone: str = setting(MISSING, None, flag="--backbone", short="-b",
+                            help=lambda: " | ".join(_backbone_names()))  # rule: the registry, at validation time
+    weights: str = setting("imagenet", TEXT, flag="--weights",
+                           help="imagenet (Keras download/cache), none (random init, NOT PRETRAINED) or a weights FILE.")
+    preprocess: str = setting("paper", one_of("paper", "backbone"), flag="--preprocess",
+                              help="paper ([0,1] after BGR->RGB) or backbone (its own preprocess_input).")
+    augment: int = setting(4, integer(0, 100), flag="--augment",
+                           help="Augmented (jittered) views stored per image, besides the original.")
+    seed: int = setting(0, integer(0), flag="--seed", help="Seed of the jitter and of a random-init backbone.")
+    views: tuple[str, ...] = setting(("PA",), STRINGS, flag="--views",
+                                     help="Cohen radiographic views to keep, comma-separated.")
+    dtype: str = setting("float16", one_of("float16", "float32"), flag="--dtype", help="float16 or float32 storage.")
+    batch_size: int = setting(16, integer(1, 4096), flag="--batch-size", help="Forward-pass batch size.")
+    workers: int = setting(2, integer(1, 64), flag="--workers", help="Decoding threads.")
     jitter: JitterConfig = setting(factory=JitterConfig, nested=True)
     occlusion: OcclusionConfig = setting(factory=OcclusionConfig, nested=True)
-    scaled_decode: bool = setting(True, BOOL, flag="--full-decode")  # large JPEGs decoded at 1/2..1/8 scale
-    max_pixels: int = setting(64_000_000, integer(1), flag="--max-pixels")  # read from the header, before decoding
-    max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb")
-    min_side: int = setting(64, integer(1), flag="--min-side")
-    max_aspect: float = setting(4.0, number(1), flag="--max-aspect")  # longer side / shorter side
-    on_conflict: str = setting("error", one_of("error", "skip"), flag="--on-conflict")
-    batch_size: int = setting(16, integer(1, 4096), flag="--batch-size")
-    workers: int = setting(2, integer(1, 64), flag="--workers")
+    scaled_decode: bool = setting(True, BOOL, flag="--full-decode",  # the flag says the opposite: the CLI inverts it
+                                  help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 "
+                                  "px, then the same resize).")
+    max_pixels: int = setting(64_000_000, integer(1), flag="--max-pixels",
+                              help="Skip images with more pixels (read from the header, before decoding).")
+    max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb",
+                                 help="Skip larger files, before reading them.")
+    min_side: int = setting(64, integer(1), flag="--min-side", help="Skip images whose shorter side is smaller.")
+    max_aspect: float = setting(4.0, number(1), flag="--max-aspect",  # longer side / shorter side
+                                help="Skip images whose longer side exceeds the shorter this many times.")
+    on_conflict: str = setting("error", one_of("error", "skip"), flag="--on-conflict",
+                               help="error (stop, listing them) or skip (drop every copy): the same bytes under two "
+                               "labels.")
 
     def _rule(self, f):
         return _backbone_rule() if f.name == "backbone" else f.metadata.get("rule")
@@ -128,25 +147,34 @@ NOT_IN_KEY = {
 
 def key_config(cfg: ExtractConfig, weights_identity: str) -> dict:
     """The part of an extraction config that the cache key is a hash of."""
-    out = {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in NOT_IN_KEY}
+    out = {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in NOT_IN_KEY}
     out["weights"] = {"identity": weights_identity}
     return out
 
 
 def _shard_ok(v) -> bool:
-    return v is None or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(x) for x in v) and 0 <= v[0] < v[1])
+    return v is None or (isinstance(v, tuple) and len(v) == 2 and all(is_int(x) for x in v) and 0 <= v[0] < v[1])
 
 
 @dataclass(frozen=True)
 class DriverConfig(Checked):
     """Who computes the shards of an extraction; never changes the numbers (no field is keyed)."""
 
-    engine: str = setting("local", one_of("local", "ray"), flag="--engine")
-    address: str | None = setting(None, optional(TEXT, "an embedded local Ray, or RAY_ADDRESS"), flag="--address")
-    ray_workers: int = setting(2, integer(1, 10000), flag="--ray-workers")  # actors, each holding the model once
-    cpus_per_worker: float = setting(0.5, number(0, lo_open=True), flag="--cpus-per-worker")
-    gpus_per_worker: float = setting(0.0, number(0), flag="--gpus-per-worker")
-    shard: tuple[int, int] | None = setting(None, Rule("i/N with 0 <= i < N", _shard_ok), flag="--shard")
+    engine: str = setting("local", one_of("local", "ray"), flag="--engine",
+                          help="local (this process) or ray (an actor pool on an embedded or existing Ray; "
+                          "pip install -e '.[ray]').")
+    address: str | None = setting(None, optional(TEXT, "an embedded local Ray, or RAY_ADDRESS"), flag="--address",
+                                  help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")
+    ray_workers: int = setting(2, integer(1, 10000), flag="--ray-workers",
+                               help="Ray actors, each holding the backbone once.")
+    cpus_per_worker: float = setting(0.5, number(0, lo_open=True), flag="--cpus-per-worker",
+                                     help="CPUs each Ray actor reserves (fractions leave room for Ray's own tasks on "
+                                     "small machines).")
+    gpus_per_worker: float = setting(0.0, number(0), flag="--gpus-per-worker",
+                                     help="GPUs each Ray actor reserves (1 on a GPU node).")
+    shard: tuple[int, int] | None = setting(None, Rule("i/N with 0 <= i < N", _shard_ok), flag="--shard",
+                                            help="i/N: compute only slice i of N of the shards (Slurm array or "
+                                            "Kubernetes indexed jobs); a run without it merges.")
 
     def _check(self):
         if self.shard is not None and self.engine == "ray":

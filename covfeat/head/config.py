@@ -8,11 +8,24 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from covfeat.core.errors import ConfigError
-from covfeat.core.settings import Checked, Rule, _is_int, fail, integer, number, one_of, optional, setting
+from covfeat.core.settings import (
+    Checked,
+    Rule,
+    fail,
+    flagged,
+    from_dict,
+    integer,
+    is_int,
+    number,
+    one_of,
+    option_name,
+    optional,
+    setting,
+)
 
 # --------------------------------------------------------------------------- rules
 
@@ -21,34 +34,50 @@ from covfeat.core.settings import Checked, Rule, _is_int, fail, integer, number,
 class SplitConfig(Checked):
     """Train / validation / test, stratified and grouped; a stage-two setting of fit-head."""
 
-    val: float = setting(0.1, number(0, 1, hi_open=True), flag="--val")
-    test: float = setting(0.3, number(0, 1, lo_open=True, hi_open=True), flag="--test")  # the paper's 324 of 1,079
-    by: str = setting("patient", one_of("patient", "image"), flag="--split-by")
-    seed: int = setting(0, integer(0), flag="--split-seed")
-    near_duplicates: str = setting("group", one_of("group", "ignore"), flag="--near-duplicates")  # keep pairs together
+    val: float = setting(0.1, number(0, 1, hi_open=True), flag="--val", help="Validation share")
+    test: float = setting(0.3, number(0, 1, lo_open=True, hi_open=True), flag="--test",  # the paper's 324 of 1,079
+                          help="Test share")
+    by: str = setting("patient", one_of("patient", "image"), flag="--split-by",
+                      help="patient (no patient in two splits) or image (the paper's naive split)")
+    seed: int = setting(0, integer(0), flag="--split-seed", help="Seed of the split and the folds")
+    near_duplicates: str = setting("group", one_of("group", "ignore"), flag="--near-duplicates",  # pairs kept together
+                                   help="group (near-duplicate images on one side of every split) or ignore")
 
     def _check(self):
         if self.val + self.test >= 1:
             raise fail("--val + --test", "a sum below 1, leaving training rows", round(self.val + self.test, 6))
 
 
+def _paper_dropout() -> str:
+    from covfeat.extraction.backbones import REGISTRY
+
+    return "the paper's rate: " + ", ".join(f"{n} {b.dropout:g}" for n, b in REGISTRY.items())
+
+
 @dataclass(frozen=True)
 class HeadConfig(Checked):
-    """The paper's head and its training (Table 1, section 4.3); every field is a flag and a config-file key."""
+    """The paper's head and its training (Table 1, section 4.3).
 
+    Every field is a fit-head flag and a config-file key of its own name, in this order in
+    ``covfeat fit-head --help``: a new field needs no edit of the command line."""
+
+    epochs: int = setting(100, integer(1, 100000), flag="--epochs")
+    batch_size: int = setting(8, integer(1, 1 << 20), flag="--batch-size")
+    learning_rate: float = setting(1e-4, number(0, 10, lo_open=True), flag="--learning-rate",
+                                   help="SGD learning rate", shown="1e-4")
+    momentum: float = setting(0.5, number(0, 1, hi_open=True), flag="--momentum", help="SGD momentum")
     dropout: float | None = setting(None, optional(number(0, 1, hi_open=True), "the paper's rate for the backbone"),
-                                    flag="--dropout")
+                                    flag="--dropout", shown=_paper_dropout)
     dense_units: int = setting(128, integer(1, 65536), flag="--dense-units")
     activity_l1: float = setting(1e-3, number(0), flag="--activity-l1")
     activity_l2: float = setting(1e-3, number(0), flag="--activity-l2")
-    epochs: int = setting(100, integer(1, 100000), flag="--epochs")
-    batch_size: int = setting(8, integer(1, 1 << 20), flag="--batch-size")
-    learning_rate: float = setting(1e-4, number(0, 10, lo_open=True), flag="--learning-rate")
-    momentum: float = setting(0.5, number(0, 1, hi_open=True), flag="--momentum")
-    balance: str = setting("smote", one_of("smote", "none", "class-weight"), flag="--balance")
-    smote_k: int = setting(5, integer(1, 1000), flag="--smote-k")
-    seed: int = setting(0, integer(0), flag="--seed")
-    engine: str = setting("numba", one_of("numba", "tf"), flag="--engine")  # same maths, two implementations
+    balance: str = setting("smote", one_of("smote", "none", "class-weight"), flag="--balance",
+                           help="smote | none | class-weight")
+    smote_k: int = setting(5, integer(1, 1000), flag="--smote-k", help="SMOTE neighbours, reduced for a small minority")
+    seed: int = setting(0, integer(0), flag="--seed",
+                        help="Seed of SMOTE, the head's initialisation, dropout and shuffling")
+    engine: str = setting("numba", one_of("numba", "tf"), flag="--engine",  # same maths, two implementations
+                          help="numba (compiled batch steps) | tf (Keras layers in tf.function); same maths")
 
     def resolved(self, backbone) -> "HeadConfig":
         """Dropout resolved once: the paper's rate for ``backbone`` when unset."""
@@ -62,11 +91,14 @@ class FitConfig(Checked):
     head: HeadConfig = setting(factory=HeadConfig, nested=True)
     split: SplitConfig = setting(factory=SplitConfig, nested=True)
     target_recall: float | None = setting(None, optional(number(0, 1, lo_open=True), "the argmax rule"),
-                                          flag="--target-recall")
+                                          flag="--target-recall",
+                                          help="Pick the threshold on validation rows to reach this COVID-19 recall.")
     folds: int = setting(0, Rule("0 (the split) or an integer from 2 to 100",
-                                 lambda v: _is_int(v) and (v == 0 or 2 <= v <= 100)), flag="--folds")
-    repeats: int = setting(1, integer(1, 100), flag="--repeats")
-    memory_budget_gb: float = setting(8.0, number(0, lo_open=True), flag="--memory-budget")
+                                 lambda v: is_int(v) and (v == 0 or 2 <= v <= 100)), flag="--folds",
+                         help="Cross-validation folds (0: one split)")
+    repeats: int = setting(1, integer(1, 100), flag="--repeats", help="Cross-validation repeats")
+    memory_budget_gb: float = setting(8.0, number(0, lo_open=True), flag="--memory-budget",
+                                      help="GiB of training maps held in memory; above it they are streamed from HDF5")
 
     def _check(self):
         if self.target_recall is not None and self.split.val == 0:
@@ -87,23 +119,24 @@ class FitConfig(Checked):
         return d
 
 
-# Keys of a fit-head config file (and the flags): head fields as they are, the rest here.
-FIT_KEYS = {"val": ("split", "val"), "test": ("split", "test"), "split_by": ("split", "by"),
-            "split_seed": ("split", "seed"), "near_duplicates": ("split", "near_duplicates"), "target_recall": (None, "target_recall"), "folds": (None, "folds"),
-            "repeats": (None, "repeats"), "memory_budget": (None, "memory_budget_gb")}
+def file_keys() -> dict:
+    """The keys of a fit-head config file, which are also its flags with _ and the keywords
+    of :func:`fit_config`: ``key -> (path of nested fields, field)`` for every flagged setting
+    of :class:`FitConfig`, so the head's keys are its field names, the split's are its flags
+    (``split_by``, ``split_seed``), and a new field is a key with no edit here."""
+    return {option_name(f): (path, f) for path, _, f in flagged(FitConfig)}
 
 
 def fit_config(file: str | Path | None = None, **flags) -> FitConfig:
     """Defaults (the paper) <- a JSON or TOML file's keys <- flags given (None = not given).
 
-    Keys are the head's fields (``epochs``, ``learning_rate``, ...) and those of
-    :data:`FIT_KEYS`.  Raises ConfigError naming the file, the key and the value.
+    Keys are those of :func:`file_keys` (``epochs``, ``learning_rate``, ``split_by``, ...).
+    Raises ConfigError naming the file, the key and the value.
     """
     values: dict = {}
-    origin = "flags"
+    keys = file_keys()
     if file is not None:
         file = Path(file)
-        origin = str(file)
         try:
             text = file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
@@ -121,24 +154,28 @@ def fit_config(file: str | Path | None = None, **flags) -> FitConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: expected a table of settings, got {type(values).__name__}.")
         values = dict(values)
-    head_keys = {f.name for f in fields(HeadConfig)}
-    known = head_keys | set(FIT_KEYS)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{origin}: unknown key(s) {unknown}; known: {sorted(known)}.")
-    for k, v in values.items():  # check a file's values by their key names before flags override them
-        _check_key(k, v, origin)
+        _check_known(values, keys, str(file))
+        for k, v in values.items():  # check a file's values by their key names before flags override them
+            _check_key(k, v, str(file), keys)
+    _check_known(flags, keys, "flags")
     values.update({k: v for k, v in flags.items() if v is not None})
-    head = {k: v for k, v in values.items() if k in head_keys}
-    split = {FIT_KEYS[k][1]: v for k, v in values.items() if k in FIT_KEYS and FIT_KEYS[k][0] == "split"}
-    top = {FIT_KEYS[k][1]: v for k, v in values.items() if k in FIT_KEYS and FIT_KEYS[k][0] is None}
-    return FitConfig(head=HeadConfig(**head), split=SplitConfig(**split), **top)
+    nested: dict = {}
+    for k, (path, f) in keys.items():  # in declaration order: the head is checked first, as it is declared first
+        where = nested
+        for name in path:
+            where = where.setdefault(name, {})
+        if k in values:
+            where[f.name] = values[k]
+    return from_dict(FitConfig, nested, "flags")
 
 
-def _check_key(key: str, value, origin: str) -> None:
-    where, name = FIT_KEYS.get(key, ("head", key))
-    cls = {"head": HeadConfig, "split": SplitConfig, None: FitConfig}[where]
-    f = next(f for f in fields(cls) if f.name == name)
-    rule = f.metadata["rule"]
+def _check_known(values: dict, keys: dict, origin: str) -> None:
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key(s) {unknown}; known: {sorted(keys)}.")
+
+
+def _check_key(key: str, value, origin: str, keys: dict) -> None:
+    rule = keys[key][1].metadata["rule"]
     if rule is not None and not rule.ok(value):
         raise fail(f"{origin}: {key}", rule.expected, value)
