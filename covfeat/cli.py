@@ -19,6 +19,7 @@ from covfeat.core.errors import CovfeatError  # noqa: E402
 from covfeat.core.quiet import import_tensorflow  # noqa: E402
 from covfeat.core.settings import default_of, flagged, from_dict, help_text, option_name, shown_default
 from covfeat.extraction.config import DriverConfig, ExtractConfig, OcclusionConfig
+from covfeat.extraction.sources import describe_layouts
 from covfeat.head.config import FitConfig, HeadConfig, SplitConfig, file_keys, fit_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -160,7 +161,7 @@ def settings_from(cls, opts: dict, conversions: dict | None = None):
 
 
 Data = Annotated[Optional[list[Path]], typer.Option("--data", "-d", exists=True, resolve_path=True,
-                                                   help="Image source (repeatable): Cohen folder, Kermany folder, class folders or manifest CSV. Default: the bundled sample.")]
+                                                   help=f"Image source (repeatable): {describe_layouts()}. Default: the bundled sample.")]
 
 
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Where feature caches live.")]
@@ -297,7 +298,25 @@ def reproduce(
     typer.echo(str(out))
 
 
-@app.command()
+class _ProbesHelp(typer.core.TyperCommand):
+    """A command whose help names the registered probes, read when the help is shown: listing
+    them imports the probes (about 0.4 s), which no other command should pay for."""
+
+    @property
+    def help(self):
+        text = self.__dict__.get("_help")
+        if text and "{probes}" in text:
+            from covfeat.probes.probe import describe_probes
+
+            text = text.replace("{probes}", describe_probes())
+        return text
+
+    @help.setter
+    def help(self, value):
+        self.__dict__["_help"] = value
+
+
+@app.command(cls=_ProbesHelp)
 def audit(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
     occlude: Annotated[str, typer.Option(help="box (a central lung box) or a folder of lung masks named like the images.")] = "box",
@@ -305,7 +324,7 @@ def audit(
     keep_overlap: Annotated[bool, typer.Option(help="Keep external images that are near-duplicates of the run's own (default: left out, listed).")] = False,
     cache_dir: CacheDir = Path("cache"),
 ):
-    """Shortcut audit: metadata, control, occlusion and source probes, and (with --external) external validation.
+    """Shortcut audit: {probes}.
 
     Verdicts are printed and kept in RUN/audit.json; `covfeat report RUN` shows them.
     """

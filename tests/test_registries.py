@@ -124,6 +124,25 @@ def test_a_new_layout_and_backbone_run_through_extract(fake_backbone, fake_layou
     assert "fake_tiny-none-" in r.stdout.strip().splitlines()[-1]
 
 
+@pytest.fixture
+def cli_with_fake_layout(fake_layout):
+    """covfeat.cli loaded while the fake layout is registered (its --data help is made at load),
+    and loaded again after the layout is gone, so later tests see the real help."""
+    import importlib
+
+    import covfeat.cli
+
+    yield importlib.reload(covfeat.cli)
+    LAYOUTS.unregister("labels_txt")
+    importlib.reload(covfeat.cli)
+    LAYOUTS.register(fake_layout)  # for fake_layout's own teardown
+
+
+def test_the_data_help_names_the_registered_layouts(cli_with_fake_layout):
+    helped = runner.invoke(cli_with_fake_layout.app, ["extract", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "manifest CSV or labels.txt folder" in " ".join(helped.split())
+
+
 def test_registrations_are_undone_by_their_fixtures():
     assert "fake_tiny" not in REGISTRY and "labels_txt" not in LAYOUTS and "fake" not in PROBES
     assert describe_layouts() == "Cohen folder, Kermany folder, class folders or manifest CSV"
@@ -136,6 +155,8 @@ def test_a_probe_added_by_one_registration_runs_and_is_reported(fake_probe, mini
     shutil.copytree(mini_run, run)  # the audit writes into the run; the session's run stays as it is
     assert describe_probes() == ("metadata, control, occlusion, source and fake probes, and (with --external) "
                                  "external validation")
+    helped = runner.invoke(app, ["audit", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "Shortcut audit: metadata, control, occlusion, source and fake probes" in helped  # the CLI reads the registry
     res = audit(run, probes=("metadata", "fake"), cache_dir=tmp_path / "cache", progress=False)
     assert list(res) == ["pretrained", "weights", "metadata", "fake"]
     assert res["fake"]["verdict"] == "not flagged: the fake probe saw 16 images of inception_v3."
