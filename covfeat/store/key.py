@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 
 import h5py
 import numpy as np
+
+from covfeat.core.fingerprint import fingerprint
 
 FORMAT_VERSION = 3  # 2: no split in the cache; 3: an index over immutable shard files
 
@@ -30,8 +30,7 @@ def library_versions() -> dict[str, str]:
 
 def cache_key(config: dict, manifest_rows: list[dict]) -> str:
     """Short hash of the full resolved config (defaults included) and the data's content."""
-    payload = json.dumps({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return fingerprint({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, length=16)
 
 
 def cache_name(backbone: str, weights_kind: str, key: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from covfeat.core.errors import CacheError
-from covfeat.store.index import REBUILD, _digest, damaged
+from covfeat.store.index import REBUILD, damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS
 
 
@@ -177,7 +177,7 @@ def open_cache(path: str | Path) -> FeatureCache:
                     f"{path} has format version {h.attrs.get('format_version')}, this covfeat reads "
                     f"{FORMAT_VERSION}; {REBUILD}."
                 )
-            if h.attrs.get("digest") != _digest(h):
+            if h.attrs.get("digest") != index_digest(h):
                 raise damaged(path, "its attributes or manifest do not match their digest")
             for rel, _ in json.loads(h.attrs.get("shards", "[]")):
                 if not (path.parent / rel).is_file():  # a missing source would read as fill values
