@@ -1,6 +1,6 @@
 """The index over a cache's shards: a virtual dataset of their features, the manifest and the
-attributes, written once every shard is present and verified, marked complete last, as an
-atomic file."""
+attributes (its own key among them), written once every shard is present and verified, marked
+complete last, as an atomic file."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
         h.attrs["config"] = json.dumps(config, sort_keys=True)
         h.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
         h.attrs["format_version"] = FORMAT_VERSION
+        h.attrs["key"] = store.key  # checked against the file's name on open: a copy under another name is refused
         h.attrs["shards"] = json.dumps([[os.path.relpath(store.path(s), target.parent), s.index] for s in specs])
         for k, v in extra.items():
             h.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
