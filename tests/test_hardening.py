@@ -98,6 +98,9 @@ def test_an_index_under_another_caches_name_is_refused(cache):
                       "says 0123456789abcdef); run the same `covfeat extract` with --rebuild to move it aside and "
                       "extract again.")
     assert runner.invoke(app, ["info", str(cache)]).exit_code == 0
+    mine = cache.with_name("mine.h5")  # a name covfeat did not give claims no key
+    mine.write_bytes(cache.read_bytes())
+    assert runner.invoke(app, ["info", str(mine)]).exit_code == 0
 
 
 @pytest.mark.parametrize("damage", ["complete cleared", "truncated"])

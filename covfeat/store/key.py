@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -35,3 +37,13 @@ def cache_key(config: dict, manifest_rows: list[dict]) -> str:
 
 def cache_name(backbone: str, weights_kind: str, key: str) -> str:
     return f"{backbone}-{weights_kind}-{key}.h5"
+
+
+_NAMED_KEY = re.compile(r"-([0-9a-f]{16})\.h5$")
+
+
+def key_in_name(path) -> str | None:
+    """The key a cache file's name claims (the one :func:`cache_name` put there), or None for
+    a name covfeat did not give."""
+    m = _NAMED_KEY.search(Path(path).name)
+    return m[1] if m else None
