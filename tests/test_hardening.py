@@ -86,6 +86,23 @@ def test_a_changed_attribute_is_caught_by_the_digest(cache):
     assert "is damaged (its attributes or manifest do not match their digest)" in r.stderr
 
 
+def test_an_index_under_another_caches_name_is_refused(cache):
+    """The index stores its own key: a copy under the name of another cache is not taken for it."""
+    with h5py.File(cache, "r") as h:
+        assert h.attrs["key"] == cache.stem.rsplit("-", 1)[-1]
+    other = cache.with_name(f"{cache.stem.rsplit('-', 1)[0]}-0123456789abcdef.h5")
+    other.write_bytes(cache.read_bytes())
+    r = runner.invoke(app, ["info", str(other)])
+    assert r.exit_code == 1
+    assert err(r) == (f"error: {other} is damaged (it is the cache of key {cache.stem.rsplit('-', 1)[-1]}, its name "
+                      "says 0123456789abcdef); run the same `covfeat extract` with --rebuild to move it aside and "
+                      "extract again.")
+    assert runner.invoke(app, ["info", str(cache)]).exit_code == 0
+    mine = cache.with_name("mine.h5")  # a name covfeat did not give claims no key
+    mine.write_bytes(cache.read_bytes())
+    assert runner.invoke(app, ["info", str(mine)]).exit_code == 0
+
+
 @pytest.mark.parametrize("damage", ["complete cleared", "truncated"])
 def test_a_damaged_cache_is_not_a_dead_end(small, cache, damage):
     if damage == "complete cleared":

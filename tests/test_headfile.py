@@ -5,13 +5,15 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields, replace
 
 import numpy as np
+import pytest
 from conftest import MINI_SPLIT, fit
 
 from covfeat.head.config import HeadConfig
 from covfeat.head.model import build_head
-from covfeat.head.template import TEMPLATE, head_template, template_key
+from covfeat.head.template import NOT_IN_TEMPLATE, TEMPLATE, head_template, template_key
 
 RUN_CLI = ("import sys\nfrom covfeat.cli import app\ntry:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
            "print('TENSORFLOW-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TENSORFLOW', file=sys.stderr)\n"
@@ -118,3 +120,38 @@ def test_an_unwritable_template_cache_is_a_note_not_a_failure(mini_cache, tmp_pa
     ref = _fit_head_cli(mini_cache, tmp_path / "b", dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "ok")))
     a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
     assert ref.returncode == 0 and (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+
+
+# One changed value per HeadConfig field. A field added to HeadConfig fails this test until it
+# has a value here (and then it must change the template's key) or a reason in NOT_IN_TEMPLATE.
+OTHER_HEAD_VALUE = {
+    "dropout": 0.4, "dense_units": 64, "activity_l1": 1e-2, "activity_l2": 0.0, "epochs": 7, "batch_size": 16,
+    "learning_rate": 1e-2, "momentum": 0.9, "balance": "none", "smote_k": 3, "seed": 1, "engine": "tf",
+}
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(HeadConfig)])
+def test_every_head_field_enters_the_template_key_unless_exempted(name):
+    shape, base = (3, 3, 40), HeadConfig(dropout=0.3)
+    assert name in OTHER_HEAD_VALUE, f"new HeadConfig field {name!r}: give it a value here or a reason in NOT_IN_TEMPLATE"
+    other = replace(base, **{name: OTHER_HEAD_VALUE[name]})
+    if name in NOT_IN_TEMPLATE:
+        assert template_key(shape, other)[0] == template_key(shape, base)[0]
+    else:
+        assert template_key(shape, other)[0] != template_key(shape, base)[0], name
+    assert set(NOT_IN_TEMPLATE) < {f.name for f in fields(HeadConfig)}  # no reason for a field that is gone
+    assert set(template_key(shape, base)[1]["head"]) == {f.name for f in fields(HeadConfig)} - set(NOT_IN_TEMPLATE)
+
+
+def test_the_feature_shape_enters_the_template_key():
+    cfg = HeadConfig(dropout=0.3)
+    assert template_key((3, 3, 40), cfg)[0] != template_key((3, 3, 41), cfg)[0]
+
+
+@pytest.mark.parametrize("name", sorted(NOT_IN_TEMPLATE))
+def test_an_exempted_field_leaves_the_untrained_head_as_it_is(name):
+    """NOT_IN_TEMPLATE's reasons hold: Keras builds the same head, with the same initial weights."""
+    shape, base = (3, 3, 40), HeadConfig(dropout=0.3)
+    (m1, t1), (m2, t2) = build_head(shape, base), build_head(shape, replace(base, **{name: OTHER_HEAD_VALUE[name]}))
+    assert m1.get_config() == m2.get_config()
+    assert all(np.array_equal(a, b) for a, b in zip(t1.get_weights(), t2.get_weights(), strict=True))

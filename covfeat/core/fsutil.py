@@ -1,11 +1,37 @@
-"""One home for file safety: covfeat's user-cache folders, atomic entries, and process liveness."""
+"""One home for file safety: the atomic file, the atomic folder, durable renames, process
+liveness, the sweep of leftovers whose writer is gone, covfeat's user-cache folders, and a
+file's SHA-256.
+
+Every writer of covfeat's files (shards, the cache index, run folders, the head template,
+the backbone graph cache) goes through here, so a fix to durability or to the clean-up of
+killed runs lands everywhere.  The model is Hugging Face datasets' ``incomplete_dir``:
+work happens under a temporary name beside the final one, which appears in one rename only
+when the work is whole.  Here the temporary name also carries the writer's host and pid (and
+a random suffix, so two writers in one process never share it), and everything is fsynced
+before the rename and the folder after it, so that neither a kill -9 nor a power loss
+leaves a half-written file or folder under a final name.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
+
+# This machine's name as temporary names and owner files record it (dots separate the fields
+# of a temporary name, so they become underscores).
+HOST = socket.gethostname().replace(".", "_")
+
+
+OWNER = ".covfeat-owner"  # "host pid" of the process writing a temporary folder
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)(?:\.[0-9a-f]{8})?\.tmp$")
 
 
 def user_cache(env: str, name: str) -> Path:
@@ -17,30 +43,14 @@ def user_cache(env: str, name: str) -> Path:
     return Path(base) / "covfeat" / name
 
 
-@contextlib.contextmanager
-def cache_entry(folder: Path):
-    """Write a user-cache entry whole or not at all: the body fills a temporary folder beside
-    ``folder``, which then takes its name in one rename.  When another process made the same
-    entry first, theirs is kept (an entry is a pure function of its key)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (weights files are hundreds of MB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-_HOST = __import__("socket").gethostname()
-
-
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,8 +60,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable: fsync the folder that holds the new name."""
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name.  Some file systems
+    cannot open or fsync a folder; there the rename is as durable as they make it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -62,3 +73,135 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file, then every folder, from the leaves up."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(folder)
+
+
+def temp_path(final: Path) -> Path:
+    """A temporary name beside ``final``: ``.NAME.HOST.PID.RANDOM.tmp``, so that the sweep can
+    tell whose it is and no two writers (processes or threads) share one."""
+    return final.parent / f".{final.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def writer(path: Path) -> tuple[str, int] | None:
+    """The host and pid that own a temporary file or folder: from its name, else (folders of
+    earlier covfeat versions) from its owner file; None when it is not covfeat's."""
+    m = _TEMP.match(path.name)
+    if m:
+        return m["host"], int(m["pid"])
+    try:
+        host, pid = (path / OWNER).read_text().split()
+        return host.replace(".", "_"), int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders in ``folder`` whose writer was on this host and
+    is gone; return them.  Those of live writers, of other hosts (their pids mean nothing
+    here) and anything that is not covfeat's are left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.glob(".*.tmp")):
+        w = writer(p)
+        if w is None or w[0] != HOST or alive(w[1]):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """``with atomic_file(path) as tmp:`` write ``tmp``; when the body returns, ``tmp`` is
+    fsynced and renamed to ``path`` (replacing it) and the folder fsynced; on an exception it
+    is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class AtomicDir:
+    """The one atomic folder: ``with AtomicDir(parent, name) as d:`` write into ``d.path`` (a
+    temporary folder beside the final one, holding an owner file while it is written); when
+    the body returns, every file and folder in it is fsynced, it is renamed, the parent is
+    fsynced, and ``d.final`` says where it went.  On an exception it is removed and nothing
+    is left behind.  Entering also sweeps the parent's leftovers of dead writers.
+
+    ``taken`` says what happens when the final name exists: ``"next"`` (run folders) takes
+    ``name-2``, ``name-3``...; ``"keep"`` (user-cache entries, a pure function of their key)
+    keeps the entry another process made first and drops this one.
+    """
+
+    def __init__(self, parent: str | Path, name: str, *, taken: str = "next"):
+        if taken not in ("next", "keep"):
+            raise ValueError(f"taken: expected 'next' or 'keep', got {taken!r}")
+        self.parent = Path(parent)
+        self.name = name
+        self.taken = taken
+        self.path = temp_path(self.parent / name)
+        self.final: Path | None = None
+
+    def __enter__(self) -> "AtomicDir":
+        self.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.parent)
+        self.path.mkdir()
+        (self.path / OWNER).write_text(f"{HOST} {os.getpid()}")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                (self.path / OWNER).unlink()
+                _fsync_tree(self.path)
+                self.final = self._rename()
+                fsync_dir(self.parent)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)  # gone already after the rename
+        return False
+
+    def _rename(self) -> Path:
+        final = self.parent / self.name
+        if self.taken == "keep":
+            if final.is_dir():
+                return final
+            try:
+                os.rename(self.path, final)
+            except OSError:
+                if not final.is_dir():  # not another process's entry: a real failure
+                    raise
+            return final
+        k = 1
+        while True:
+            if not final.exists():
+                try:
+                    os.rename(self.path, final)
+                    return final
+                except OSError:
+                    if not final.exists():  # not taken meanwhile by another writer: a real failure
+                        raise
+            k += 1
+            final = self.parent / f"{self.name}-{k}"

@@ -19,7 +19,6 @@ use; an entry that fails is made again with a note on stderr.  Registering and c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -27,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covfeat.core.fingerprint import _keras_settings, _sha256, _versions
-from covfeat.core.fsutil import cache_entry, user_cache
+from covfeat.core.fingerprint import fingerprint, keras_settings, keras_versions, sha256_bytes
+from covfeat.core.fsutil import AtomicDir, user_cache
 from covfeat.extraction.backbones import INPUT_SIZE, build_backbone
 
 FORMAT = 1
@@ -51,19 +50,18 @@ def cache_root() -> Path:
 
 
 def graph_key(backbone, spec, seed: int) -> tuple[str, dict]:
-    """What the traced forward graph and its weights depend on, and its hash."""
+    """What the traced forward graph and its weights depend on, and its hash: the backbone,
+    its weights' identity, the seed, the input and feature shapes, the Keras and TensorFlow
+    versions and settings, and the bytes of the code that builds and traces it."""
     here = Path(__file__).parent
-    sources = {f: hashlib.sha256((here / f).read_bytes()).hexdigest() for f in ("backbones.py", "graphfile.py")}
     what = {"format": FORMAT, "backbone": backbone.name, "builder": getattr(backbone.build, "__name__", "?"),
             "weights": spec.identity, "seed": seed, "input": [INPUT_SIZE, INPUT_SIZE, 3],
-            "feature_shape": list(backbone.feature_shape), "sources_sha256": sources,
-            "keras_settings": _keras_settings(), **_versions()}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20], what
+            "feature_shape": list(backbone.feature_shape), "keras_settings": keras_settings(), **keras_versions()}
+    return fingerprint(what, files=[here / "backbones.py", here / "graphfile.py"], length=20), what
 
 
 def _layout_digest(layout: dict) -> str:
-    return _sha256(json.dumps({k: layout[k] for k in ("what", "variables", "graph_sha256", "weights_sha256")},
-                              sort_keys=True).encode())
+    return fingerprint({k: layout[k] for k in ("what", "variables", "graph_sha256", "weights_sha256")})
 
 
 class Uncacheable(Exception):
@@ -153,11 +151,12 @@ def _save(folder: Path, concrete, model, what: dict) -> None:
     for v, meta in zip(values, variables):
         blob[meta["offset"]:meta["offset"] + v.nbytes] = np.frombuffer(v.tobytes(), np.uint8)
     graph = concrete.function_def.SerializeToString(deterministic=True)
-    with cache_entry(folder) as tmp:
+    with AtomicDir(folder.parent, folder.name, taken="keep") as entry:
+        tmp = entry.path
         (tmp / GRAPH).write_bytes(graph)
         blob.tofile(tmp / WEIGHTS)
-        layout = {"what": what, "variables": variables, "graph_sha256": _sha256(graph),
-                  "weights_sha256": _sha256(blob)}
+        layout = {"what": what, "variables": variables, "graph_sha256": sha256_bytes(graph),
+                  "weights_sha256": sha256_bytes(blob)}
         layout["layout_sha256"] = _layout_digest(layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=1))
     _prune(folder, what)
@@ -177,7 +176,7 @@ def _load(folder: Path, what: dict):
         raise ValueError("made for other settings")
     graph = (folder / GRAPH).read_bytes()
     blob = np.fromfile(folder / WEIGHTS, np.uint8)
-    if _sha256(graph) != layout["graph_sha256"] or _sha256(blob) != layout["weights_sha256"]:
+    if sha256_bytes(graph) != layout["graph_sha256"] or sha256_bytes(blob) != layout["weights_sha256"]:
         raise ValueError("checksum differs")
     fdef = function_pb2.FunctionDef()
     fdef.ParseFromString(graph)

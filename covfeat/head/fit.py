@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.errors import CacheError, DataError
+from covfeat.core.fsutil import AtomicDir
 from covfeat.extraction.backbones import Backbone, get_backbone
 from covfeat.head.balance import balance
 from covfeat.head.config import FitConfig, SplitConfig
 from covfeat.head.loop import MemorySource, StreamedSource, train
 from covfeat.head.model import build_head, pooled_mean
-from covfeat.head.runs import AtomicDir, check_writable, write_cv, write_run
+from covfeat.head.runs import check_writable, write_cv, write_run
 from covfeat.head.split import TEST, TRAIN, VAL, assign_split, cv_folds
 from covfeat.store.reader import FeatureCache, open_cache
 from covfeat.trust.metrics import (

@@ -7,8 +7,9 @@ dropout resolved, the split, the threshold and the cache's extraction config),
 ``metrics.json``; the audit adds ``audit.json``.  A cross-validation folder holds
 ``config.json``, ``cache.json``, ``metrics.json`` and one run folder per fold.
 
-Every folder is written under a temporary name and renamed when complete
-(:class:`AtomicDir`), so a folder that exists is a finished run.
+Every folder is written under a temporary name, fsynced and renamed when complete
+(:class:`covfeat.core.fsutil.AtomicDir`), so a folder that exists is a finished run, even
+after a power loss.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from covfeat.core.errors import RunError
-from covfeat.core.fsutil import _HOST, _alive
+from covfeat.core.fsutil import atomic_file, remove_stale
 from covfeat.core.settings import from_dict
 from covfeat.head.config import FitConfig
 
@@ -32,61 +32,11 @@ HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 PREDICTION_FIELDS = ["row", "path", "patient_id", "source", "label", "p_covid", "pred"]
 
 
-class AtomicDir:
-    """``with AtomicDir(parent, name) as d:`` write into ``d.path``; on success the folder is
-    renamed to ``parent/name`` (or ``name-2``, ``name-3``... if taken) and ``d.final`` says
-    where; on an exception it is removed and nothing is left behind."""
-
-    def __init__(self, parent: str | Path, name: str):
-        self.parent = Path(parent)
-        self.name = name
-        self.path = self.parent / f".{name}.{os.getpid()}.tmp"  # two writers never share a temporary folder
-        self.final: Path | None = None
-
-    def __enter__(self) -> "AtomicDir":
-        remove_stale_tmp(self.parent)
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        (self.path / OWNER).write_text(f"{_HOST} {os.getpid()}")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return False
-        (self.path / OWNER).unlink(missing_ok=True)
-        final = self.parent / self.name
-        k = 1
-        while final.exists():
-            k += 1
-            final = self.parent / f"{self.name}-{k}"
-        os.replace(self.path, final)
-        self.final = final
-        return False
-
-
-OWNER = ".covfeat-owner"  # host and pid of the process writing a temporary run folder
-
-
 def remove_stale_tmp(parent: str | Path) -> list[Path]:
-    """Remove covfeat's own temporary run folders (``.NAME.tmp`` holding an owner file) whose
-    writer is gone; folders of live writers, and anything not covfeat's, are left alone."""
-    removed = []
-    parent = Path(parent)
-    if not parent.is_dir():
-        return removed
-    for d in parent.glob(".*.tmp"):
-        owner = d / OWNER
-        if d.is_dir() and owner.is_file():
-            try:
-                host, pid = owner.read_text().split()
-                pid = int(pid)
-            except (OSError, ValueError):
-                continue
-            if host == _HOST and pid != os.getpid() and not _alive(pid):  # another host's pids mean nothing here
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
-    return removed
+    """Remove the temporary run folders in ``parent`` whose writer is gone (``covfeat clean``;
+    :func:`covfeat.core.fsutil.remove_stale`); those of live writers, and anything not
+    covfeat's, are left alone."""
+    return remove_stale(parent)
 
 
 def check_writable(folder: str | Path, what: str) -> Path:
@@ -103,9 +53,8 @@ def check_writable(folder: str | Path, what: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
 
 
 def cache_info(fc) -> dict:
@@ -120,7 +69,7 @@ def run_config(fit: FitConfig, fc, threshold: float | None) -> dict:
 
 def write_run(folder: Path, *, model, fit: FitConfig, fc, history: list[dict], test_rows: np.ndarray,
               p_test: np.ndarray, threshold: float, split: np.ndarray, metrics: dict) -> None:
-    """Write every file of a single-split run into ``folder`` (inside an :class:`AtomicDir`)."""
+    """Write every file of a single-split run into ``folder`` (inside an :class:`covfeat.core.fsutil.AtomicDir`)."""
     model.save(folder / "head.keras")
     (folder / "config.json").write_text(json.dumps(run_config(fit, fc, threshold), indent=2))
     (folder / "cache.json").write_text(json.dumps(cache_info(fc), indent=2))

@@ -18,20 +18,20 @@ template that fails its checksum or layout is made again, with a note on stderr.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
 import sys
 import time
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from covfeat.core.errors import RunError
-from covfeat.core.fingerprint import _keras_settings, _sha256, _versions
-from covfeat.core.fsutil import cache_entry, user_cache
+from covfeat.core.fingerprint import fingerprint, keras_settings, keras_versions, sha256_bytes
+from covfeat.core.fsutil import AtomicDir, user_cache
 from covfeat.head.config import HeadConfig
 
 WEIGHTS_ENTRY = "model.weights.h5"
@@ -46,26 +46,40 @@ TEMPLATE = "head.keras"
 FORMAT = 1
 
 
+# The HeadConfig fields that cannot change the untrained head or its Keras file, with the
+# reason; every other field enters the template's key, so a new one can never reuse a stale
+# template (tests/test_headfile.py derives the check from the dataclass).
+NOT_IN_TEMPLATE = {
+    "epochs": "how long the head trains, not what it starts as",
+    "batch_size": "how the rows are fed to training",
+    "learning_rate": "the optimiser's; the template is saved uncompiled, without an optimiser",
+    "momentum": "the optimiser's, as learning_rate",
+    "balance": "which rows train it (SMOTE, class weights), not its layers",
+    "smote_k": "SMOTE's neighbours, as balance",
+    "engine": "which implementation trains it; both start from the same Keras head (tests/test_headfile.py)",
+}
+
+
 def cache_root() -> Path:
     return user_cache("COVFEAT_HEAD_CACHE", "heads")
 
 
 def template_key(feature_shape, cfg: HeadConfig) -> tuple[str, dict]:
-    """What the untrained head depends on, and its hash: its settings, the Keras and
-    TensorFlow versions and settings, and the source of covfeat's head definition (layers,
-    names, batch-norm constants), so that a changed ``build_head`` never reuses a template."""
+    """What the untrained head depends on, and its hash: every setting but those of
+    :data:`NOT_IN_TEMPLATE` (the dropout rate, the dense layer's width, the activity
+    regularisers, the seed of its initialisers), the feature shape, the Keras and TensorFlow
+    versions and settings, and the bytes of covfeat's head definition (layers, names,
+    batch-norm constants), so that a changed ``build_head`` never reuses a template."""
     if cfg.dropout is None:
         raise ValueError("the head template needs a resolved dropout rate (HeadConfig.resolved(backbone)).")
-    head_src = hashlib.sha256((Path(__file__).parent / "model.py").read_bytes()).hexdigest()
-    what = {"format": FORMAT, "feature_shape": [int(x) for x in feature_shape], "dense_units": cfg.dense_units,
-            "dropout": cfg.dropout, "seed": cfg.seed, "activity_l1": cfg.activity_l1, "activity_l2": cfg.activity_l2,
-            "head_py_sha256": head_src, "keras_settings": _keras_settings(),
-            **_versions()}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20], what
+    what = {"format": FORMAT, "feature_shape": [int(x) for x in feature_shape],
+            "head": {f.name: getattr(cfg, f.name) for f in fields(HeadConfig) if f.name not in NOT_IN_TEMPLATE},
+            "keras_settings": keras_settings(), **keras_versions()}
+    return fingerprint(what, files=[Path(__file__).parent / "model.py"], length=20), what
 
 
 def _layout_digest(layout: dict) -> str:
-    return _sha256(json.dumps({k: layout[k] for k in ("datasets", "shapes", "sha256")}, sort_keys=True).encode())
+    return fingerprint({k: layout[k] for k in ("datasets", "shapes", "sha256")})
 
 
 class HeadTemplate:
@@ -78,7 +92,7 @@ class HeadTemplate:
         self.folder = folder
         self.data = (folder / TEMPLATE).read_bytes()
         layout = json.loads((folder / LAYOUT).read_text())
-        if layout.get("sha256") != _sha256(self.data) or layout.get("layout_sha256") != _layout_digest(layout):
+        if layout.get("sha256") != sha256_bytes(self.data) or layout.get("layout_sha256") != _layout_digest(layout):
             raise ValueError("checksum differs")
         self.datasets = layout["datasets"]
         self.shapes = [tuple(s) for s in layout["shapes"]]
@@ -154,7 +168,8 @@ def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
 
     model, tail = build_head(feature_shape, cfg)
     init = tail.get_weights()
-    with cache_entry(folder) as tmp:
+    with AtomicDir(folder.parent, folder.name, taken="keep") as entry:
+        tmp = entry.path
         tail.set_weights([np.full(w.shape, k + 1, w.dtype) for k, w in enumerate(init)])
         model.save(tmp / "markers.keras")
         found: dict[int, str] = {}
@@ -171,7 +186,7 @@ def _make(folder: Path, feature_shape, cfg: HeadConfig, what: dict) -> Path:
         tail.set_weights(init)
         model.save(tmp / TEMPLATE)
         layout = {"what": what, "datasets": [found[k] for k in range(len(init))],
-                  "shapes": [list(w.shape) for w in init], "sha256": _sha256((tmp / TEMPLATE).read_bytes())}
+                  "shapes": [list(w.shape) for w in init], "sha256": sha256_bytes((tmp / TEMPLATE).read_bytes())}
         layout["layout_sha256"] = _layout_digest(layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=2))
     return folder

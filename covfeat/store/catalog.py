@@ -10,10 +10,11 @@ from pathlib import Path
 import h5py
 
 from covfeat.core.errors import CacheError, CacheLocked
+from covfeat.core.fsutil import remove_stale
 from covfeat.store.index import damaged
 from covfeat.store.lock import CacheLock
 from covfeat.store.reader import open_cache
-from covfeat.store.shards import _data_sha
+from covfeat.store.shards import data_sha256
 
 
 def verify_cache(path: str | Path, progress=None) -> dict:
@@ -45,7 +46,7 @@ def verify_cache(path: str | Path, progress=None) -> dict:
         shard = path.parent / rel
         try:
             with h5py.File(shard, "r") as h:
-                ok = _data_sha(h["features"]) == h.attrs.get("features_sha256")
+                ok = data_sha256(h["features"]) == h.attrs.get("features_sha256")
         except OSError as exc:
             raise damaged(path, f"a checksum does not match in shard {shard}: {str(exc).splitlines()[0]}") from None
         if not ok:
@@ -158,16 +159,19 @@ def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
 
 
 def clean_cache_dir(cache_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """Remove shard folders and temporary files of caches no live process is writing (the
-    lock tells); return (removed, moved-aside caches left for the user)."""
+    """Remove shard folders of caches no live process is writing (the lock tells), and the
+    temporary files of indexes and shards whose writer is gone (:func:`remove_stale`);
+    return (removed, moved-aside caches left for the user)."""
     removed, kept = [], []
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return removed, kept
+    removed += remove_stale(cache_dir)
     for p in sorted(cache_dir.iterdir()):
         if ".damaged-" in p.name:
             kept.append(p)
             continue
+        # (.partial and .h5.tmp: the unfinished files of earlier covfeat versions)
         if p.name.endswith(".shards") and not p.with_name(p.name[:-len(".shards")]).exists() \
                 or p.name.endswith(".partial") or p.name.endswith(".h5.tmp"):
             target = p.with_name(p.name.rsplit(".", 1)[0])
@@ -177,4 +181,6 @@ def clean_cache_dir(cache_dir: str | Path) -> tuple[list[Path], list[Path]]:
                     removed.append(p)
             except CacheLocked:
                 continue
+    for shards in sorted(cache_dir.glob("*.shards")):
+        removed += remove_stale(shards)
     return removed, kept

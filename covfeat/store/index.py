@@ -1,5 +1,6 @@
 """The index over a cache's shards: a virtual dataset of their features, the manifest and the
-attributes, written once every shard is present and verified, marked complete last."""
+attributes (its own key among them), written once every shard is present and verified, marked
+complete last, as an atomic file."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import h5py
 import numpy as np
 
 from covfeat.core.errors import CacheError
-from covfeat.core.fsutil import _fsync_dir
+from covfeat.core.fsutil import atomic_file
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, library_versions
-from covfeat.store.shards import ShardSpec, ShardStore, _str_ds
+from covfeat.store.shards import ShardSpec, ShardStore, string_dataset
 
 
 def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config: dict, manifest: list[dict],
@@ -42,7 +43,6 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
     for spec in specs:
         for pos, r in enumerate(spec.rows):
             row_of[(spec.index, pos)] = r
-    tmp = target.with_name(target.name + ".tmp")
     labels_m = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
     from covfeat.trust.neardup import CROPS, THUMB
 
@@ -67,7 +67,7 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
                 skipped[r] = reason
             hashes[r], thumbs[r] = ph[pos], th[pos]
         i += k
-    with h5py.File(tmp, "w") as h:
+    with atomic_file(target) as tmp, h5py.File(tmp, "w") as h:
         h.create_virtual_dataset("features", layout, fillvalue=np.nan)
         h.create_dataset("row", data=rows, chunks=True, fletcher32=True)
         h.create_dataset("view", data=views, chunks=True, fletcher32=True)
@@ -75,28 +75,25 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
         h.create_dataset("label", data=labels_m[rows], chunks=True, fletcher32=True)
         g = h.create_group("manifest")
         for f in MANIFEST_FIELDS:
-            _str_ds(g, f, [r[f] for r in manifest])
+            string_dataset(g, f, [r[f] for r in manifest])
         g.create_dataset("phash", data=hashes, chunks=True, fletcher32=True)
         g.create_dataset("thumb", data=thumbs, chunks=(min(len(manifest), 256), *thumbs.shape[1:]), fletcher32=True)
         sk = h.create_group("skipped")
-        _str_ds(sk, "path", [manifest[k]["path"] for k in sorted(skipped)])
-        _str_ds(sk, "reason", [skipped[k] for k in sorted(skipped)])
+        string_dataset(sk, "path", [manifest[k]["path"] for k in sorted(skipped)])
+        string_dataset(sk, "reason", [skipped[k] for k in sorted(skipped)])
         h.attrs["config"] = json.dumps(config, sort_keys=True)
         h.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)
         h.attrs["format_version"] = FORMAT_VERSION
+        h.attrs["key"] = store.key  # checked against the file's name on open: a copy under another name is refused
         h.attrs["shards"] = json.dumps([[os.path.relpath(store.path(s), target.parent), s.index] for s in specs])
         for k, v in extra.items():
             h.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-        h.attrs["digest"] = _digest(h)  # what Fletcher-32 cannot cover: attributes and strings
+        h.attrs["digest"] = index_digest(h)  # what Fletcher-32 cannot cover: attributes and strings
         h.flush()
-        h.attrs["complete"] = True  # last, so a crash above leaves an incomplete .tmp
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
+        h.attrs["complete"] = True  # last: even the temporary file is marked complete only when whole
 
 
-def _digest(h: h5py.File) -> str:
+def index_digest(h: h5py.File) -> str:
     """SHA-256 of the attributes (config, versions, skip lists...) and the string datasets."""
     d = hashlib.sha256()
     for k in sorted(h.attrs):

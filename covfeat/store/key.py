@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
+import re
+from pathlib import Path
 
 import h5py
 import numpy as np
+
+from covfeat.core.fingerprint import fingerprint
 
 FORMAT_VERSION = 3  # 2: no split in the cache; 3: an index over immutable shard files
 
@@ -30,9 +32,18 @@ def library_versions() -> dict[str, str]:
 
 def cache_key(config: dict, manifest_rows: list[dict]) -> str:
     """Short hash of the full resolved config (defaults included) and the data's content."""
-    payload = json.dumps({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return fingerprint({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, length=16)
 
 
 def cache_name(backbone: str, weights_kind: str, key: str) -> str:
     return f"{backbone}-{weights_kind}-{key}.h5"
+
+
+_NAMED_KEY = re.compile(r"-([0-9a-f]{16})\.h5$")
+
+
+def key_in_name(path) -> str | None:
+    """The key a cache file's name claims (the one :func:`cache_name` put there), or None for
+    a name covfeat did not give."""
+    m = _NAMED_KEY.search(Path(path).name)
+    return m[1] if m else None

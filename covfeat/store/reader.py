@@ -9,7 +9,8 @@ is written to a temporary name, fsynced and renamed, by whichever driver compute
 a kill -9 or power loss loses at most the shards in flight.  The index's ``features`` is
 a virtual dataset over the shards (no feature data is copied); it is written under a
 temporary name once every shard is present and verified, marked ``complete`` and renamed
-last: a file at the final path is always complete.
+last: a file at the final path is always complete.  It holds its own key, which opening
+checks against the key its name claims, so a copy under another cache's name is refused.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from covfeat.core.errors import CacheError
-from covfeat.store.index import REBUILD, _digest, damaged
-from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS
+from covfeat.store.index import REBUILD, damaged, index_digest
+from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
 
 
 @dataclass
@@ -177,8 +178,13 @@ def open_cache(path: str | Path) -> FeatureCache:
                     f"{path} has format version {h.attrs.get('format_version')}, this covfeat reads "
                     f"{FORMAT_VERSION}; {REBUILD}."
                 )
-            if h.attrs.get("digest") != _digest(h):
+            if h.attrs.get("digest") != index_digest(h):
                 raise damaged(path, "its attributes or manifest do not match their digest")
+            # An index written before covfeat stored its key has none (its digest still holds), and
+            # a name covfeat did not give claims no key.
+            named = key_in_name(path)
+            if "key" in h.attrs and named is not None and h.attrs["key"] != named:
+                raise damaged(path, f"it is the cache of key {h.attrs['key']}, its name says {named}")
             for rel, _ in json.loads(h.attrs.get("shards", "[]")):
                 if not (path.parent / rel).is_file():  # a missing source would read as fill values
                     raise damaged(path, f"shard {path.parent / rel} is missing")

@@ -2,14 +2,13 @@
 
 Each shard is chosen by content hash alone and named by the hashes it holds and the cache
 key, so any driver, on any machine, retried any number of times, writes the same file.  It
-is written to a temporary name, fsynced and renamed, so a kill -9 or power loss loses at
-most the shards in flight.
+is written as an atomic file (:func:`covfeat.core.fsutil.atomic_file`: a temporary name,
+fsynced, renamed), so a kill -9 or power loss loses at most the shards in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,9 @@ import h5py
 import numpy as np
 
 from covfeat.core.errors import CacheError
-from covfeat.core.fsutil import _fsync_dir
+from covfeat.core.fsutil import atomic_file, remove_stale
 
 SHARD_IMAGES = 32  # images per shard
-
-
-_HOST = __import__("socket").gethostname().replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ def plan_shards(rows: list[dict], key: str, size: int | None = None) -> list[Sha
     return out
 
 
-def _data_sha(ds) -> str:
+def data_sha256(ds) -> str:
     """SHA-256 of a dataset's values: Fletcher-32 cannot tell a 16-bit word 0x0000 from 0xFFFF."""
     d = hashlib.sha256()
     for a in range(0, ds.shape[0], 256):
@@ -103,9 +99,8 @@ class ShardStore:
         for pos, (h, t) in fingerprints.items():
             hashes[pos], thumbs[pos] = h, t
         final = self.path(spec)
-        tmp = final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.tmp")
         kw = dict(track_times=False)
-        with h5py.File(tmp, "w", track_order=False) as h:
+        with atomic_file(final) as tmp, h5py.File(tmp, "w", track_order=False) as h:
             n = len(features)
             h.create_dataset("features", data=features, chunks=(1, *features.shape[1:]) if n else None,
                              fletcher32=bool(n), **kw)
@@ -113,17 +108,13 @@ class ShardStore:
             h.create_dataset("image", data=np.asarray(images, np.int32), **small)
             h.create_dataset("view", data=np.asarray(views, np.int8), **small)
             h.create_dataset("aug_params", data=np.asarray(params, np.float32).reshape(-1, 4), **small)
-            _str_ds(h, "sha256", shas)
-            _str_ds(h, "skipped", [skipped.get(i, "") for i in range(m)])
+            string_dataset(h, "sha256", shas)
+            string_dataset(h, "skipped", [skipped.get(i, "") for i in range(m)])
             h.create_dataset("phash", data=hashes, chunks=True, fletcher32=True, **kw)
             h.create_dataset("thumb", data=thumbs, chunks=(max(m, 1), *thumbs.shape[1:]), fletcher32=True, **kw)
             h.attrs["key"] = self.key
             h.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()
             h.attrs["digest"] = _shard_digest(h)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
         return final
 
     def verify(self, spec: ShardSpec, rows: list[dict]) -> None:
@@ -143,27 +134,19 @@ class ShardStore:
                 if len(image) != h["features"].shape[0] or len(view) != len(image) or (np.diff(image) < 0).any():
                     raise CacheError(f"shard {path} is damaged (its samples do not line up with its images)")
                 h["thumb"][:]
-                if _data_sha(h["features"]) != h.attrs.get("features_sha256"):  # reads (and checksums) every chunk
+                if data_sha256(h["features"]) != h.attrs.get("features_sha256"):  # reads (and checksums) every chunk
                     raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256); delete it "
                                      "and run the extraction again to recompute it")
         except OSError as exc:
             raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]}); delete it and run the "
                              "extraction again to recompute it") from None
 
-    def remove_stale_tmp(self) -> None:
-        """Half-written shard files of writers that died on this host (their pid is in the name)."""
-        from covfeat.core.fsutil import _alive
-
-        for p in self.dir.glob(f".*.{_HOST}.*.tmp"):  # this host's only: another's pids mean nothing here
-            try:
-                pid = int(p.name.rsplit(".", 2)[-2])
-            except ValueError:
-                continue
-            if pid != os.getpid() and not _alive(pid):
-                p.unlink(missing_ok=True)
+    def remove_stale_tmp(self) -> list[Path]:
+        """Half-written shard files of writers that died on this host (:func:`remove_stale`)."""
+        return remove_stale(self.dir)
 
 
-def _str_ds(group, name, values):
+def string_dataset(group, name, values):
     group.create_dataset(name, data=np.array([str(v) for v in values], dtype=h5py.string_dtype()), track_times=False)
 
 

@@ -7,12 +7,11 @@ settings), so an interrupted reproduction resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from covfeat.core.fingerprint import fingerprint
 from covfeat.extraction.backbones import list_backbones
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.run import extract
@@ -26,7 +25,7 @@ from covfeat.use.report import NOT_PRETRAINED, banners, load_run, render_text, r
 
 
 def _fit_tag(fit: FitConfig) -> str:
-    return hashlib.sha256(json.dumps(fit.run_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return fingerprint(fit.run_dict(), length=8)
 
 
 def reproduce(sources, base: ExtractConfig, fit: FitConfig, cache_dir="cache", runs_dir="runs",
