@@ -84,7 +84,7 @@ def render(data: dict, images: int, augment: int) -> str:
         "Whole command: the `extract` library call from file paths to a verified HDF5 cache (hashing, "
         "getting the backbone ready, decoding, forward passes, shards, assembly), as images/s against "
         "forward-only. The first extraction with a backbone on a machine builds it with Keras and keeps "
-        "its traced graph (covfeat.graphfile); later ones load it.", "",
+        "its traced graph (covfeat.extraction.graphfile); later ones load it.", "",
         table(["backbone", "Keras loop img/s (one batch at a time)", "forward-only img/s (the faster of that and "
                "extraction's 2 batches at once)", "files -> HDF5 img/s", "ratio (target >= 0.9)",
                "whole command (ratio, target >= 0.85; graph from covfeat's graph cache)",

@@ -132,7 +132,7 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def head_state(channels: int, cfg=None, seed: int = 0) -> tuple[tuple, tuple, tuple]:
-    """(weights, momenta, constants) for timing covfeat.kernels.head_epoch on its own: random
+    """(weights, momenta, constants) for timing covfeat.head.kernels.head_epoch on its own: random
     weights of the paper's head shape and the numba engine's own constants (as loop.py passes them)."""
     from covfeat.head.config import HeadConfig
     from covfeat.head.model import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON

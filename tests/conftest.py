@@ -16,7 +16,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 
 @pytest.fixture(scope="session", autouse=True)
 def graph_cache(tmp_path_factory):
-    """covfeat's backbone graphs (covfeat.graphfile), shared by the session's tests and their
+    """covfeat's backbone graphs (covfeat.extraction.graphfile), shared by the session's tests and their
     session fixtures (set before any of them extracts); never the user's own cache."""
     folder = tmp_path_factory.mktemp("backbone_graphs")
     with pytest.MonkeyPatch.context() as mp:
@@ -26,7 +26,7 @@ def graph_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def head_cache(tmp_path_factory):
-    """covfeat's head templates (covfeat.headfile), shared by the session's tests."""
+    """covfeat's head templates (covfeat.head.template), shared by the session's tests."""
     return tmp_path_factory.mktemp("head_templates")
 
 

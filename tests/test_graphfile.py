@@ -1,5 +1,5 @@
 """Extraction loads the backbone's traced graph and weights from covfeat's graph cache instead
-of building the model with Keras each run (covfeat.graphfile); the features stay the same."""
+of building the model with Keras each run (covfeat.extraction.graphfile); the features stay the same."""
 
 import h5py
 import numpy as np

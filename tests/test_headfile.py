@@ -1,5 +1,5 @@
 """fit-head's numba engine trains without TensorFlow: the head's initial weights and its Keras
-file come from a template that Keras made once (covfeat.headfile)."""
+file come from a template that Keras made once (covfeat.head.template)."""
 
 import json
 import os

@@ -55,7 +55,7 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
             progress: bool = True, rebuild: bool = False, driver: DriverConfig | None = None) -> Path | None:
     """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
 
-    The work is a set of immutable shards (:class:`covfeat.cache.ShardSpec`); a run computes
+    The work is a set of immutable shards (:class:`covfeat.store.shards.ShardSpec`); a run computes
     only the shards that are missing, whichever driver made the others (``driver``: the
     local pipeline, Ray, or one slice ``--shard i/N`` of them), and the index over them is
     written once every shard is present and verified.  With ``--shard`` the return value is

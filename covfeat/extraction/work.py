@@ -30,7 +30,7 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPip
     -------
     inputs : (augment + 1, 224, 224, 3) float32, view 0 the original
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
-    fingerprint : (hashes, thumbnails), see :mod:`covfeat.neardup`
+    fingerprint : (hashes, thumbnails), see :mod:`covfeat.trust.neardup`
     """
     raw = pipeline.decode(path, occluded=False)
     fp = fingerprint(raw)
@@ -69,7 +69,7 @@ class ShardComputer:
         import tensorflow as tf
 
         self.cfg, self.backbone, self._tf = cfg, backbone, tf
-        # One graph for any batch size (kept in covfeat's graph cache, see covfeat.graphfile),
+        # One graph for any batch size (kept in covfeat's graph cache, see covfeat.extraction.graphfile),
         # instantiated here on a single image: a warm-up batch of batch_size images would cost
         # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
         # features are the same, bit for bit (tests/test_extract.py).

@@ -298,7 +298,7 @@ def _fit_split(fc: FeatureCache, fit: FitConfig, runs_dir: str | Path, t0: float
 
 def _initial_head(shape, cfg):
     """(what saves head.keras, what the epochs train).  The numba engine trains a numpy head
-    whose initial weights and Keras file come from a template (:mod:`covfeat.headfile`), so
+    whose initial weights and Keras file come from a template (:mod:`covfeat.head.template`), so
     the process never imports TensorFlow; the tf engine trains the Keras layers themselves."""
     if cfg.engine == "numba":
         from covfeat.head.model import NumpyHead

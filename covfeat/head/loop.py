@@ -1,7 +1,7 @@
 """Training the head: one epoch loop over a feature source, in memory or streamed from HDF5.
 
 Dropout followed by average pooling does not depend on the head's weights, so each
-epoch's pooled rows are computed up front (:func:`covfeat.kernels.dropout_pool`, one
+epoch's pooled rows are computed up front (:func:`covfeat.head.dropout.dropout_pool`, one
 pass over the maps) while the previous epoch trains; the batch steps then run either in
 compiled code that reproduces Keras's maths (``engine="numba"``) or as the same Keras
 layers inside one ``tf.function`` per epoch (``engine="tf"``).  Where the maps come
@@ -207,7 +207,7 @@ class _TFEngine:
 
 class _NumbaEngine:
     """The head's batch steps in compiled code on numpy copies of the tail's weights (a Keras
-    tail, or a :class:`covfeat.head.NumpyHead` when no Keras is loaded); :meth:`sync` writes
+    tail, or a :class:`covfeat.head.model.NumpyHead` when no Keras is loaded); :meth:`sync` writes
     them back at the end."""
 
     def __init__(self, tail, cfg: HeadConfig):

@@ -3,7 +3,7 @@
 Head, on the pre-pool map: Dropout(rate) -> GlobalAveragePooling2D -> Dense(128, relu,
 activity L1L2(1e-3, 1e-3)) -> BatchNormalization -> Dense(2, softmax, activity
 L1L2(1e-3, 1e-3)); SGD(lr 1e-4, momentum 0.5), batch 8, binary cross-entropy on one-hot
-labels (Table 1).  :mod:`covfeat.loop` trains it; this module only defines it.
+labels (Table 1).  :mod:`covfeat.head.loop` trains it; this module only defines it.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def pooled_mean(maps: np.ndarray) -> np.ndarray:
 class NumpyHead:
     """The head after pooling as numpy arrays, in the Keras tail's weight order (dense kernel,
     bias, gamma, beta, moving mean, moving variance, softmax kernel, bias): what the numba
-    engine trains, predicts with, and saves through a :class:`covfeat.headfile.HeadTemplate`
+    engine trains, predicts with, and saves through a :class:`covfeat.head.template.HeadTemplate`
     as a Keras file, with no TensorFlow in the process."""
 
     def __init__(self, weights, template=None):

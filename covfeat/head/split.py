@@ -2,7 +2,7 @@
 
 Grouping by patient is the default because several radiographs of one patient in both
 train and test inflate every metric; ``by="image"`` reproduces the paper's naive split.
-The split is a stage-two setting (:class:`covfeat.config.SplitConfig`): it is made from a
+The split is a stage-two setting (:class:`covfeat.head.config.SplitConfig`): it is made from a
 cache's manifest when a head is fitted, never stored in the cache.
 """
 
@@ -25,7 +25,7 @@ TRAIN, VAL, TEST = 0, 1, 2
 
 def groups_for(patients, by: str = "patient", pairs=()) -> np.ndarray:
     """The unit a split keeps whole: the patient (or the image, ``by="image"``), joined with
-    its near-duplicates (``pairs`` of row indices, see :mod:`covfeat.neardup`)."""
+    its near-duplicates (``pairs`` of row indices, see :mod:`covfeat.trust.neardup`)."""
     patients = np.asarray(patients).astype(str)
     groups = patients if by == "patient" else np.array([f"image:{i}" for i in range(len(patients))])
     return join_groups(groups, pairs) if len(pairs) else groups

@@ -1,7 +1,7 @@
 """A complete cache opened for reading, and the float16 loader and finiteness check its reads use.
 
 A cache is one HDF5 index file per (extraction config -- every field but those of
-:data:`covfeat.config.NOT_IN_KEY` --, weights identity, content and labels of the data,
+:data:`covfeat.extraction.config.NOT_IN_KEY` --, weights identity, content and labels of the data,
 format version), named by a short hash of all of them, defaults included, over a folder
 ``<name>.shards/`` of immutable shard files.  It holds features, labels, patients,
 sources, views and image hashes; no split: the split is a stage-two setting.  Each shard

@@ -29,7 +29,7 @@ TABLE_FIELDS = ["path", "p_covid", "label", "error"]
 class Predictor:
     """A finished single-split run rebuilt for new images.
 
-    Attributes: ``run`` (:class:`covfeat.runs.Run`), ``pipeline`` (decoding and scaling, as
+    Attributes: ``run`` (:class:`covfeat.head.runs.Run`), ``pipeline`` (decoding and scaling, as
     extraction did them), ``backbone`` (the very weights of the cache), ``head``,
     ``threshold`` (the run's operating point; 0.5 unless --target-recall chose one).
 
