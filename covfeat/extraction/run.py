@@ -1,4 +1,5 @@
-"""Stage one: run one frozen backbone once over the radiographs and cache its feature maps.
+"""Stage one's entry point, :func:`extract`, and its local driver: run one frozen backbone once
+over the radiographs and cache its feature maps.
 
 Order of work, chosen so that a user's mistake costs seconds, not hours:
 config validated -> weights resolved -> sources read and hashed -> classes checked ->

@@ -1,5 +1,5 @@
-"""Compiled (numba) kernels of the cached-feature head: epoch-wide dropout + pooling,
-float16 -> float32 loading, and SMOTE rows for every view.
+"""The head's first two layers as one compiled (numba) pass: a whole epoch's dropout +
+average pooling, with SMOTE rows mixed from their parents view by view.
 
 Dropout followed by global average pooling, computed for a whole epoch at once:
 
