@@ -43,10 +43,16 @@ def user_cache(env: str, name: str) -> Path:
     return Path(base) / "covfeat" / name
 
 
-def sha256_file(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks (weights files are hundreds of MB)."""
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The digest of a file's bytes, read in blocks (weights files are hundreds of MB): the one
+    file hash of covfeat (images, weights files, source files in a fingerprint)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes."""
+    return file_digest(path, "sha256")
 
 
 def alive(pid: int) -> bool:

@@ -13,7 +13,6 @@ file stops at once with one message saying which file to put where.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from covfeat.core.errors import ConfigError, WeightsUnavailable
+from covfeat.core.fsutil import file_digest
 from covfeat.core.registry import Registry
 
 INPUT_SIZE = 224
@@ -142,14 +142,6 @@ def keras_cache_dir() -> Path:
     if os.path.isdir(base) and not os.access(base, os.W_OK):
         base = os.path.join("/tmp", ".keras")
     return Path(base) / "models"
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

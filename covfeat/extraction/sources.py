@@ -20,7 +20,6 @@ in metadata but absent are counted and reported, never fatal.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from covfeat.core.errors import DataError, FileUnavailable, SourceNotFound
+from covfeat.core.fsutil import sha256_file
 from covfeat.core.registry import Registry
 
 COVID, NORMAL = 1, 0
@@ -95,15 +95,11 @@ class Manifest:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise FileUnavailable(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable or "
                               "leave it out of the data.") from None
-    return h.hexdigest()
 
 
 def _is_image(p: Path) -> bool:
