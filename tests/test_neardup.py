@@ -1,5 +1,6 @@
-"""Near-duplicates: the same radiograph re-encoded, resized or lightly cropped is found, a
-different one is not, and fit-head keeps every pair on one side of every split and fold."""
+"""Near-duplicates: the same radiograph re-encoded, resized, cropped, padded, flipped, rotated or
+contrast-enhanced is found, a different one is not, the search is not all-pairs, and fit-head
+keeps every pair on one side of every split and fold."""
 
 import csv
 import json
@@ -14,7 +15,9 @@ from typer.testing import CliRunner
 from covfeat.cli import app
 from covfeat.extraction.images import load
 from covfeat.store.reader import open_cache
-from covfeat.trust.neardup import find_pairs, fingerprint, join_groups
+from covfeat.trust import neardup
+from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE, find_pairs, fingerprint, join_groups
+from covfeat.trust.neardup_index import near_codes, plan_chunks
 
 runner = CliRunner()
 COHEN = sorted((SAMPLE / "cohen" / "images").glob("*.jp*g"))
@@ -56,8 +59,97 @@ def test_cross_set_pairs_and_union_find():
     assert [(i, j) for i, j, *_ in pairs] == [(0, 0), (1, 1)]
     groups = join_groups(np.array(["a", "b", "c", "d", "e"]), [(0, 3), (3, 4)])
     assert list(groups) == ["a", "b", "c", "a", "a"]
-    flat = np.zeros((2, 4, 32, 32), np.uint8)  # blank thumbnails (no fingerprint) never match
-    assert find_pairs(np.zeros((2, 4), np.uint64), flat) == []
+    flat = np.zeros((2, *FINGERPRINT_THUMB_SHAPE), np.uint8)  # blank thumbnails (no fingerprint) never match
+    assert find_pairs(np.zeros((2, FINGERPRINT_HASHES), np.uint64), flat) == []
+
+
+def _republished(img: np.ndarray, kind: str) -> np.ndarray:
+    """A uint8 grey radiograph as another publication might show it (on the file's own pixels)."""
+    h, w = img.shape
+    if kind == "clahe":
+        return cv2.createCLAHE(3.0, (8, 8)).apply(img)
+    if kind == "gamma":
+        return np.clip(255 * (img / 255.0) ** 1.8, 0, 255).astype(np.uint8)
+    if kind == "window":
+        lo, hi = np.percentile(img, [5, 95])
+        return np.clip((img - lo) * 255.0 / (hi - lo), 0, 255).astype(np.uint8)
+    if kind == "crop":  # 9% off the left
+        return img[:, int(0.09 * w):]
+    if kind == "pad":  # 5% white on every side
+        py, px = int(0.05 * h), int(0.05 * w)
+        return cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_CONSTANT, value=255)
+    if kind == "flip":
+        return np.ascontiguousarray(img[:, ::-1])
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 4.5, 1.0)  # rotate
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+KINDS = ("clahe", "gamma", "window", "crop", "pad", "flip", "rotate")
+
+
+@pytest.fixture(scope="module")
+def republished(tmp_path_factory):
+    """Four sample radiographs, each republished every way, and eight other radiographs."""
+    out = tmp_path_factory.mktemp("republished")
+    originals = [COHEN[1], COHEN[4], KERMANY[0], KERMANY[3]]
+    copies = {}
+    for k, src in enumerate(originals):
+        img = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+        for kind in KINDS:
+            p = out / f"{k}-{kind}.jpg"
+            cv2.imwrite(str(p), _republished(img, kind), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            copies[(k, kind)] = p
+    others = COHEN[7:11] + KERMANY[5:9]
+    return originals, copies, others
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_republished_copy_is_found(republished, kind):
+    originals, copies, others = republished
+    h, t = _fp(originals + others)
+    hv, tv = _fp([copies[(k, kind)] for k in range(len(originals))])
+    found = {(i, j) for i, j, *_ in find_pairs(hv, tv, h, t)}
+    assert found == {(k, k) for k in range(len(originals))}, (kind, found)
+
+
+def test_different_radiographs_of_one_patient_are_not_paired():
+    """Several sample patients have two radiographs (patient 164 on day 1 and day 2, patient 97
+    on admission and day 1) that look alike at a glance; every sample image is its own."""
+    paths = COHEN + KERMANY
+    assert find_pairs(*_fp(paths)) == []
+
+
+def test_the_search_compares_far_fewer_codes_than_all_pairs():
+    """Multi-index hashing: hundreds of times fewer codes compared than all pairs, and a work
+    per query that grows far slower than the index, because the chunks widen as it grows.
+    Random codes and a fixed seed: the counts are exact, not timed."""
+    rng = np.random.default_rng(0)
+    compared = {}
+    for n in (10_000, 100_000):
+        codes = rng.integers(0, 2**63, (n, FINGERPRINT_HASHES), dtype=np.int64).astype(np.uint64) << np.uint64(1)
+        codes |= rng.integers(0, 2, (n, FINGERPRINT_HASHES)).astype(np.uint64)
+        codes[7, 3] = codes[n - 1, 0] ^ np.uint64(0b1011011)  # one planted near code: 5 bits
+        rows, compared[n] = near_codes(codes[:, 0], codes, neardup.MAX_BITS, skip_self=True)
+        assert (n - 1, 7, 3, 5) in [tuple(r) for r in rows]  # (random codes meet by chance too, rarely)
+        assert compared[n] < n * n * FINGERPRINT_HASHES / 500  # all pairs compare n^2 codes per view
+    # The work per query: as the index grows 1000-fold the chunks widen and it grows < 100-fold.
+    per_query = [plan_chunks(n, neardup.MAX_BITS)[2] for n in (10**5, 10**8)]
+    assert per_query[1] < 100 * per_query[0], per_query
+
+
+def test_pairs_stay_together_with_a_validation_share(tmp_path):
+    """The split keeps a near-duplicate pair on one side when validation takes a share too."""
+    man = _duplicated_manifest(tmp_path)
+    r = runner.invoke(app, ["extract", "-b", "inception_v3", "--weights", "none", "--augment", "0", "--data", str(man)])
+    assert r.exit_code == 0, r.output
+    cache = r.stdout.strip().splitlines()[-1]
+    (i, j, *_), = open_cache(cache).near_duplicate_pairs()
+    for seed in range(4):
+        r = runner.invoke(app, ["fit-head", "--cache", cache, "--epochs", "1", "--test", "0.3", "--val", "0.3",
+                                "--split-seed", str(seed), "--runs-dir", "runs"])
+        assert r.exit_code == 0, r.output
+        split = np.load(Path(r.stdout.strip().splitlines()[-1]) / "split.npy")
+        assert split[i] == split[j], seed
 
 
 def _duplicated_manifest(tmp_path) -> Path:
@@ -85,7 +177,7 @@ def test_extract_reports_the_pair_and_fit_head_keeps_it_together(tmp_path):
     cache = r.stdout.strip().splitlines()[-1]
     fc = open_cache(cache)
     (i, j, bits, corr), = fc.near_duplicate_pairs()
-    assert bits <= 4 and corr >= 0.97
+    assert bits <= neardup.MAX_BITS and corr >= neardup.MIN_CORR
     together = apart = 0
     for seed in range(8):
         for mode in ("group", "ignore"):
