@@ -44,10 +44,10 @@ def assemble(target: Path, store: ShardStore, specs: list[ShardSpec], *, config:
         for pos, r in enumerate(spec.rows):
             row_of[(spec.index, pos)] = r
     labels_m = np.array([int(r["label"]) for r in manifest], dtype=np.int8)
-    from covfeat.trust.neardup import CROPS, THUMB
+    from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE
 
-    hashes = np.zeros((len(manifest), len(CROPS)), np.uint64)
-    thumbs = np.zeros((len(manifest), len(CROPS), THUMB, THUMB), np.uint8)
+    hashes = np.zeros((len(manifest), FINGERPRINT_HASHES), np.uint64)
+    thumbs = np.zeros((len(manifest), *FINGERPRINT_THUMB_SHAPE), np.uint8)
     skipped: dict[int, str] = {}
     rows = np.empty(n, np.int32)
     views = np.empty(n, np.int8)

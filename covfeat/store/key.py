@@ -10,8 +10,10 @@ import h5py
 import numpy as np
 
 from covfeat.core.fingerprint import fingerprint
+from covfeat.trust.neardup import FINGERPRINT_VERSION
 
-FORMAT_VERSION = 3  # 2: no split in the cache; 3: an index over immutable shard files
+FORMAT_VERSION = 4  # 2: no split in the cache; 3: an index over immutable shard files; 4: near-duplicate
+# fingerprints of 15 views and a 64 x 64 thumbnail (trust.neardup, FINGERPRINT_VERSION 2)
 
 
 MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
@@ -32,7 +34,8 @@ def library_versions() -> dict[str, str]:
 
 def cache_key(config: dict, manifest_rows: list[dict]) -> str:
     """Short hash of the full resolved config (defaults included) and the data's content."""
-    return fingerprint({"format": FORMAT_VERSION, "config": config, "data": manifest_rows}, length=16)
+    return fingerprint({"format": FORMAT_VERSION, "config": config, "data": manifest_rows,
+                        "near_duplicate_fingerprint": FINGERPRINT_VERSION}, length=16)
 
 
 def cache_name(backbone: str, weights_kind: str, key: str) -> str:

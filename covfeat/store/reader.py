@@ -87,10 +87,10 @@ class FeatureCache:
         with h5py.File(self.path, "r") as h:
             g = h["manifest"]
             if "phash" not in g:
-                from covfeat.trust.neardup import CROPS, THUMB
+                from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE
 
                 n = self.n_rows if rows is None else len(rows)
-                return np.zeros((n, len(CROPS)), np.uint64), np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
+                return np.zeros((n, FINGERPRINT_HASHES), np.uint64), np.zeros((n, *FINGERPRINT_THUMB_SHAPE), np.uint8)
             thumbs = g["thumb"][:]
         hashes = self.manifest["phash"]
         if rows is None:

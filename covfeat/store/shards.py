@@ -91,11 +91,11 @@ class ShardStore:
     def write(self, spec: ShardSpec, shas: list[str], features: np.ndarray, images: np.ndarray, views: np.ndarray,
               params: np.ndarray, skipped: dict[int, str], fingerprints: dict[int, tuple]) -> Path:
         """Write one shard (``images``/``skipped``/``fingerprints`` index positions in ``shas``)."""
-        from covfeat.trust.neardup import CROPS, THUMB
+        from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE
 
         m = len(shas)
-        hashes = np.zeros((m, len(CROPS)), np.uint64)
-        thumbs = np.zeros((m, len(CROPS), THUMB, THUMB), np.uint8)
+        hashes = np.zeros((m, FINGERPRINT_HASHES), np.uint64)
+        thumbs = np.zeros((m, *FINGERPRINT_THUMB_SHAPE), np.uint8)
         for pos, (h, t) in fingerprints.items():
             hashes[pos], thumbs[pos] = h, t
         final = self.path(spec)
@@ -152,10 +152,10 @@ def string_dataset(group, name, values):
 
 def shard_fingerprints(store: ShardStore, specs: list[ShardSpec], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image's fingerprint from the shards present (zeros where none)."""
-    from covfeat.trust.neardup import CROPS, THUMB
+    from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE
 
-    hashes = np.zeros((n, len(CROPS)), np.uint64)
-    thumbs = np.zeros((n, len(CROPS), THUMB, THUMB), np.uint8)
+    hashes = np.zeros((n, FINGERPRINT_HASHES), np.uint64)
+    thumbs = np.zeros((n, *FINGERPRINT_THUMB_SHAPE), np.uint8)
     for spec in store.present(specs):
         with h5py.File(store.path(spec), "r") as h:
             hashes[list(spec.rows)] = h["phash"][:]
