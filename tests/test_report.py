@@ -1,5 +1,6 @@
 """Report numbers against hand-counted confusion matrices, and the report files a user gets."""
 
+import csv
 import json
 
 import numpy as np
@@ -63,7 +64,10 @@ def test_report_cli_prints_table_and_writes_files(mini_run, tmp_path):
         assert row in out
     m = json.loads((mini_run / "metrics.json").read_text())["argmax"]
     line = next(l for l in out.splitlines() if l.startswith("TP "))
-    assert line.split()[1:] == [str(m["TP"])] * 2
+    # the count, then the patients behind it, counted here from the test predictions
+    pred = list(csv.DictReader(open(mini_run / "predictions.csv")))
+    tp_patients = len({r["patient_id"] for r in pred if r["label"] == "1" and r["pred"] == "1"})
+    assert line.split()[1:] == [str(m["TP"]), f"({tp_patients}", "patients)"] * 2
     files = sorted(p.name for p in (tmp_path / "rep").iterdir())
     assert {"table2.md", "table2.csv", "table2.json"} <= set(files)
     assert sum(f.endswith("_curves.png") for f in files) == 1 and sum(f.endswith("_roc_pr.png") for f in files) == 1
