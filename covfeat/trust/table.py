@@ -98,8 +98,9 @@ def single_cells(m: dict) -> dict[str, str]:
             out[f"{tag}: threshold"] += (f"{span}, from {vr['k']}/{vr['images']} validation COVID-19 images, "
                                          f"{vr['patients']} patients")
         for k, nm in (("covid_recall", "recall"), ("covid_precision", "precision"), ("specificity", "specificity")):
-            out[f"{tag}: test {nm}"] = (describe(ti[k], value=t[k]) if ti is not None else
-                                        fmt(k, t[k], t["ci"].get(k)) + f" ({fraction(t, k)})")
+            out[f"{tag}: test {nm}"] = describe(ti[k], value=t[k]) if ti is not None else fmt(k, t[k], t["ci"].get(k))
+            if ti is None and not _nan(t[k]):
+                out[f"{tag}: test {nm}"] += f" ({fraction(t, k)})"
     return out
 
 
@@ -108,6 +109,7 @@ def _nan(v) -> bool:
 
 
 def cv_cells(m: dict) -> dict[str, str]:
+    """Table 2 of a cross-validation: the mean of every metric over folds with its t interval."""
     out = {}
     cv = m["cv"]
     n_scores = cv["n_folds"] * cv["n_repeats"]
