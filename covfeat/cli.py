@@ -233,11 +233,12 @@ def fit_head(**opts):
 def report(
     runs: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Run folders from fit-head.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for table2.md/.csv/.json and the PNG figures \\[default: the first run folder]")] = None,
+    prevalence: Annotated[Optional[float], typer.Option(help="COVID-19 share for PPV and NPV (a deployment's) \\[default: each run's test share]")] = None,
 ):
     """Print the paper's Table 2 for the runs side by side; write Markdown, CSV, JSON and figures."""
     import covfeat.use.report as rp
 
-    typer.echo(_guard(rp.report, runs, out if out is not None else runs[0]))
+    typer.echo(_guard(rp.report, runs, out if out is not None else runs[0], prevalence=prevalence))
 
 
 @app.command()

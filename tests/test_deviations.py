@@ -50,3 +50,13 @@ def test_a_setting_the_run_did_not_record_is_an_error_not_a_default(d):
     del where[d.reads[-1]]
     with pytest.raises(RunError, match=rf"^A run's config.json has no {'.'.join(d.reads)}, "):
         applying(c)
+
+
+def test_a_k_fold_run_lists_only_the_deviations_that_apply_to_it():
+    """A cross-validation has no 60/10/30 split (each fold's test part is a fold): the split's
+    deviation is not its own; the rest are read as for one split."""
+    single, k_fold = _recorded(FitConfig()), _recorded(FitConfig(folds=5))
+    assert "split" in _keys(single) and _keys(k_fold) == _keys(single) - {"split"}
+    del k_fold["folds"]
+    with pytest.raises(RunError, match=r"^A run's config.json has no folds, "):
+        applying(k_fold)

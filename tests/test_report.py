@@ -1,6 +1,8 @@
 """Report numbers against hand-counted confusion matrices, and the report files a user gets."""
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +65,10 @@ def test_report_cli_prints_table_and_writes_files(mini_run, tmp_path):
         assert row in out
     m = json.loads((mini_run / "metrics.json").read_text())["argmax"]
     line = next(l for l in out.splitlines() if l.startswith("TP "))
-    assert line.split()[1:] == [str(m["TP"])] * 2
+    # the count, then the patients behind it, counted here from the test predictions
+    pred = list(csv.DictReader(open(mini_run / "predictions.csv")))
+    tp_patients = len({r["patient_id"] for r in pred if r["label"] == "1" and r["pred"] == "1"})
+    assert line.split()[1:] == [str(m["TP"]), f"({tp_patients}", "patients)"] * 2
     files = sorted(p.name for p in (tmp_path / "rep").iterdir())
     assert {"table2.md", "table2.csv", "table2.json"} <= set(files)
     assert sum(f.endswith("_curves.png") for f in files) == 1 and sum(f.endswith("_roc_pr.png") for f in files) == 1
@@ -74,3 +79,90 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "x").mkdir()
     r = runner.invoke(app, ["report", str(tmp_path / "x")])
     assert r.exit_code == 1 and "is not a finished covfeat run (no metrics.json)" in r.stderr
+
+
+def _fold_counts(folds, called):
+    """Per source: (COVID-19 rows ``called`` COVID-19, COVID-19 rows) over every fold's
+    predictions.csv, counted here from the files."""
+    out = {}
+    for f in folds:
+        for r in csv.DictReader(open(f / "predictions.csv")):
+            if r["label"] == "1":
+                k, n = out.get(r["source"], (0, 0))
+                out[r["source"]] = (k + called(r), n + 1)
+    return out
+
+
+def test_cross_validation_report_from_the_fold_folders(mini_cache, tmp_path):
+    """The CV interval rests on a test/train ratio counted here from each fold's split.npy and
+    on fold accuracies counted from each fold's predictions.csv (not on the ratio and scores
+    the run stored); every interval of a proportion or AUC lies in [0, 1]; the per-source
+    breakdown sums every fold's test rows (at argmax and at each fold's threshold); only the
+    deviations that apply to a k-fold run are listed."""
+    from covfeat.head.split import TEST, TRAIN
+    from covfeat.trust.metrics import COUNT_KEYS, cv_interval
+
+    r = runner.invoke(app, ["fit-head", "--cache", str(mini_cache), "--folds", "3", "--repeats", "2", "--epochs", "2",
+                            "--val", "0.2", "--target-recall", "0.5", "--runs-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    parent = Path(r.stdout.strip().splitlines()[-1])
+    m = json.loads((parent / "metrics.json").read_text())
+    folds = sorted(p for p in parent.iterdir() if p.is_dir())
+    assert len(folds) == 6
+    splits = [np.load(f / "split.npy") for f in folds]
+    ratio = float(np.mean([(s == TEST).sum() / (s == TRAIN).sum() for s in splits]))
+    assert m["cv"]["test_over_train"] == pytest.approx(ratio)
+    acc = []
+    for f in folds:
+        rows = list(csv.DictReader(open(f / "predictions.csv")))
+        acc.append(np.mean([(float(r["p_covid"]) >= 0.5) == (r["label"] == "1") for r in rows]))  # argmax
+    want = cv_interval(acc, ratio, 3, bounds=(0.0, 1.0))
+    assert (m["cv"]["accuracy"]["lo"], m["cv"]["accuracy"]["hi"]) == pytest.approx((want["lo"], want["hi"]))
+    for k, c in m["cv"].items():
+        if isinstance(c, dict) and k not in COUNT_KEYS and not np.isnan(c["lo"]):
+            assert 0.0 <= c["lo"] <= c["hi"] <= 1.0, k
+    by = m["by_source_patients"]
+    at = {"argmax": lambda r: float(r["p_covid"]) >= 0.5,
+          "operating_point": lambda r: r["pred"] == "1"}  # predictions.csv: the call at the fold's threshold
+    for kind, called in at.items():
+        assert {s: (e["covid_recall"]["k"], e["covid_recall"]["images"]) for s, e in by[kind].items()
+                if "covid_recall" in e} == _fold_counts(folds, called), kind
+    n_rows = sum(len(list(csv.DictReader(open(f / "predictions.csv")))) for f in folds)
+    assert sum(m["sources_test"].values()) == n_rows  # every fold's test sources, not the first fold's
+    out = runner.invoke(app, ["report", str(parent), "--out", str(tmp_path / "rep")]).stdout
+    assert "COVID-19 recall, cohen at argmax, 3 folds x 2 repeats, summed" in out
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "Split: 60% train, 10% validation, 30% test by default" not in html  # no 60/10/30 split in k-fold
+    assert "Grouping: the split and the folds keep each patient on one side" in html
+
+
+def test_predictive_values_at_a_stated_prevalence(mini_run, tmp_path):
+    import math
+
+    m = json.loads((mini_run / "metrics.json").read_text())["argmax"]
+    se, sp = m["TP"] / (m["TP"] + m["FN"]), m["TN"] / (m["TN"] + m["FP"])
+    pi = 0.1
+    ppv = se * pi / (se * pi + (1 - sp) * (1 - pi)) if se * pi + (1 - sp) * (1 - pi) else math.nan
+    r = runner.invoke(app, ["report", str(mini_run), "--prevalence", str(pi), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    line = next(l for l in r.stdout.splitlines() if l.startswith("PPV at prevalence 0.100 (stated), argmax"))
+    assert line.split("argmax")[1].split()[0] == ("n/a" if math.isnan(ppv) else f"{ppv:.2f}")
+    default = runner.invoke(app, ["report", str(mini_run), "--out", str(tmp_path / "rep2")]).stdout
+    assert f"PPV at prevalence {m['n_covid'] / (m['n_covid'] + m['n_normal']):.3f} (test set), argmax" in default
+    bad = runner.invoke(app, ["report", str(mini_run), "--prevalence", "1.5"])
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == "error: --prevalence: expected a COVID-19 share strictly between 0 and 1, got 1.5."
+
+
+def test_report_html_shows_calibration_and_a_reliability_diagram(mini_run, tmp_path):
+    import cv2
+
+    r = runner.invoke(app, ["report", str(mini_run), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h2>Calibration and prevalence</h2>" in html and "Brier score, raw p_covid" in html
+    assert "p_covid corrected to the test prevalence" in html
+    fig = cv2.imread(str(next((tmp_path / "rep").glob("*_confusion_roc_pr.png"))))
+    assert fig.shape[1] == 2000  # four panels of 5 in at 100 dpi: confusion, ROC, PR and the reliability diagram
+    data = json.loads((tmp_path / "rep" / "table2.json").read_text())["runs"][0]["calibration"]
+    assert {"raw", "corrected"} <= set(data) and data["corrected"]["reliability"]

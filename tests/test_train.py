@@ -221,7 +221,7 @@ def test_cross_validation_takes_each_folds_numbers_from_memory(mini_cache, tmp_p
     import covfeat.head.runs as runs
     from covfeat.extraction.backbones import get_backbone
     from covfeat.head.runs import Run
-    from covfeat.trust.metrics import METRIC_KEYS, cv_interval
+    from covfeat.trust.metrics import COUNT_KEYS, METRIC_KEYS, cv_interval
 
     looked_up = []
     monkeypatch.setattr(fitmod, "get_backbone", lambda name: looked_up.append(name) or get_backbone(name))
@@ -242,7 +242,9 @@ def test_cross_validation_takes_each_folds_numbers_from_memory(mini_cache, tmp_p
 
     assert same(cv.metrics["folds"], [m["argmax"] for m in folds])
     ratio = float(np.mean([m["n_test"] / m["n_train_real"] for m in folds]))
-    for k in METRIC_KEYS:
-        assert same(cv.metrics["cv"][k], cv_interval([m["argmax"][k] for m in folds], ratio, 3)), k
+    for k in METRIC_KEYS:  # every interval of a proportion or an AUC clipped to [0, 1] (issue 16, item 8)
+        unit = None if k in COUNT_KEYS else (0.0, 1.0)
+        assert same(cv.metrics["cv"][k], cv_interval([m["argmax"][k] for m in folds], ratio, 3, bounds=unit)), k
     for k in ("covid_recall", "covid_precision", "specificity"):
-        assert same(cv.metrics["cv"][f"op_{k}"], cv_interval([m["operating_point"]["test"][k] for m in folds], ratio, 3))
+        assert same(cv.metrics["cv"][f"op_{k}"], cv_interval([m["operating_point"]["test"][k] for m in folds], ratio, 3,
+                                                             bounds=(0.0, 1.0)))

@@ -26,9 +26,12 @@ from covfeat.head.config import FitConfig, SplitConfig
 from covfeat.head.loop import MemorySource, StreamedSource, train
 from covfeat.head.model import build_head, pooled_mean
 from covfeat.head.runs import check_writable, write_cv, write_run
-from covfeat.head.split import TEST, TRAIN, VAL, assign_split, cv_folds
+from covfeat.head.split import TEST, TRAIN, VAL, assign_split, cv_folds, patient_groups, usable_pairs
 from covfeat.store.reader import FeatureCache, open_cache
+from covfeat.trust import evaluation
+from covfeat.trust.calibration import effective_prior
 from covfeat.trust.metrics import (
+    COUNT_KEYS,
     CV_INTERVAL,
     METRIC_KEYS,
     by_source,
@@ -52,15 +55,6 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def usable_pairs(fc: FeatureCache, cfg: SplitConfig, rows: np.ndarray) -> list[tuple[int, int]]:
-    """The cache's near-duplicate pairs among ``rows``, as positions in ``rows`` (none when
-    ``cfg.near_duplicates`` is "ignore")."""
-    if cfg.near_duplicates == "ignore":
-        return []
-    pos = {int(r): k for k, r in enumerate(rows)}
-    return [(pos[i], pos[j]) for i, j, *_ in fc.near_duplicate_pairs() if i in pos and j in pos]
 
 
 def make_split(fc: FeatureCache, cfg: SplitConfig) -> np.ndarray:
@@ -182,10 +176,15 @@ def fit_head(cache_path: str | Path, fit: FitConfig | None = None, runs_dir: str
 
 
 def _fit_split(fc: FeatureCache, fit: FitConfig, runs_dir: str | Path, t0: float, *, split: np.ndarray | None,
-               name: str | None, progress: bool, maps: LoadedMaps | None) -> tuple[Path, dict]:
+               name: str | None, progress: bool, maps: LoadedMaps | None) -> tuple[Path, dict, dict]:
     """One split on an opened cache, ``fit`` with its dropout already resolved against the
-    cache's backbone (once, by the caller); returns the run folder and the metrics it wrote,
-    so cross-validation takes each fold's numbers from memory instead of reading them back."""
+    cache's backbone (once, by the caller); returns the run folder, the metrics it wrote and
+    its test rows' labels, scores, sources and patient groups, so cross-validation takes each
+    fold's numbers from memory instead of reading them back.
+
+    The SMOTE- or class-weight-balanced head learns toward its training prior (recorded as
+    ``train_prior``): calibration is reported for its raw p_covid and corrected to the test
+    prevalence."""
     cfg = fit.head
     if split is None:
         split = make_split(fc, fit.split)
@@ -272,28 +271,36 @@ def _fit_split(fc: FeatureCache, fit: FitConfig, runs_dir: str | Path, t0: float
     p_test = predict(pooled_mean(originals(test_rows)) if len(test_rows) else None)
     p_val = predict(Xv)  # the validation rows pooled once, for the epochs and for the threshold
     threshold = 0.5
-    metrics = {"argmax": classification_metrics(labels_m[test_rows], p_test, 0.5)}
+    y_te, y_va, src_te = labels_m[test_rows], labels_m[val_rows], fc.manifest["source"][test_rows]
+    g_te = patient_groups(fc, test_rows)  # the unit every interval resamples
+    metrics = {"argmax": {**classification_metrics(y_te, p_test, 0.5), **evaluation.table2(y_te, p_test, g_te)}}
     if fit.target_recall is not None:
-        threshold = threshold_for_recall(labels_m[val_rows], p_val, fit.target_recall)
+        threshold = threshold_for_recall(y_va, p_val, fit.target_recall)
         metrics["operating_point"] = {
             "target_recall": fit.target_recall, "threshold": threshold,
-            "validation": classification_metrics(labels_m[val_rows], p_val, threshold),
-            "test": classification_metrics(labels_m[test_rows], p_test, threshold),
+            "validation": classification_metrics(y_va, p_val, threshold),
+            "test": {**classification_metrics(y_te, p_test, threshold),
+                     **evaluation.table2(y_te, p_test, g_te, threshold)},
+            **evaluation.operating_point(y_va, p_val, patient_groups(fc, val_rows), fit.target_recall, threshold),
         }
+    at = {"argmax": 0.5, **({"operating_point": threshold} if fit.target_recall is not None else {})}
+    w = np.ones(len(bal.labels)) if bal.sample_weight is None else bal.sample_weight
+    train_prior = effective_prior(float(w[bal.labels == 1].sum()), float(w[bal.labels == 0].sum()))
     metrics.update(
         backbone=fc.backbone, weights=fc.config["weights"], pretrained=fc.pretrained,
         n_train_real=int(n_real), n_train_smote=int(n_syn), n_val=int(len(val_rows)), n_test=int(len(test_rows)),
         fit_seconds=train_seconds, fit_stages_seconds=marks, peak_rss_mb=peak_rss_mb(), streamed=bool(streamed),
         sources_test=_sources(fc, test_rows), not_used=not_used(fc),
-        by_source={"argmax": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows], 0.5),
-                   **({"operating_point": by_source(labels_m[test_rows], p_test, fc.manifest["source"][test_rows],
-                                                    threshold)} if fit.target_recall is not None else {})},
+        by_source={k: by_source(y_te, p_test, src_te, t) for k, t in at.items()},
+        by_source_patients={k: evaluation.by_source(y_te, p_test, src_te, g_te, t) for k, t in at.items()},
+        train_prior=train_prior, calibration=evaluation.calibration(y_te, p_test, g_te, train_prior),
+        predictive={k: evaluation.predictive(y_te, p_test, g_te, None, t) for k, t in at.items()},
         near_duplicates=near_duplicate_summary(fc, fit.split),
     )
     with AtomicDir(runs_dir, name or f"{fc.backbone}-{time.strftime('%Y%m%d-%H%M%S')}") as d:
         write_run(d.path, model=model, fit=fit, fc=fc, history=history, test_rows=test_rows, p_test=p_test,
-                  threshold=threshold, split=split, metrics=metrics)
-    return d.final, metrics
+                  threshold=threshold, split=split, metrics=metrics, groups=g_te)
+    return d.final, metrics, {"y": y_te, "p": p_test, "source": src_te, "group": g_te, "threshold": threshold}
 
 
 def _initial_head(shape, cfg):
@@ -341,7 +348,9 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
 
     Every image has its augmented views in the cache, so any fold can train on any image
     without extracting again.  The parent's metrics.json holds the mean and 95% t interval
-    of every metric over folds; each fold is a complete run folder of its own.  The cache is
+    of every metric over folds (clipped to [0, 1] where the metric lives there), and the
+    per-source breakdown and test sources of every fold summed, not those of one fold; each
+    fold is a complete run folder of its own.  The cache is
     opened, its backbone looked up and the dropout resolved once, here, for every fold.
     """
     fc, backbone = _open(cache_path, fc)
@@ -350,7 +359,7 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
     man = fc.manifest
     idx = np.flatnonzero(fc.has_features())
     one = replace(fit, folds=0, repeats=1)
-    fold_metrics = []
+    fold_metrics, held = [], []
     # Every row's maps read once for all folds when they fit the memory budget (each fold
     # would otherwise read its own training rows again).
     folds = list(cv_folds(man["label"][idx], man["patient_id"][idx], fit.folds, fit.repeats, by=fit.split.by,
@@ -362,19 +371,45 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
             split = np.full(fc.n_rows, -1, np.int8)
             split[idx] = sp
             _log(f"fold {f + 1}/{fit.folds}, repeat {r + 1}/{fit.repeats}")
-            _, m = _fit_split(fc, one, d.path, time.perf_counter(), split=split, name=f"r{r}-f{f}",
-                              progress=progress, maps=maps)
+            _, m, h = _fit_split(fc, one, d.path, time.perf_counter(), split=split, name=f"r{r}-f{f}",
+                                 progress=progress, maps=maps)
             fold_metrics.append(m)
+            held.append(h)
         ratio = float(np.mean([m["n_test"] / m["n_train_real"] for m in fold_metrics]))
-        cv = {k: cv_interval([m["argmax"][k] for m in fold_metrics], ratio, fit.folds) for k in METRIC_KEYS}
+        cv = {k: cv_interval([m["argmax"][k] for m in fold_metrics], ratio, fit.folds,
+                             bounds=None if k in COUNT_KEYS else (0.0, 1.0)) for k in METRIC_KEYS}
         if fit.target_recall is not None:
             for k in ("covid_recall", "covid_precision", "specificity"):
-                cv[f"op_{k}"] = cv_interval([m["operating_point"]["test"][k] for m in fold_metrics], ratio, fit.folds)
+                cv[f"op_{k}"] = cv_interval([m["operating_point"]["test"][k] for m in fold_metrics], ratio, fit.folds,
+                                            bounds=(0.0, 1.0))
         cv.update(n_folds=fit.folds, n_repeats=fit.repeats, grouped_by=fit.split.by, interval=CV_INTERVAL,
-                  test_over_train=ratio)
+                  test_over_train=ratio, target_recall=fit.target_recall)
         first = fold_metrics[0]
         metrics = {"cv": cv, "backbone": fc.backbone, "weights": first["weights"], "pretrained": first["pretrained"],
-                   "sources_test": first["sources_test"], "fit_seconds": time.perf_counter() - t0,
+                   "sources_test": _summed([m["sources_test"] for m in fold_metrics]),
+                   "by_source_patients": _summed_by_source(held, fit.target_recall is not None),
+                   "fit_seconds": time.perf_counter() - t0,
                    "peak_rss_mb": peak_rss_mb(), "folds": [m["argmax"] for m in fold_metrics]}
         write_cv(d.path, fit=fit, fc=fc, metrics=metrics)
     return d.final
+
+
+def _summed(counts: list[dict]) -> dict:
+    """Per source and class, the test images of every fold (and repeat) added up."""
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _summed_by_source(held: list[dict], operating_point: bool) -> dict:
+    """The per-source breakdown over every fold's test rows together (each image once per
+    repeat), its intervals resampling patient groups.  At the operating point each fold
+    calls its rows at its own threshold: those calls, as scores of 0 or 1, are scored at 0.5."""
+    y, p, src, g = (np.concatenate([h[k] for h in held]) for k in ("y", "p", "source", "group"))
+    out = {"argmax": evaluation.by_source(y, p, src, g, 0.5)}
+    if operating_point:
+        calls = np.concatenate([(h["p"] >= h["threshold"]).astype(float) for h in held])
+        out["operating_point"] = evaluation.by_source(y, calls, src, g, 0.5)
+    return out

@@ -3,7 +3,7 @@
 A single-split run folder holds ``head.keras``, ``config.json`` (the fit settings with
 dropout resolved, the split, the threshold and the cache's extraction config),
 ``cache.json`` (which cache, its key, its weights), ``history.csv``, ``predictions.csv``
-(test rows), ``split.npy`` (train/val/test per manifest row, -1 for skipped images) and
+(test rows, with the patient group each interval resamples), ``split.npy`` (train/val/test per manifest row, -1 for skipped images) and
 ``metrics.json``; the audit adds ``audit.json``.  A cross-validation folder holds
 ``config.json``, ``cache.json``, ``metrics.json`` and one run folder per fold.
 
@@ -29,7 +29,9 @@ from covfeat.head.config import FitConfig
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 
-PREDICTION_FIELDS = ["row", "path", "patient_id", "source", "label", "p_covid", "pred"]
+PREDICTION_FIELDS = ["row", "path", "patient_id", "source", "label", "p_covid", "pred", "group"]
+# "group": the patient group (patients joined by near-duplicates) every interval resamples;
+# runs fitted before covfeat recorded it lack the column.
 
 
 def remove_stale_tmp(parent: str | Path) -> list[Path]:
@@ -68,7 +70,7 @@ def run_config(fit: FitConfig, fc, threshold: float | None) -> dict:
 
 
 def write_run(folder: Path, *, model, fit: FitConfig, fc, history: list[dict], test_rows: np.ndarray,
-              p_test: np.ndarray, threshold: float, split: np.ndarray, metrics: dict) -> None:
+              p_test: np.ndarray, threshold: float, split: np.ndarray, metrics: dict, groups) -> None:
     """Write every file of a single-split run into ``folder`` (inside an :class:`covfeat.core.fsutil.AtomicDir`)."""
     model.save(folder / "head.keras")
     (folder / "config.json").write_text(json.dumps(run_config(fit, fc, threshold), indent=2))
@@ -81,9 +83,9 @@ def write_run(folder: Path, *, model, fit: FitConfig, fc, history: list[dict], t
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PREDICTION_FIELDS)
-        for r, p in zip(test_rows, p_test):
+        for r, p, g in zip(test_rows, p_test, groups):
             w.writerow([int(r), man["path"][r], man["patient_id"][r], man["source"][r], int(man["label"][r]),
-                        f"{p:.6f}", int(p >= threshold)])
+                        f"{p:.6f}", int(p >= threshold), g])
     np.save(folder / "split.npy", np.asarray(split, np.int8))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -168,10 +170,13 @@ class Run:
             return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
     def predictions(self) -> dict[str, np.ndarray]:
-        """The test rows: row, path, patient_id, source, label, p_covid, pred."""
+        """The test rows: row, path, patient_id, source, label, p_covid, pred, and group (the
+        patient group) when the run recorded it."""
         with open(self.path / "predictions.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        out = {k: np.array([r[k] for r in rows]) for k in PREDICTION_FIELDS}
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            have = reader.fieldnames or []
+        out = {k: np.array([r[k] for r in rows]) for k in PREDICTION_FIELDS if k in have}
         for k in ("row", "label", "pred"):
             out[k] = out[k].astype(int)
         out["p_covid"] = out["p_covid"].astype(float)

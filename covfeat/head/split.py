@@ -31,6 +31,26 @@ def groups_for(patients, by: str = "patient", pairs=()) -> np.ndarray:
     return join_groups(groups, pairs) if len(pairs) else groups
 
 
+def usable_pairs(fc, cfg: SplitConfig, rows: np.ndarray) -> list[tuple[int, int]]:
+    """The cache's near-duplicate pairs among manifest ``rows``, as positions in ``rows`` (none
+    when ``cfg.near_duplicates`` is "ignore")."""
+    if cfg.near_duplicates == "ignore":
+        return []
+    pos = {int(r): k for k, r in enumerate(rows)}
+    return [(pos[i], pos[j]) for i, j, *_ in fc.near_duplicate_pairs() if i in pos and j in pos]
+
+
+def patient_groups(fc, rows, near_duplicates: str = "group") -> np.ndarray:
+    """The patient group of each of a cache's manifest ``rows``: its patient id, joined with
+    the patients of its near-duplicates among ``rows``.  The one answer to "which rows are
+    not independent draws", used by every patient-level interval (fit-head's Table 2, the
+    probes): images of one patient, or copies of one radiograph, resample together whatever
+    ``--split-by`` made the split with."""
+    rows = np.asarray(rows, np.int64)
+    return groups_for(fc.manifest["patient_id"][rows], "patient",
+                      usable_pairs(fc, SplitConfig(near_duplicates=near_duplicates), rows))
+
+
 def assign_split(labels: np.ndarray, patients: np.ndarray, cfg: SplitConfig, pairs=()) -> np.ndarray:
     """Return 0/1/2 (train/val/test) per image, stratified by label, grouped by ``cfg.by``
     and by near-duplicate ``pairs``.

@@ -25,12 +25,13 @@ class Deviation:
     text: str
     reads: tuple[str, ...] = ()  # where the deciding setting is in config.json; () for what every run does
     applies: Callable[[Any], bool] = _always  # the recorded setting -> does it apply?
+    k_fold: bool = True  # does it apply to a cross-validation (config.json's folds > 0)?
 
 
 DEVIATIONS = [
     Deviation("split", "Split: 60% train, 10% validation, 30% test by default; the paper split 70/30 and its "
               "'validation' curves are its test set. covfeat picks thresholds and draws curves on a separate "
-              "validation share.", ("split", "val"), lambda val: val > 0),
+              "validation share.", ("split", "val"), lambda val: val > 0, k_fold=False),
     Deviation("grouping", "Grouping: the split and the folds keep each patient on one side (the paper split by "
               "image, which leaks patients between train and test); `--split-by image` restores the paper's way.",
               ("split", "by"), lambda by: by == "patient"),
@@ -82,5 +83,7 @@ def recorded(run_config: dict, path: tuple[str, ...]):
 
 
 def applying(run_config: dict) -> list[Deviation]:
-    """The deviations that apply to a run, from the settings recorded in its config.json."""
-    return [d for d in DEVIATIONS if d.applies(recorded(run_config, d.reads))]
+    """The deviations that apply to a run, from the settings recorded in its config.json; a
+    cross-validation has no single 60/10/30 split, so the split's deviation is not its own."""
+    k_fold = bool(recorded(run_config, ("folds",)))
+    return [d for d in DEVIATIONS if (d.k_fold or not k_fold) and d.applies(recorded(run_config, d.reads))]

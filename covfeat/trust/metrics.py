@@ -2,7 +2,9 @@
 
 scikit-learn computes the metrics and curves, scipy the Wilson and t intervals; this
 module decides which numbers a report shows and how they are named -- the one list of
-them, :data:`METRIC_ROWS`, that reports, cross-validation and ``reproduce`` all use.
+them, :data:`METRIC_ROWS`, that reports, cross-validation and ``reproduce`` all use.  The
+image-level Wilson intervals here (``ci``, ``by_source``) stay for the callers that read
+them; the patient-level intervals a report prints are :mod:`covfeat.trust.evaluation`'s.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ CV_INTERVAL = ("approximate 95% interval: Nadeau-Bengio corrected variance of th
                "t with folds - 1 degrees of freedom")
 
 
-def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95) -> dict:
+def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95,
+                bounds: tuple[float, float] | None = None) -> dict:
     """Mean of per-fold scores (every fold of every repeat) and an approximate interval that
     does not shrink with repeats alone.
 
@@ -138,6 +141,8 @@ def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95)
     independent test partitions of one repeat), so repeating a k-fold cross-validation never
     gives a narrower interval than one repeat justifies.  Undefined fold scores (nan, e.g.
     precision when a fold made no positive call) are counted, not silently dropped.
+    ``bounds`` clips the interval to the range the metric can take ((0, 1) for proportions
+    and AUCs: the t interval is symmetric and would otherwise reach past 1, as [0.88, 1.06]).
     """
     from scipy.stats import t
 
@@ -152,4 +157,6 @@ def cv_interval(values, test_over_train: float, folds: int, level: float = 0.95)
         var = (1.0 / len(v) + test_over_train) * float(v.var(ddof=1))
         half = float(t.ppf(0.5 + level / 2, folds - 1) * math.sqrt(var))
         out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+        if bounds is not None:
+            out["lo"], out["hi"] = max(out["lo"], bounds[0]), min(out["hi"], bounds[1])
     return out

@@ -1,21 +1,25 @@
 """Reports: the paper's Table 2 for one or more runs, side by side, and their figures.
 
 Every report says which weights the features came from, loudly when they were not
-pretrained, prints the test count of each class beside the metrics, and gives intervals
-(Wilson for a single split, a t interval over folds for cross-validation).
+pretrained, prints the images and patients behind every number, and gives intervals
+(patient-level for a single split, :mod:`covfeat.trust.evaluation`, named in each row; a t
+interval over folds for cross-validation), the calibration of p_covid with a reliability
+diagram, PPV and NPV at a prevalence, and a line when test recall missed its target.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
+from covfeat.core.errors import ConfigError, RunError
 from covfeat.head.runs import Run
+from covfeat.trust.evaluation import predictive
 from covfeat.trust.metrics import COUNT_KEYS, METRIC_ROWS
+from covfeat.trust.table import calibration_cells, cv_cells, footnotes, notes, single_cells, source_rows, source_text
 
 NOT_PRETRAINED = "!!! NOT PRETRAINED: features from a random-init backbone; these numbers say nothing about ImageNet transfer !!!"
 
@@ -25,67 +29,12 @@ def load_run(run: str | Path) -> dict:
     return Run(run).as_report_dict()
 
 
-def _fmt(key: str, v, ci=None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if key in COUNT_KEYS:
-        return str(int(round(v))) if float(v).is_integer() else f"{v:.1f}"
-    s = f"{v:.2f}"
-    if ci is not None and not any(math.isnan(c) for c in ci):
-        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return s
-
-
-def _fraction(a: dict, key: str) -> str:
-    """The counts behind a proportion, so the test size is seen beside every metric."""
-    tp, fp, fn, tn = (a.get(k, 0) for k in ("TP", "FP", "FN", "TN"))
-    parts = {"covid_recall": (tp, tp + fn), "covid_precision": (tp, tp + fp), "normal_recall": (tn, tn + fp),
-             "normal_precision": (tn, tn + fn), "specificity": (tn, tn + fp), "accuracy": (tp + tn, tp + fp + fn + tn)}
-    if key not in parts:
-        return ""
-    k, n = parts[key]
-    return f"{k}/{n}"
-
-
 def table_cells(m: dict) -> dict[str, str]:
     """One column of the side-by-side table: label -> formatted value (with interval)."""
-    out = {}
-    if "cv" in m:
-        cv = m["cv"]
-        n_scores = cv["n_folds"] * cv["n_repeats"]
-        for label, key in METRIC_ROWS:
-            if key in cv:
-                c = cv[key]
-                out[label] = _fmt(key, c["mean"], None if key in COUNT_KEYS else (c["lo"], c["hi"]))
-                if c["undefined"]:
-                    out[label] += f" ({c['n']} of {n_scores} folds; {c['undefined']} undefined)"
-        for k, nm in (("op_covid_recall", "recall"), ("op_covid_precision", "precision"),
-                      ("op_specificity", "specificity")):
-            if k in cv:
-                c = cv[k]
-                out[f"at the recall target: test {nm}"] = _fmt(k, c["mean"], (c["lo"], c["hi"]))
-        out["folds"] = f"{cv['n_folds']} folds x {cv['n_repeats']} repeats: mean [{cv['interval']}]"
-    else:
-        a = m["argmax"]
-        ci = a.get("ci", {})
-        for label, key in METRIC_ROWS:
-            out[label] = _fmt(key, a.get(key), ci.get(key))
-            frac = _fraction(a, key)
-            if frac and out[label] != "n/a":
-                out[label] += f" ({frac})"
-        op = m.get("operating_point")
-        if op:
-            t = op["test"]
-            out[f"at recall target {op['target_recall']:.2f}: threshold"] = f"{op['threshold']:.3f}"
-            for k, nm in (("covid_recall", "recall"), ("covid_precision", "precision"), ("specificity", "specificity")):
-                out[f"at recall target {op['target_recall']:.2f}: test {nm}"] = _fmt(k, t[k], t["ci"].get(k))
-    for kind, rows in m.get("by_source", {}).items():
-        tag = "" if kind == "argmax" else f" at threshold {m['operating_point']['threshold']:.3f}"
-        for src, e in rows.items():
-            for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
-                if key in e:
-                    v, lo, hi, k, n = e[key]
-                    out[f"{name}, {src}{tag}"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}] ({k}/{n})"
+    out = cv_cells(m) if "cv" in m else single_cells(m)
+    for src, name, at, v in source_rows(m):
+        out[f"{name}, {src}" + ("" if at == "argmax" else f" at {at}")] = source_text(v)
+    out.update(calibration_cells(m))
     nu = {k: v for k, v in m.get("not_used", {}).items() if v}
     if nu:
         out["images not used"] = ", ".join(f"{v} {k}" for k, v in nu.items()) + " (`covfeat info CACHE` lists them)"
@@ -148,8 +97,29 @@ def banners(runs: list[dict]) -> list[str]:
     return out
 
 
+def reliability_panel(ax, cal: dict) -> None:
+    """The reliability diagram: observed COVID-19 fraction against mean p_covid per equal-mass
+    bin, with each bin's patient-level interval, for the raw and the prior-corrected p_covid."""
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    for which, nm, mk in (("raw", f"raw (trained toward {cal['train_prior']:.0%})", "o"),
+                          ("corrected", f"corrected to test prevalence {cal['test_prevalence']:.2f}", "s")):
+        bins = cal[which]["reliability"]
+        x = [b["mean_predicted"] for b in bins]
+        y = [b["observed"] for b in bins]
+        err = np.array([[max(b["observed"] - b["lo"], 0) for b in bins], [max(b["hi"] - b["observed"], 0) for b in bins]])
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), marker=mk, capsize=3, lw=1, label=f"{nm}, ECE "
+                    f"{cal[which]['ece']['value']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean p_covid in bin")
+    ax.set_ylabel("observed COVID-19 fraction")
+    ax.set_title("reliability (95% patient-level intervals)")
+    ax.legend(fontsize=8, loc="upper left")
+
+
 def plot_run(m: dict, out_dir: Path) -> list[Path]:
-    """Curves (the paper's Figures 4-7), confusion matrix, ROC and PR for one run."""
+    """Curves (the paper's Figures 4-7), and confusion matrix, ROC, PR and the reliability
+    diagram for one run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +146,8 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
     if run.has_predictions:
         pr = run.predictions()
         y, p, yhat = pr["label"], pr["p_covid"], pr["pred"]
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+        cal = m.get("calibration")
+        fig, ax = plt.subplots(1, 4 if cal else 3, figsize=(20 if cal else 15, 4.5))
         ConfusionMatrixDisplay.from_predictions(y, yhat, labels=[1, 0], display_labels=["COVID-19", "NORMAL"],
                                                 ax=ax[0], colorbar=False)
         ax[0].set_title(f"{m['backbone']} confusion{tag}")
@@ -185,6 +156,8 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
             PrecisionRecallDisplay.from_predictions(y, p, ax=ax[2], name=m["backbone"])
         ax[1].set_title(f"ROC (n={int(y.sum())} COVID-19, {int((1 - y).sum())} NORMAL){tag}")
         ax[2].set_title(f"precision-recall{tag}")
+        if cal:
+            reliability_panel(ax[3], cal)
         fig.tight_layout()
         files.append(out_dir / f"{m['_name']}_confusion_roc_pr.png")
         fig.savefig(files[-1], dpi=100)
@@ -192,21 +165,40 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
     return files
 
 
-def report(runs: list[str | Path], out_dir: str | Path | None = None) -> str:
-    """Table 2 for every run side by side; with ``out_dir``, also Markdown, CSV, JSON and PNGs."""
+def at_prevalence(m: dict, prevalence: float) -> dict:
+    """PPV and NPV of a single-split run at a stated COVID-19 prevalence, at argmax and at its
+    operating point, from its test predictions and their patient groups."""
+    run = Run(m["_path"])
+    pr = run.predictions()
+    if "group" not in pr:
+        raise RunError(f"{run.path} was fitted before covfeat recorded patient groups, so it has no PPV and NPV at "
+                       "--prevalence; fit it again with this covfeat.")
+    at = {"argmax": 0.5, **({"operating_point": run.threshold} if "operating_point" in m else {})}
+    return {k: predictive(pr["label"], pr["p_covid"], pr["group"], prevalence, t) for k, t in at.items()}
+
+
+def report(runs: list[str | Path], out_dir: str | Path | None = None, prevalence: float | None = None) -> str:
+    """Table 2 for every run side by side; with ``out_dir``, also Markdown, CSV, JSON and PNGs.
+    PPV and NPV are at each run's test prevalence, or at ``prevalence`` (the deployment's)."""
+    if prevalence is not None and not 0 < prevalence < 1:
+        raise ConfigError(f"--prevalence: expected a COVID-19 share strictly between 0 and 1, got {prevalence}.")
     ms = [load_run(r) for r in runs]
+    if prevalence is not None:
+        ms = [m if "cv" in m else {**m, "predictive": at_prevalence(m, prevalence)} for m in ms]
     header, body = side_by_side(ms)
-    text = "\n".join(banners(ms) + ["", render_text(header, body)]) if banners(ms) else render_text(header, body)
+    lines = banners(ms) + notes(ms)
+    text = "\n".join(lines + ["", render_text(header, body)]) if lines else render_text(header, body)
+    text += "".join(f"\n\n{f}" for f in footnotes(ms))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        md = "\n\n".join(["\n".join(f"> **{b}**" for b in banners(ms)), render_markdown(header, body)])
+        md = "\n\n".join(["\n".join(f"> **{b}**" for b in lines), render_markdown(header, body), *footnotes(ms)])
         (out / "table2.md").write_text(md.strip() + "\n")
         with open(out / "table2.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(body)
-        (out / "table2.json").write_text(json.dumps({"banners": banners(ms), "runs": [
+        (out / "table2.json").write_text(json.dumps({"banners": banners(ms), "notes": notes(ms), "runs": [
             {k: v for k, v in m.items()} for m in ms]}, indent=2, default=str))
         files = []
         for m in ms:
@@ -258,7 +250,7 @@ def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
     parts = [f"<h1>covfeat report: {escape(', '.join(m['_name'] for m in ms))}</h1>",
              f"<p class='small'>{len(ms)} run(s): " + "; ".join(
                  f"{escape(m['backbone'])}, weights {escape(str(m['weights']['label']))}" for m in ms) + "</p>"]
-    for b in banners(ms):
+    for b in banners(ms) + notes(ms):
         parts.append(f"<div class='banner {'bad' if b.startswith('!!!') else 'warn'}'>{escape(b)}</div>")
 
     parts.append("<h2>Table 2, measured beside the paper</h2>")
@@ -274,22 +266,15 @@ def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
             row += ["" if pv is None else (str(pv) if key in COUNT_KEYS else f"{pv:.2f}"), c.get(label, "")]
         body.append(row)
     parts.append(_table_html(header, body))
+    parts += [f"<p class='small'>{escape(f)}.</p>" for f in footnotes(ms)]
     if any("cv" in m for m in ms):
         parts.append("<p class='small'>Cross-validation: " + escape(next(m["cv"]["interval"] for m in ms if "cv" in m))
                      + ".</p>")
 
-    src_rows = []
-    for m in ms:
-        for kind, rows in m.get("by_source", {}).items():
-            for src, e in rows.items():
-                for key, name in (("covid_recall", "COVID-19 recall"), ("specificity", "NORMAL specificity")):
-                    if key in e:
-                        v, lo, hi, k, n = e[key]
-                        src_rows.append([m["_name"], src, name, "argmax" if kind == "argmax" else "run threshold",
-                                         f"{v:.2f} [{lo:.2f}, {hi:.2f}]", f"{k}/{n}"])
+    src_rows = [[m["_name"], src, name, at, source_text(v)] for m in ms for src, name, at, v in source_rows(m)]
     parts.append("<h2>Per source (test images)</h2>")
-    parts.append(_table_html(["run", "source", "metric", "at", "value [95% Wilson]", "count"], src_rows)
-                 if src_rows else "<p>No per-source breakdown in these runs.</p>")
+    parts.append(_table_html(["run", "source", "metric", "at", "value [95% interval] (images, patients; interval)"],
+                             src_rows) if src_rows else "<p>No per-source breakdown in these runs.</p>")
 
     parts.append("<h2>Audit</h2>")
     audited = False
@@ -312,6 +297,14 @@ def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
 
     parts.append("<h2>Figures</h2>")
     parts += [f"<img alt='{escape(f.name)}' src='{_embed(f)}'>" for f in figures]
+    cal_rows = [[m["_name"], k, v] for m in ms for k, v in calibration_cells(m).items()]
+    if cal_rows:
+        parts.append("<h2>Calibration and prevalence</h2>")
+        parts.append("<p class='small'>A SMOTE- or class-weight-balanced head is trained toward a prior of "
+                     "about 50% COVID-19: its raw p_covid is a probability only for such a population. The "
+                     "corrected p_covid moves it to the test prevalence by Bayes' rule on the odds. The "
+                     "reliability diagram (the last panel of each run's figure above) shows both.</p>")
+        parts.append(_table_html(["run", "number", "value [95% interval] (images, patients; interval)"], cal_rows))
     cams = [p for m in ms for p in sorted((Path(m["_path"]) / "gradcam").glob("*_gradcam.png"))[:6]]
     if cams:
         parts.append("<h2>Grad-CAM</h2><div class='cams'>" +
