@@ -223,3 +223,33 @@ def test_the_audit_refuses_a_margin_outside_0_to_0_5(margin, tmp_path):
     assert r.exit_code == 1
     assert r.stderr == (f"error: --margin: expected an AUC margin between 0 and 0.5 (default 0.05); got "
                         f"{float(margin)}.\n")
+
+
+class _Run:
+    def __init__(self, rows, labels, p):
+        self._pr = {"row": np.array(rows), "label": np.array(labels), "p_covid": np.array(p, float)}
+
+    def predictions(self):
+        return self._pr
+
+
+class _Cache:
+    def __init__(self, sha, patients):
+        self.manifest = {"sha256": np.array(sha), "patient_id": np.array(patients)}
+
+    def near_duplicate_pairs(self):
+        return []
+
+
+def test_with_masks_both_aucs_come_from_the_rows_the_occluded_run_scored():
+    """The run scored a, b, c, d; the occluded run only d and b (no mask for a and c), in
+    another order and at other rows of its own cache: the comparison pairs b with b and d with d."""
+    from covfeat.probes.retrain import aligned
+
+    fc = _Cache(["a", "b", "c", "d"], ["p1", "p2", "p3", "p4"])
+    run = _Run([0, 1, 2, 3], [1, 1, 0, 0], [0.9, 0.8, 0.3, 0.2])
+    occ_cache = _Cache(["x", "d", "b"], ["q", "p4", "p2"])
+    occ = _Run([1, 2], [0, 1], [0.45, 0.55])
+    y, p_run, p_occ, groups, n_test = aligned(run, fc, occ, occ_cache)
+    assert y.tolist() == [1, 0] and p_run.tolist() == [0.8, 0.2] and p_occ.tolist() == [0.55, 0.45]
+    assert groups.tolist() == ["p2", "p4"] and n_test == 4

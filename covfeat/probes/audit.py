@@ -67,7 +67,7 @@ def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external
     inputs = AuditInputs(run=run, fc=fc, fit=fit, cache_dir=cache_dir, progress=progress,
                          occlusion=occlusion or OcclusionConfig(kind="box"), external=external,
                          keep_overlap=keep_overlap, margin=margin)
-    out = {"pretrained": fc.pretrained, "weights": fc.config["weights"]["label"], "margin": margin}
+    out = {"pretrained": fc.pretrained, "weights": fc.config["weights"]["label"]}  # each probe keeps its margin
     for probe in PROBES.values():
         wanted = probe.name in chosen if probe.on_request is None else probe.on_request(inputs)
         if wanted:
