@@ -21,6 +21,7 @@ from covfeat.core.settings import default_of, flagged, from_dict, help_text, opt
 from covfeat.extraction.config import DriverConfig, ExtractConfig, OcclusionConfig
 from covfeat.extraction.sources import describe_layouts
 from covfeat.head.config import FitConfig, HeadConfig, SplitConfig, file_keys, fit_config
+from covfeat.trust.intervals import MARGIN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning COVID-19 vs NORMAL chest-radiograph classifiers on a cached feature store.")
@@ -320,9 +321,10 @@ class _ProbesHelp(typer.core.TyperCommand):
 @app.command(cls=_ProbesHelp)
 def audit(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
-    occlude: Annotated[str, typer.Option(help="box (a central lung box) or a folder of lung masks named like the images.")] = "box",
+    occlude: Annotated[str, typer.Option(help="box (a central box, not the lung field) or a folder of lung masks named like the images.")] = "box",
     external: Annotated[Optional[list[Path]], typer.Option(exists=True, help="Another labelled source to score the run on (repeatable).")] = None,
     keep_overlap: Annotated[bool, typer.Option(help="Keep external images that are near-duplicates of the run's own (default: left out, listed).")] = False,
+    margin: Annotated[float, typer.Option(help="AUC difference the verdicts treat as negligible: FLAGGED beyond it, CLEAR within it, else INCONCLUSIVE.")] = MARGIN,
     cache_dir: CacheDir = Path("cache"),
 ):
     """Shortcut audit: {probes}.
@@ -333,7 +335,7 @@ def audit(
 
     occl = _check(OcclusionConfig.parse, occlude)
     res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),
-                 keep_overlap=keep_overlap)
+                 keep_overlap=keep_overlap, margin=margin)
     typer.echo(au.summary(res))
     typer.echo(str(run / "audit.json"))
 

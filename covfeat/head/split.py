@@ -17,12 +17,6 @@ from covfeat.trust.neardup import join_groups
 TRAIN, VAL, TEST = 0, 1, 2
 
 
-TRAIN, VAL, TEST = 0, 1, 2
-
-
-TRAIN, VAL, TEST = 0, 1, 2
-
-
 def groups_for(patients, by: str = "patient", pairs=()) -> np.ndarray:
     """The unit a split keeps whole: the patient (or the image, ``by="image"``), joined with
     its near-duplicates (``pairs`` of row indices, see :mod:`covfeat.trust.neardup`)."""

@@ -1,9 +1,11 @@
-"""What the probes share: AUC intervals that resample patients, the words for them, patient
+"""What the probes share: AUC intervals that resample patients (from :mod:`covfeat.trust.intervals`),
+three-way verdicts and the words for them, paired differences for Holm's correction, patient
 groups, a grouped cross-validated logistic regression, and running stage one again with the
 run's own settings."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -11,75 +13,125 @@ import numpy as np
 from covfeat.core.errors import CacheLocked
 from covfeat.extraction.backbones import weights_from_config
 from covfeat.extraction.config import ExtractConfig
-from covfeat.head.config import SplitConfig
-from covfeat.head.fit import usable_pairs
-from covfeat.head.split import groups_for
+from covfeat.trust.intervals import (
+    FLAGGED,
+    LEVEL,
+    NONE,
+    Interval,
+    Verdict,
+    clusters,
+    estimate,
+    paired_difference,
+    verdict,
+)
 
-N_BOOT = 1000
+ALPHA = 0.05  # family-wise level of Holm's correction across the audit's paired comparisons
 
 
-def group_bootstrap_auc(y, p, groups=None, n: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
-    """ROC AUC and a percentile-bootstrap 95% interval that resamples whole groups (patients),
-    so several images of one patient count once; (nan, nan, nan) with one class."""
-    from sklearn.metrics import roc_auc_score
-
+def auc_interval(y, p, groups, seed: int = 0) -> Interval:
+    """ROC AUC with its patient-level interval (:mod:`covfeat.trust.intervals`: a stratified
+    cluster bootstrap over ``groups``); no interval (nan) without both classes."""
     y = np.asarray(y, int)
-    p = np.asarray(p, float)
-    if len(np.unique(y)) < 2:
-        return (float("nan"),) * 3
-    groups = np.arange(len(y)).astype(str) if groups is None else np.asarray(groups).astype(str)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        if len(np.unique(y[idx])) == 2:
-            stats.append(roc_auc_score(y[idx], p[idx]))
-    return float(roc_auc_score(y, p)), float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+    if len(y) == 0:
+        return Interval("roc_auc", math.nan, math.nan, math.nan, LEVEL, NONE, (0, 0), (0, 0))
+    return estimate(clusters(y, groups, seed=seed), p, "roc_auc").interval()
 
 
-def separation(auc: float, lo: float, hi: float) -> str:
-    """Words for an AUC interval: below chance, near chance, partial or full separation."""
-    if np.isnan(auc):
-        return "not testable"
-    if hi < 0.5:
-        return "below chance"
-    if lo <= 0.5:
-        return "near chance"
-    if lo >= 0.9:
-        return "full separation"
-    return "partial separation"
+def counted(iv) -> str:
+    """The patients and images an interval rests on, COVID-19 then NORMAL."""
+    (gc, gn), (ic, in_) = iv.n_groups, iv.n_images
+    return f"{gc} COVID-19 and {gn} NORMAL patients, {ic} and {in_} images"
 
 
-def auc_text(auc, lo, hi) -> str:
-    return f"ROC AUC {auc:.2f} [95% CI {lo:.2f}, {hi:.2f}]"
+def auc_text(iv) -> str:
+    """``ROC AUC 0.93 [95% CI 0.85, 0.97; 12 COVID-19 and 15 NORMAL patients, 20 and 15 images]``."""
+    if math.isnan(iv.lo):
+        return f"ROC AUC {iv.estimate:.2f} [no interval: too few patients; {counted(iv)}]"
+    return f"ROC AUC {iv.estimate:.2f} [95% CI {iv.lo:.2f}, {iv.hi:.2f}; {counted(iv)}]"
 
 
-def what_would_change(kind: str) -> str:
-    """What would change a separation verdict."""
-    return {"below chance": "it would read near chance if the interval reached 0.50",
-            "near chance": "it would be flagged if the interval's lower end rose above 0.50",
-            "partial separation": "it would read near chance if the interval's lower end fell to 0.50, "
-                                  "and full separation at 0.90",
-            "full separation": "it would read partial separation if the interval's lower end fell below 0.90"}.get(
-        kind, "more images of both classes would make it testable")
+def diff_text(pd: dict, what: str = "ROC AUC") -> str:
+    """``+0.12 ROC AUC [95% CI +0.05, +0.19]``: a difference (as :func:`paired` keeps it) with its interval."""
+    return f"{pd['difference']:+.2f} {what} [95% CI {pd['interval'][0]:+.2f}, {pd['interval'][1]:+.2f}]"
 
 
-def patient_groups(fc, rows, pairs_mode="group"):
-    """Patient groups of manifest ``rows``, joined with the cache's near-duplicates."""
-    return groups_for(fc.manifest["patient_id"][rows], "patient",
-                      usable_pairs(fc, SplitConfig(near_duplicates=pairs_mode), rows))
+def needed_text(needed, needed_for: str) -> str:
+    """What would settle an INCONCLUSIVE verdict at the observed spread (``Verdict.needed`` and
+    ``Verdict.needed_for``)."""
+    if needed is None:
+        return needed_for or "more patients of both classes would give it an interval"
+    return (f"about {needed[0]} COVID-19 and {needed[1]} NORMAL patients would be needed {needed_for}, at the "
+            "observed spread")
+
+
+def verdict_fields(v: Verdict, **extra) -> dict:
+    """A three-way verdict's parts as audit.json keeps them."""
+    return {"verdict3": v.status, "estimate": v.estimate, "interval": [v.lo, v.hi], "null": v.null,
+            "margin": v.margin, "needed_patients": list(v.needed) if v.needed else None, "needed_for": v.needed_for,
+            **extra}
+
+
+def versus_chance(iv, margin: float) -> Verdict:
+    """An AUC read three ways against chance (0.5): separated beyond the margin, within the
+    margin of chance (an equivalence shown), or neither.  An interval that merely reaches 0.5
+    is never read as no signal."""
+    return verdict(iv, 0.5, margin)
+
+
+def paired(y, p_a, p_b, groups, margin: float, seed: int = 0) -> dict:
+    """The paired difference of two models' ROC AUC on the same rows, its three-way verdict
+    against 0, and the p-value of its lying beyond the margin (Holm's correction in
+    :func:`covfeat.probes.audit.audit` adjusts it across the audit's paired comparisons)."""
+    d = paired_difference(y, p_a, p_b, groups, seed=seed)
+    v = verdict(d, 0.0, margin)
+    p_beyond = beyond_margin(d, lambda null: paired_difference(y, p_a, p_b, groups, null=null, seed=seed), margin)
+    return {"difference": d.estimate, "interval": [d.lo, d.hi], "margin": margin, "verdict3": v.status,
+            "needed_patients": list(v.needed) if v.needed else None, "needed_for": v.needed_for,
+            "p_beyond_margin": p_beyond, "p_holm": p_beyond, "family": 1,
+            "n_groups": list(d.n_groups), "n_images": list(d.n_images)}
+
+
+def beyond_margin(d, again, margin: float) -> float:
+    """The p-value of ``d`` (a Difference) lying beyond the margin on its own side, from
+    ``again(null)`` (the same comparison against another null).  1 when the estimate is within
+    the margin, and without an interval, which shows nothing (the library's p-value would read
+    an undefined interval as excluding every null)."""
+    if math.isnan(d.lo) or math.isnan(d.hi) or abs(d.estimate) <= margin:
+        return 1.0  # an estimate inside the margin cannot show a difference beyond it
+    return again(math.copysign(margin, d.estimate)).p_value
+
+
+def paired_shown(pd: dict) -> bool:
+    """A paired difference beyond the margin that survives Holm's correction."""
+    return pd["verdict3"] == FLAGGED and pd["p_holm"] <= ALPHA
+
+
+def holm_text(pd: dict) -> str:
+    """`` (Holm-adjusted p 0.012 beyond the margin, 2 paired comparisons)``, or nothing when the
+    estimate lies within the margin (there is no difference beyond it to test)."""
+    if abs(pd["difference"]) <= pd["margin"]:
+        return ""
+    p = "< 0.001" if pd["p_holm"] < 0.001 else f"{pd['p_holm']:.3f}"
+    return (f" (Holm-adjusted p {p} beyond the margin, {pd['family']} paired comparisons)" if pd["family"] > 1
+            else f" (p {p} beyond the margin)")
+
+
+def cv_folds_for(y, groups) -> int:
+    """The folds a patient-grouped, stratified CV can have: at most 5, and no more than the
+    patient groups of the smaller class (each fold must hold both classes)."""
+    y, g = np.asarray(y, int), np.asarray(groups).astype(str)
+    return min(5, *(len(set(g[y == c])) for c in (0, 1)))
 
 
 def cv_probabilities(X, y, groups, seed: int = 0, C: float = 1.0) -> np.ndarray:
-    """Out-of-fold P(class 1) of a standardised logistic regression, folds grouped by patient."""
+    """Out-of-fold P(class 1) of a standardised logistic regression, folds grouped by patient
+    (:func:`cv_folds_for` of them); all nan when fewer than 2 folds are possible."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    folds = min(5, int(np.bincount(y).min()), len(np.unique(groups)))
+    folds = cv_folds_for(y, groups)
     p = np.full(len(y), np.nan)
     if folds < 2:
         return p

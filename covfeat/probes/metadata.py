@@ -1,22 +1,25 @@
 """The metadata probe: can file metadata alone (sizes, aspect ratio, channels, bit depth,
 format, bytes per pixel; no pixels) tell the classes apart?  If a patient-grouped
-cross-validated logistic regression separates them, the data carry a shortcut no pixel
-model needs to look for."""
+cross-validated logistic regression separates them by more than a margin above chance, the
+data carry a shortcut no pixel model needs to look for."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from covfeat.extraction.images import UnreadableImage, file_metadata
+from covfeat.head.split import patient_groups
 from covfeat.probes.common import (
+    auc_interval,
     auc_text,
+    cv_folds_for,
     cv_probabilities,
-    group_bootstrap_auc,
-    patient_groups,
-    separation,
-    what_would_change,
+    needed_text,
+    verdict_fields,
+    versus_chance,
 )
 from covfeat.probes.probe import PROBES, Probe
+from covfeat.trust.intervals import CLEAR, FLAGGED, INCONCLUSIVE, MARGIN
 
 
 def metadata_features(meta: list[dict]) -> tuple[np.ndarray, list[str]]:
@@ -31,7 +34,43 @@ def metadata_features(meta: list[dict]) -> tuple[np.ndarray, list[str]]:
     return X, cols
 
 
-def metadata_probe(fc, seed: int = 0) -> dict:
+def metadata_verdict(X, y, groups, margin: float = MARGIN, seed: int = 0) -> dict:
+    """The metadata probe's reading of features ``X``: out-of-fold probabilities of a
+    patient-grouped CV, their ROC AUC with its patient-level interval, and a verdict by effect
+    size: FLAGGED only when the lower bound exceeds 0.5 plus the margin (a bound of 0.52 is
+    significant but too small to call a shortcut), CLEAR when the interval lies within the
+    margin of chance, else INCONCLUSIVE.  Too few patients of a class for two folds is an
+    INCONCLUSIVE with the reason, not a crash."""
+    y = np.asarray(y, int)
+    folds = cv_folds_for(y, groups)
+    if folds < 2:
+        g = np.asarray(groups).astype(str)
+        fewest = min((len(set(g[y == c])), name) for c, name in ((1, "COVID-19"), (0, "NORMAL")))
+        return {"status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "folds": folds, "margin": margin,
+                "verdict": f"INCONCLUSIVE: {fewest[1]} has {fewest[0]} patient group(s); a patient-grouped "
+                           "cross-validation of file metadata needs at least 2 per class, so it cannot be measured."}
+    p = cv_probabilities(X, y, groups, seed)
+    iv = auc_interval(y, p, groups, seed=seed)
+    v = versus_chance(iv, margin)
+    head = (f"file metadata alone (sizes, aspect, channels, bit depth, format, bytes per pixel; no pixels), in a "
+            f"patient-grouped {folds}-fold CV of a logistic regression, gives {auc_text(iv)}, margin {margin:.2f}")
+    if v.status == FLAGGED:
+        text = (f"FLAGGED: {head}: it separates COVID-19 from NORMAL by more than the margin above chance. A model "
+                "can reach its score from how the files were made. (It would not be flagged if the lower bound fell "
+                f"to {0.5 + margin:.2f}.)")
+    elif v.status == CLEAR:
+        text = (f"CLEAR: {head}: the interval lies within the margin of chance, so file metadata separates the classes "
+                f"by less than {margin:.2f} AUC. (It would be INCONCLUSIVE if the interval left "
+                f"[{0.5 - margin:.2f}, {0.5 + margin:.2f}].)")
+    else:
+        text = (f"INCONCLUSIVE: {head}: it neither exceeds chance by more than the margin nor lies within it, so "
+                f"whether file metadata is a shortcut cannot be told; {needed_text(v.needed, v.needed_for)}.")
+    return {"status": v.status, "verdict": text, "roc_auc": [iv.estimate, iv.lo, iv.hi], "folds": folds,
+            **verdict_fields(v), "n": [int((y == 0).sum()), int((y == 1).sum())],
+            "n_patients": [iv.n_groups[1], iv.n_groups[0]]}
+
+
+def metadata_probe(fc, seed: int = 0, margin: float = MARGIN) -> dict:
     """Patient-grouped cross-validated logistic regression from file metadata to the class."""
     rows = np.flatnonzero(fc.has_features())
     meta, keep, unreadable = [], [], 0
@@ -43,25 +82,15 @@ def metadata_probe(fc, seed: int = 0) -> dict:
             unreadable += 1
     rows = np.array(keep, np.int64)
     y = fc.manifest["label"][rows]
-    if len(rows) < 10 or len(np.unique(y)) < 2:
-        return {"status": "not testable", "verdict": "not testable: the files of both classes are needed "
-                f"({len(rows)} readable, {unreadable} gone since extraction)."}
+    if len(np.unique(y)) < 2:
+        return {"status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "margin": margin, "unreadable": unreadable,
+                "verdict": f"INCONCLUSIVE: the files of both classes are needed ({len(rows)} readable, of one class; "
+                           f"{unreadable} gone since extraction)."}
     X, cols = metadata_features(meta)
-    groups = patient_groups(fc, rows)
-    p = cv_probabilities(X, y, groups, seed)
-    auc, lo, hi = group_bootstrap_auc(y, p, groups, seed=seed)
-    kind = separation(auc, lo, hi)
-    flagged = kind in ("partial separation", "full separation")
+    out = metadata_verdict(X, y, patient_groups(fc, rows), margin, seed)
     formats = {name: sorted({f"{m['format']} {m['bit_depth']}-bit {m['channels']}ch" for m, lab in zip(meta, y)
                              if lab == c}) for c, name in ((1, "COVID-19"), (0, "NORMAL"))}
-    text = (f"{'FLAGGED' if flagged else 'not flagged'}: file metadata alone (sizes, aspect, channels, bit depth, "
-            f"format, bytes per pixel; no pixels) gives {kind} of COVID-19 from NORMAL, {auc_text(auc, lo, hi)}, "
-            f"patient-grouped {min(5, int(np.bincount(y).min()))}-fold CV of a logistic regression. "
-            + ("A model can reach its score from how the files were made. " if flagged else "")
-            + f"({what_would_change(kind)}.)")
-    return {"status": "FLAGGED" if flagged else "not flagged", "separation": kind, "verdict": text,
-            "roc_auc": [auc, lo, hi], "n": [int((y == 0).sum()), int((y == 1).sum())], "features": cols,
-            "unreadable": unreadable, "kinds_by_class": formats}
+    return {**out, "features": cols, "unreadable": unreadable, "kinds_by_class": formats}
 
 
-PROBES.register(Probe("metadata", lambda a: metadata_probe(a.fc, seed=a.seed)))
+PROBES.register(Probe("metadata", lambda a: metadata_probe(a.fc, seed=a.seed, margin=a.margin)))

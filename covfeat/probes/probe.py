@@ -18,12 +18,14 @@ from covfeat.extraction.config import OcclusionConfig
 from covfeat.head.config import FitConfig
 from covfeat.head.runs import Run
 from covfeat.store.reader import FeatureCache
+from covfeat.trust.intervals import MARGIN
 
 
 @dataclass(frozen=True)
 class AuditInputs:
     """Everything a probe may use: the finished run, its cache (``fc``), its stage-two config,
-    where probes that extract again keep their caches, and the audit's own options."""
+    where probes that extract again keep their caches, and the audit's own options (``margin``:
+    the AUC difference the three-way verdicts treat as negligible)."""
 
     run: Run
     fc: FeatureCache
@@ -33,6 +35,7 @@ class AuditInputs:
     occlusion: OcclusionConfig
     external: list | None = None
     keep_overlap: bool = False
+    margin: float = MARGIN
 
     @property
     def seed(self) -> int:
@@ -45,16 +48,23 @@ class Probe:
     """One audit probe.
 
     ``run(inputs)`` returns its result: a JSON-ready dict with at least ``status`` (FLAGGED,
-    not flagged, ...) and ``verdict`` (one paragraph a reader can act on), which ``audit.json``
-    keeps under ``name``.  ``help`` names it in the command's help (default: its name).
-    ``on_request``, when set, makes it run exactly when it says the audit asked for it (the
-    external probe: when other sources are given), never by default.
+    CLEAR or INCONCLUSIVE) and ``verdict`` (one paragraph a reader can act on), which
+    ``audit.json`` keeps under ``name``.  ``help`` names it in the command's help (default:
+    its name).  ``on_request``, when set, makes it run exactly when it says the audit asked
+    for it (the external probe: when other sources are given), never by default.
+
+    A probe that compares two models on the same rows puts the comparison under ``paired``
+    (see :func:`covfeat.probes.common.paired`).  Once every probe has run, the audit adjusts
+    the p-values of all of them together (Holm) and calls ``finish(result)``, which reads the
+    verdict again with ``paired["p_holm"]``: a difference one probe would call shown alone may
+    not survive the family.
     """
 
     name: str
     run: Callable[[AuditInputs], dict]
     help: str = ""
     on_request: Callable[[AuditInputs], bool] | None = None
+    finish: Callable[[dict], dict] | None = None
 
 
 PROBES: Registry[Probe] = Registry("audit probe")

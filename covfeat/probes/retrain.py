@@ -1,11 +1,17 @@
-"""The probes that train the run's head again on other features of the run's own images and split.
+"""The probes that train the run's head again on other features of the run's own images and split,
+and compare it with the run on the same test rows.
 
-control: a random-init backbone's features.  If the head reaches the run's AUC on them, the
-task is solvable without ImageNet features and the score says nothing about transfer
-learning (a random-init run is its own control).
+control: a random-init backbone's features.  The verdict rests on the paired difference of
+ROC AUC, run minus control, on the same test patients: within the margin, the task is solved
+as well without ImageNet features, and the run's score does not show what pretraining adds;
+beyond it, pretraining adds more than the margin (a random-init run is its own control).
 
-occlusion: the lung field blanked (a central box, or lung masks).  If the head still
-separates the classes, it reads something outside the lungs.
+occlusion: a central box, or the masked field of ``--occlude MASKS``, blanked.  If the head
+still separates the classes by more than the margin above chance, it reads something outside
+what was blanked.  The run's own AUC and the paired difference are computed on exactly the
+rows the occluded run scored (with masks: only the images that have one).  A central box is
+not the lung field (on openist's masks a median 6% of lung pixels lie outside the default
+box), so the words say "the blanked box", never "the lungs".
 """
 
 from __future__ import annotations
@@ -20,17 +26,23 @@ from covfeat.extraction.run import extract
 from covfeat.head.config import FitConfig
 from covfeat.head.fit import fit_head
 from covfeat.head.runs import Run
+from covfeat.head.split import patient_groups
 from covfeat.probes.common import (
+    auc_interval,
     auc_text,
     config_from,
+    diff_text,
     extract_or_fail,
-    group_bootstrap_auc,
-    patient_groups,
-    separation,
-    what_would_change,
+    holm_text,
+    needed_text,
+    paired,
+    paired_shown,
+    verdict_fields,
+    versus_chance,
 )
 from covfeat.probes.probe import PROBES, Probe
 from covfeat.store.reader import open_cache
+from covfeat.trust.intervals import CLEAR, FLAGGED, INCONCLUSIVE, MARGIN
 from covfeat.trust.metrics import classification_metrics
 
 
@@ -60,62 +72,150 @@ def _retrain(run: Run, fc, fit: FitConfig, cfg: ExtractConfig, cache_dir, name: 
                         name=name)), other
 
 
-def _run_auc(run: Run, fc) -> tuple[float, float, float]:
-    pr = run.predictions()
-    return group_bootstrap_auc(pr["label"], pr["p_covid"], patient_groups(fc, pr["row"]))
+def aligned(run: Run, fc, other: Run, other_cache):
+    """The test images both runs scored, matched by content hash: labels, the run's and the
+    other run's p_covid, the run's patient groups of those rows, and how many test images the
+    run itself has (the other run may have fewer: with masks, only the images that have one)."""
+    pr, po = run.predictions(), other.predictions()
+    pos = {h: k for k, h in enumerate(other_cache.manifest["sha256"][po["row"]])}
+    mine = fc.manifest["sha256"][pr["row"]]
+    idx = np.array([k for k, h in enumerate(mine) if h in pos], np.int64)
+    jdx = np.array([pos[mine[k]] for k in idx], np.int64)
+    rows = pr["row"][idx]
+    groups = patient_groups(fc, rows) if len(rows) else np.array([], str)
+    return pr["label"][idx], pr["p_covid"][idx], po["p_covid"][jdx], groups, len(pr["row"])
 
 
-def control_probe(run: Run, fc, fit: FitConfig, cache_dir, progress=True) -> dict:
-    """The same head on a random-init backbone's features of the same images and split."""
-    own = _run_auc(run, fc)
+def control_reading(y, p_run, p_ctl, groups, margin: float = MARGIN, seed: int = 0) -> dict:
+    """The control probe's numbers on the same test rows: each model's ROC AUC with its
+    patient-level interval, and the paired difference, run minus control."""
+    own, ctl = auc_interval(y, p_run, groups, seed), auc_interval(y, p_ctl, groups, seed)
+    pd = paired(y, p_run, p_ctl, groups, margin, seed)
+    return control_finish({"roc_auc": [ctl.estimate, ctl.lo, ctl.hi], "roc_auc_run": [own.estimate, own.lo, own.hi],
+                           "auc_texts": {"run": auc_text(own), "control": auc_text(ctl)}, "paired": pd,
+                           "difference": pd["difference"], "margin": margin})
+
+
+def control_finish(res: dict) -> dict:
+    """The control probe's verdict from its paired difference (after Holm's correction):
+    within the margin, or the control ahead beyond it, FLAGGED (the task is solved as well
+    without ImageNet features); pretraining ahead beyond the margin, CLEAR; else INCONCLUSIVE."""
+    pd, m = res["paired"], res["margin"]
+    said = (f"the run minus a random-init control (same head, split and test patients) is {diff_text(pd)}"
+            f"{holm_text(pd)}, margin {m:.2f}; run {res['auc_texts']['run']}, control {res['auc_texts']['control']}")
+    if paired_shown(pd) and pd["difference"] > 0:
+        status, text = CLEAR, (f"CLEAR: {said}. ImageNet features separate the classes better than random-init features "
+                               f"by more than the margin on these patients. (It would be INCONCLUSIVE if the lower "
+                               f"bound fell to {m:+.2f}.)")
+    elif paired_shown(pd) or pd["verdict3"] == CLEAR:
+        status, text = FLAGGED, (f"FLAGGED: {said}. " + (
+            "A random-init backbone scores higher than the run by more than the margin: ImageNet features do not help "
+            "on this data." if pd["verdict3"] == FLAGGED else
+            "A random-init backbone reaches the run's ROC AUC within the margin: the task is solved as well without "
+            "ImageNet features here, so the run's score does not show what pretraining adds.")
+            + f" (It would be INCONCLUSIVE if the interval left [{-m:+.2f}, {m:+.2f}].)")
+    else:
+        held = ("it lies beyond the margin at 95% but not after Holm's correction" if pd["verdict3"] == FLAGGED else
+                "it neither lies beyond the margin nor within it")
+        status, text = INCONCLUSIVE, (f"INCONCLUSIVE: {said}; {held}, so whether ImageNet features add more than the "
+                                      f"margin cannot be told; {needed_text(pd['needed_patients'], pd['needed_for'])}.")
+    return {**res, "status": status, "verdict3": status, "verdict": text}
+
+
+def control_probe(run: Run, fc, fit: FitConfig, cache_dir, progress=True, margin: float = MARGIN) -> dict:
+    """The same head on a random-init backbone's features of the same images and split, compared
+    with the run on the same test patients."""
+    seed = fit.head.seed
     if not fc.pretrained:
-        return {"status": "own control", "roc_auc_run": list(own), "verdict":
-                f"own control: this run's backbone is itself random-init (NOT PRETRAINED) and reaches "
-                f"{auc_text(*own)}; whatever it scores, it scores without ImageNet features. (A run with pretrained "
-                "weights gets a random-init control here.)"}
+        pr = run.predictions()
+        own = auc_interval(pr["label"], pr["p_covid"], patient_groups(fc, pr["row"]), seed)
+        v = versus_chance(own, margin)
+        said = (f"this run's backbone is itself random-init (NOT PRETRAINED), so it is its own control: it reaches "
+                f"{auc_text(own)}, margin {margin:.2f}")
+        text = {FLAGGED: f"FLAGGED: {said}, beyond the margin from chance: the task is solved here without ImageNet "
+                         "features. (A run with pretrained weights gets a random-init control here.)",
+                CLEAR: f"CLEAR: {said}, within the margin of chance: without ImageNet features this head does not "
+                       "separate the classes.",
+                INCONCLUSIVE: f"INCONCLUSIVE: {said}, neither beyond the margin from chance nor within it; "
+                              f"{needed_text(v.needed, v.needed_for)}."}[v.status]
+        return {"status": v.status, "own_control": True, "roc_auc_run": [own.estimate, own.lo, own.hi],
+                "verdict": text, **verdict_fields(v)}
     ctl, ctl_cache = _retrain(run, fc, fit, config_from(fc, weights="none"), cache_dir, "control", progress)
-    pr = ctl.predictions()
-    groups = patient_groups(ctl_cache, pr["row"]) if len(pr["row"]) else None
-    auc = group_bootstrap_auc(pr["label"], pr["p_covid"], groups)
-    solvable = auc[2] >= own[0]  # the control's interval reaches the run's own AUC
-    text = (f"{'FLAGGED' if solvable else 'not flagged'}: a random-init backbone with the same head and split "
-            f"reaches {auc_text(*auc)} against the run's {auc_text(*own)}; "
-            + ("the task is solvable without ImageNet features, so this score says nothing about transfer learning"
-               if solvable else f"ImageNet features add {own[0] - auc[0]:+.2f} AUC")
-            + f". (It would {'clear' if solvable else 'be flagged'} if the control's upper bound "
-            f"{'fell below' if solvable else 'reached'} {own[0]:.2f}.)")
-    return {"status": "FLAGGED" if solvable else "not flagged", "verdict": text, "roc_auc": list(auc),
-            "roc_auc_run": list(own), "run": str(ctl.path)}
+    y, p_run, p_ctl, groups, n_test = aligned(run, fc, ctl, ctl_cache)
+    if len(np.unique(y)) < 2:
+        return {"status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "run": str(ctl.path), "verdict":
+                f"INCONCLUSIVE: the control scored {len(y)} of the run's {n_test} test images, not both classes."}
+    return {**control_reading(y, p_run, p_ctl, groups, margin, seed), "run": str(ctl.path), "n_compared": int(len(y))}
 
 
-def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True) -> dict:
-    """The lung field blanked, the same head retrained on the same split; AUC against the run's and chance."""
+def occlusion_reading(y, p_run, p_occ, groups, what: str, margin: float = MARGIN, seed: int = 0) -> dict:
+    """The occlusion probe's numbers on the same test rows: the occluded head's ROC AUC against
+    chance, the run's own, and the paired difference, run minus occluded."""
+    own, occ = auc_interval(y, p_run, groups, seed), auc_interval(y, p_occ, groups, seed)
+    v = versus_chance(occ, margin)
+    return occlusion_finish({"roc_auc": [occ.estimate, occ.lo, occ.hi], "roc_auc_run": [own.estimate, own.lo, own.hi],
+                             "auc_texts": {"run": auc_text(own), "occluded": auc_text(occ)}, "what": what,
+                             **verdict_fields(v), "paired": paired(y, p_run, p_occ, groups, margin, seed),
+                             "margin": margin})
+
+
+def occlusion_finish(res: dict) -> dict:
+    """The occlusion probe's verdict: the occluded AUC against chance decides it (FLAGGED beyond
+    the margin, CLEAR within it, else INCONCLUSIVE, never "no signal" from an interval that
+    merely reaches 0.5); the paired drop (after Holm's correction) says how much the blanked
+    area carried."""
+    m, pd, what = res["margin"], res["paired"], res["what"]
+    outside = "outside " + ("the blanked box" if what.startswith("the central box") else "the masked field")
+    said = (f"with {what} blanked, the same head retrained on the same split gives {res['auc_texts']['occluded']}, "
+            f"against the run's own {res['auc_texts']['run']} on the same test images, margin {m:.2f}")
+    status = res["verdict3"]
+    if status == FLAGGED and res["roc_auc"][0] > 0.5:
+        text = (f"FLAGGED: {said}: it still separates the classes by more than the margin above chance, so it reads "
+                f"something {outside} (labels, borders, body size, the source).")
+    elif status == FLAGGED:
+        text = f"FLAGGED: {said}: it separates the classes the other way, by more than the margin below chance."
+    elif status == CLEAR:
+        text = (f"CLEAR: {said}: within the margin of chance, so what lies {outside} does not separate the classes "
+                "by more than the margin.")
+    else:
+        text = (f"INCONCLUSIVE: {said}: neither beyond the margin from chance nor within it, so whether anything "
+                f"{outside} separates the classes cannot be told; {needed_text(res['needed_patients'], res['needed_for'])}.")
+    drop = f" The run minus the occluded head is {diff_text(pd)}{holm_text(pd)}: "
+    if paired_shown(pd):
+        drop += ("blanking costs more than the margin, so part of what the run reads lies in what was blanked."
+                 if pd["difference"] > 0 else "the occluded head scores higher than the run by more than the margin.")
+    elif pd["verdict3"] == CLEAR:
+        drop += f"blanking costs less than the margin; the run reads what lies {outside} about as well as the whole image."
+    elif pd["verdict3"] == FLAGGED:
+        drop += "beyond the margin at 95% but not after Holm's correction, so the cost of blanking cannot be told."
+    else:
+        drop += "whether blanking costs more than the margin cannot be told."
+    n, of = res.get("n_compared"), res.get("n_test")
+    rows = (f" Both are computed on the {n} of the run's {of} test images the occluded run scored." if n and of and n < of
+            else "")
+    return {**res, "status": status, "verdict": text + drop + rows, "difference": pd["difference"]}
+
+
+def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True,
+                    margin: float = MARGIN) -> dict:
+    """A central box (or the masked field) blanked, the same head retrained on the same split,
+    compared with chance and, on the same test rows, with the run's own."""
     occ, occ_cache = _retrain(run, fc, fit, config_from(fc, occlusion=occlusion), cache_dir, "occlusion", progress)
-    pr = occ.predictions()
-    own = _run_auc(run, fc)
-    y, p = pr["label"], pr["p_covid"]
-    auc, lo, hi = group_bootstrap_auc(y, p, patient_groups(occ_cache, pr["row"]) if len(y) else None)
-    kind = separation(auc, lo, hi)
-    what = "the lung field blanked" + (f" (masks from {occlusion.masks})" if occlusion.kind == "masks" else
-                                       f" (central box {tuple(round(b, 2) for b in occlusion.box)})")
-    if kind == "not testable":
-        return {"status": "not testable", "verdict": f"not testable: with {what} the test rows hold one class "
-                f"({len(y)} images); masks must exist for images of both classes.", "run": str(occ.path)}
-    no_drop = lo >= own[1]
-    flagged = kind in ("partial separation", "full separation")
-    text = (f"{'FLAGGED' if flagged else 'not flagged'}: with {what}, the same head gives {kind}, "
-            f"{auc_text(auc, lo, hi)}, against the run's own {auc_text(*own)}"
-            + ("; no measurable drop: it reads something outside the lungs as well as the run reads the image"
-               if flagged and no_drop else "; it still reads something outside the lungs (labels, borders, body size,"
-               " the source)" if flagged else "; the signal is inside the blanked field" if kind == "near chance"
-               else "; below chance: what remains points the other way")
-            + f". ({what_would_change(kind)}.)")
-    m = classification_metrics(y, p)
-    return {"status": "FLAGGED" if flagged else "not flagged", "separation": kind, "verdict": text,
-            "roc_auc": [auc, lo, hi], "roc_auc_run": list(own), "accuracy": m["accuracy"], "n_covid": m["n_covid"],
-            "n_normal": m["n_normal"], "occlusion": occlusion.as_dict(), "run": str(occ.path)}
+    y, p_run, p_occ, groups, n_test = aligned(run, fc, occ, occ_cache)
+    what = (f"the masked field (masks from {occlusion.masks})" if occlusion.kind == "masks" else
+            f"the central box {tuple(round(b, 2) for b in occlusion.box)}")
+    base = {"occlusion": occlusion.as_dict(), "run": str(occ.path), "n_compared": int(len(y)), "n_test": n_test}
+    if len(np.unique(y)) < 2:
+        return {**base, "status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "verdict": f"INCONCLUSIVE: with {what} "
+                f"blanked, the test images scored hold one class ({len(y)} of the run's {n_test}); masks must exist for "
+                "images of both classes."}
+    res = occlusion_finish({**base, **occlusion_reading(y, p_run, p_occ, groups, what, margin, fit.head.seed)})
+    m = classification_metrics(y, p_occ)
+    return {**res, "accuracy": m["accuracy"], "n_covid": m["n_covid"], "n_normal": m["n_normal"]}
 
 
-PROBES.register(Probe("control", lambda a: control_probe(a.run, a.fc, a.fit, a.cache_dir, a.progress)))
+PROBES.register(Probe("control", lambda a: control_probe(a.run, a.fc, a.fit, a.cache_dir, a.progress, a.margin),
+                      finish=lambda r: control_finish(r) if "paired" in r else r))
 PROBES.register(Probe("occlusion", lambda a: occlusion_probe(a.run, a.fc, a.fit, a.occlusion, a.cache_dir,
-                                                             a.progress)))
+                                                             a.progress, a.margin),
+                      finish=lambda r: occlusion_finish(r) if "paired" in r else r))

@@ -17,6 +17,7 @@ import numpy as np
 
 from covfeat.core.errors import ConfigError, RunError
 from covfeat.head.runs import Run
+from covfeat.trust.confounding import by_class_from_keys, confounding, statement
 from covfeat.trust.evaluation import predictive
 from covfeat.trust.metrics import COUNT_KEYS, METRIC_ROWS
 from covfeat.trust.table import calibration_cells, cv_cells, footnotes, notes, single_cells, source_rows, source_text
@@ -75,25 +76,29 @@ def render_markdown(header, body) -> str:
 
 
 def banners(runs: list[dict]) -> list[str]:
+    """The lines a reader must see before the table: NOT PRETRAINED, the audit's verdicts, and
+    the confounding of class and source among the test images, class by class
+    (:func:`covfeat.trust.confounding.statement`: also when only one class has a source of
+    its own, as cohen is COVID-19's only source once a second NORMAL source is added)."""
     out = []
     if any(not m.get("pretrained", True) for m in runs):
         out.append(NOT_PRETRAINED)
-    srcs = set()
-    for m in runs:
-        srcs |= {k.split("/")[0] for k in m.get("sources_test", {})}
-    by_class = {}
-    for m in runs:
-        for k in m.get("sources_test", {}):
-            s, c = k.split("/")
-            by_class.setdefault(c, set()).add(s)
     for m in runs:
         for k, v in m.get("audit", {}).items():
             if isinstance(v, dict) and "verdict" in v:
                 out.append(f"audit of {m['_name']}, {k} probe: {v['verdict']}")
-    if len(by_class) == 2 and all(len(v) == 1 for v in by_class.values()) and by_class["COVID-19"] != by_class["NORMAL"]:
-        out.append(f"CAUTION: every COVID-19 test image comes from {', '.join(by_class['COVID-19'])} and every NORMAL one "
-                   f"from {', '.join(by_class['NORMAL'])}: the classes are confounded with their source. High scores "
-                   "may measure where an image came from, not the disease. Run `covfeat audit`.")
+    seen = {}  # one caution per distinct set of test sources, naming the runs when they differ
+    for m in runs:
+        seen.setdefault(json.dumps(m.get("sources_test", {}), sort_keys=True), []).append(m["_name"])
+    for key, names in seen.items():
+        by_class = by_class_from_keys(json.loads(key))
+        said = statement(by_class, "test image")
+        if said is None:
+            continue
+        whole = all(c.whole for c in confounding(by_class).values() if c.n)
+        who = f"runs {', '.join(names)}: " if len(seen) > 1 else ""
+        out.append(f"CAUTION: {who}{said}: the classes are {'' if whole else 'partly '}confounded with their source. "
+                   "High scores may measure where an image came from, not the disease. Run `covfeat audit`.")
     return out
 
 
