@@ -61,14 +61,13 @@ def flagged_probes(run: Run) -> list[str]:
 
 def warning(run: Run) -> str | None:
     """The card's one line, when the run is NOT PRETRAINED or its audit flagged it; else None."""
-    parts = [] if run.pretrained else ["NOT PRETRAINED (random-init backbone)"]
+    parts = [] if run.pretrained else ["this model is NOT PRETRAINED (random-init backbone)"]
     flagged = flagged_probes(run)
     if flagged:
         parts.append("its audit flagged the " + ", ".join(flagged) + " probe" + "s" * (len(flagged) > 1))
     if not parts:
         return None
-    return ("WARNING: research use only, not a diagnostic device; this model is " + "; ".join(parts) +
-            ". See its model card.")
+    return "WARNING: research use only, not a diagnostic device; " + "; ".join(parts) + ". See its model card."
 
 
 def _counts(man, rows, label) -> dict:
@@ -189,8 +188,8 @@ def _num(d: dict) -> str:
     if d["estimate"] is None:
         return "n/a"
     ci = "" if d["lo"] is None else f" [{d['lo']:.2f}, {d['hi']:.2f}]"
-    return (f"{d['estimate']:.3f}{ci} ({d['method']}; {d['images'][0]}+{d['images'][1]} images, "
-            f"{d['patient_groups'][0]}+{d['patient_groups'][1]} patient groups, COVID-19+NORMAL)")
+    (i1, i0), (g1, g0) = d["images"], d["patient_groups"]
+    return f"{d['estimate']:.3f}{ci} ({d['method']}; {i1} COVID-19 + {i0} NORMAL images, {g1} + {g0} patient groups)"
 
 
 def render_markdown(card: dict) -> str:

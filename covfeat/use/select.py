@@ -55,8 +55,9 @@ def validation_scores(run: str | Path | Run) -> tuple[np.ndarray, np.ndarray, np
     if len(set(y.tolist())) < 2:
         raise DataError(f"{run.path} has {int(y.sum())} COVID-19 and {int((1 - y).sum())} NORMAL validation images; "
                         "selection needs both. Fit with a larger --val, or with --folds and select on 'cv'.")
-    p = run.load_head().predict(fc.read_features(fc.originals(rows)), verbose=0)[:, 1]
-    return y, np.asarray(p, float), patient_groups(fc, rows, run.fit_config().split.near_duplicates)
+    # The head called on the maps directly: Keras's predict() would trace a new function per run of a sweep.
+    p = np.asarray(run.load_head()(fc.read_features(fc.originals(rows)), training=False))[:, 1]
+    return y, p.astype(float), patient_groups(fc, rows, run.fit_config().split.near_duplicates)
 
 
 def score(run: str | Path | Run, metric: str = "roc_auc", on: str = "validation") -> Interval:
