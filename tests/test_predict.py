@@ -234,3 +234,16 @@ def test_exported_corrected_outputs_and_labels_agree_with_predict(mini, op_run, 
     assert ["COVID-19" if c else "NORMAL" for c in covid[:, 0]] == [row["label"] for row in rows]
     assert ((probs[:, 1] >= layer.threshold_corrected) == (covid[:, 0] == 1)).all()
     assert ((raw[:, 1] >= thr) == (covid[:, 0] == 1)).all()
+
+
+def test_a_run_whose_cache_is_gone_says_why_predict_needs_it(mini, mini_run, tmp_path):
+    """The training prior is read from the run's labels in its cache: no cache, one line, no guess."""
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    info = json.loads((run / "cache.json").read_text())
+    info["path"] = str(tmp_path / "gone.h5")
+    (run / "cache.json").write_text(json.dumps(info))
+    r = runner.invoke(app, ["predict", "--run", str(run), str(mini["normal"]), "--prevalence", "0.1"])
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: The run's feature cache '{tmp_path / 'gone.h5'}' is gone; covfeat reads the run's "
+                        "labels from it to know the prior its head was trained toward. Put it back.\n")
