@@ -28,7 +28,7 @@ _API = {
     "fit_head": "covfeat.head.fit", "Run": "covfeat.head.runs", "open_cache": "covfeat.store.reader",
     "audit": "covfeat.probes.audit", "report": "covfeat.use.report", "predict": "covfeat.use.predict",
     "Predictor": "covfeat.use.predict", "export": "covfeat.use.predict", "explain": "covfeat.use.explain",
-    "reproduce": "covfeat.use.reproduce",
+    "reproduce": "covfeat.use.reproduce", "select": "covfeat.use.select",
 }
 __all__ = ["__version__", *_API]
 

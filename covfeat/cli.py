@@ -242,18 +242,29 @@ def report(
     typer.echo(_guard(rp.report, runs, out if out is not None else runs[0], prevalence=prevalence))
 
 
+Prevalence = Annotated[Optional[float], typer.Option(help=(
+    "COVID-19 share of the population the model is used on: p_covid is corrected from the head's training prior "
+    "to it \\[default: the share of the run's images]"))]
+
+
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
     images: Annotated[list[Path], typer.Argument(exists=True, help="Image files or folders.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the table to FILE.csv or FILE.json.")] = None,
+    prevalence: Prevalence = None,
 ):
-    """P(COVID-19) for new radiographs, with the run's own preprocessing, backbone, head and threshold."""
+    """P(COVID-19) for new radiographs, with the run's own preprocessing, backbone, head and threshold.
+
+    p_covid is corrected from the prior the head was trained toward (SMOTE: 50/50) to the prevalence;
+    p_covid_raw is the head's own, and the label is the run's threshold on it.
+    """
     import covfeat.use.predict as pr
 
     _check(pr.check_table_path, out)
-    rows = _guard(pr.predict, run, images)
-    typer.echo(pr.format_table(rows))
+    _check(pr.check_prevalence, prevalence)
+    rows, corr = _guard(pr.predict_table, run, images, prevalence=prevalence)
+    typer.echo(pr.format_table(rows, corr))
     bad = sum(1 for r in rows if r["error"])
     if bad:
         typer.echo(f"{bad} of {len(rows)} image(s) could not be read; see 'skipped' above.", err=True)
@@ -264,12 +275,18 @@ def predict(
 @app.command()
 def export(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
-    out: Annotated[Path, typer.Option(help="Output .keras file.")],
+    out: Annotated[Path, typer.Option(help="Output .keras file (model_card.md and .json are written beside it).")],
+    prevalence: Prevalence = None,
 ):
-    """One Keras model (preprocessing, backbone, head): 224x224 RGB in [0, 255] -> (p_normal, p_covid)."""
+    """One Keras model (preprocessing, backbone, head): 224x224 RGB in [0, 255] -> (p_normal, p_covid).
+
+    The probabilities are corrected from the head's training prior to the prevalence; `covid` is 1 at
+    the run's threshold. model_card.md and model_card.json are written beside the model.
+    """
     import covfeat.use.predict as pr
 
-    typer.echo(str(_guard(pr.export, run, out)))
+    _check(pr.check_prevalence, prevalence)
+    typer.echo(str(_guard(pr.export, run, out, prevalence)))
 
 
 @app.command()
@@ -282,18 +299,26 @@ def reproduce(
         SplitConfig, "by").default,
     epochs: Annotated[int, typer.Option(help="Head epochs (the paper: 100).")] = _field(HeadConfig, "epochs").default,
     backbones: Annotated[str, typer.Option(help="Comma-separated, default all registered.")] = "",
+    folds: Annotated[int, typer.Option(help=(
+        "Cross-validate each backbone with this many folds and rank them by the mean (0: one split, ranked by "
+        "validation)."))] = 0,
     cache_dir: CacheDir = Path("cache"),
     runs_dir: RunsDir = Path("runs"),
 ):
     """The paper in one command: extract + fit-head + report for the four backbones, and its Table 2
-    beside the measured one. Resumes where it stopped (each stage is cached)."""
+    beside the measured one. Resumes where it stopped (each stage is cached).
+
+    Backbones are ranked by validation (or --folds), never by test; the chosen one's test numbers
+    follow, and backbone vs backbone as paired differences on the same test rows (Holm-adjusted).
+    """
     import covfeat.use.reproduce as rp
     from covfeat.extraction.backbones import list_backbones
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
     for name in names:  # every name checked before the first extraction starts
         base = _check(lambda: ExtractConfig(backbone=name, weights=weights, augment=augment, seed=seed))
-    fit = _check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed)))
+    fit = _check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed),
+                                   folds=folds))
     runs, _ = _guard(rp.reproduce, data, base, fit, cache_dir, runs_dir, names, progress=_progress())
     out = rp.report_folder(runs_dir, runs)
     typer.echo(_guard(rp.full_report, runs, out))

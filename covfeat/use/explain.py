@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from covfeat.extraction.images import UnreadableImage, occlude
+from covfeat.use.card import warning
 from covfeat.use.predict import Predictor, list_images
 
 
@@ -60,7 +61,7 @@ def explain(run: str | Path, items: list, out_dir: str | Path) -> list[dict]:
         png = out_dir / f"{Path(path).stem}_gradcam.png"
         cv2.imwrite(str(png), over)
         rows.append({"path": str(path), "png": str(png), "p_covid": p, "error": ""})
-    if not pr.spec.pretrained:
-        print("NOTE: this run's backbone is NOT PRETRAINED (random init); its heat maps are for testing only.",
-              file=sys.stderr)
+    line = warning(pr.run)  # the model card's line: NOT PRETRAINED, or flagged by its audit
+    if line:
+        print(line, file=sys.stderr)
     return rows

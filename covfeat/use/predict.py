@@ -4,7 +4,13 @@ Everything is taken from the run's recorded extraction config, never from defaul
 because a model fed differently scaled pixels than it was trained on tends to call every
 image one class.  :class:`Predictor` is the one place that rebuilds a run for inference;
 ``predict``, ``explain`` and ``export`` use it, and ``export`` folds the same scaling
-(as Keras layers), backbone, head and threshold into one Keras model.
+(as Keras layers), backbone, head and threshold into one Keras model, with its model card
+beside it (:mod:`covfeat.use.card`).
+
+The p_covid they give a deployer is corrected from the prior the head was trained toward
+(SMOTE's 50/50) to the COVID-19 share of the run's data, or to ``--prevalence``
+(:mod:`covfeat.use.prevalence`); the head's own number stays as ``p_covid_raw``, and the
+labels are the run's, at its threshold on the raw number, whatever the prevalence.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.images import InputPipeline, UnreadableImage
 from covfeat.extraction.sources import IMAGE_SUFFIXES
 from covfeat.head.runs import Run, check_writable
+from covfeat.use.card import warning, write_card
+from covfeat.use.prevalence import PriorCorrection, check_prevalence, prior_correction
 
-TABLE_FIELDS = ["path", "p_covid", "label", "error"]
+TABLE_FIELDS = ["path", "p_covid", "p_covid_raw", "label", "prevalence", "prevalence_from", "error"]
 
 
 class Predictor:
@@ -82,15 +90,36 @@ def check_table_path(out: str | Path | None) -> None:
     check_writable(out.parent, "--out")
 
 
-def predict(run: str | Path, items: list[str | Path], batch_size: int = 16) -> list[dict]:
-    """P(COVID-19) and the label at the run's threshold for every image; unreadable ones get an error."""
+def predict(run: str | Path, items: list[str | Path], batch_size: int = 16,
+            prevalence: float | None = None) -> list[dict]:
+    """P(COVID-19) and the label at the run's threshold for every image; unreadable ones get an error.
+
+    Each row: ``p_covid`` corrected from the head's training prior to the COVID-19 share of
+    the run's data, or to ``prevalence`` when given (``prevalence`` and ``prevalence_from``
+    say which), ``p_covid_raw`` (the head's own output) and ``label`` (the run's threshold on
+    ``p_covid_raw``, the same cut as the moved threshold on ``p_covid``).
+    """
+    return predict_table(run, items, batch_size, prevalence)[0]
+
+
+def predict_table(run: str | Path, items: list[str | Path], batch_size: int = 16,
+                  prevalence: float | None = None) -> tuple[list[dict], PriorCorrection]:
+    """:func:`predict`'s rows and the correction they carry (whose line heads the printed table).
+
+    Raises
+    ------
+    DataError, ConfigError, RunError, WeightsUnavailable
+    """
+    check_prevalence(prevalence)
     images = list_images(items)
     if not images:
         raise DataError("No image files given (folders are searched for " + ", ".join(sorted(IMAGE_SUFFIXES)) + ").")
+    corr = prior_correction(Run(run).require_single("this command"), prevalence)  # refused before the backbone
     pr = Predictor(run)
     rows, xs, where = [], [], []
     for p in images:
-        row = {"path": str(p), "p_covid": None, "label": None, "error": ""}
+        row = {"path": str(p), "p_covid": None, "p_covid_raw": None, "label": None, "prevalence": corr.target,
+               "prevalence_from": corr.target_from, "error": ""}
         try:
             xs.append(pr.pipeline(p))
             where.append(len(rows))
@@ -99,14 +128,13 @@ def predict(run: str | Path, items: list[str | Path], batch_size: int = 16) -> l
         except OSError as exc:
             row["error"] = f"cannot read file ({exc})"
         rows.append(row)
-    probs = pr.p_covid(np.stack(xs), batch_size) if xs else []
-    for i, pc in zip(where, probs):
-        rows[i]["p_covid"] = float(pc)
-        rows[i]["label"] = pr.label(float(pc))
-    if not pr.spec.pretrained:
-        print("NOTE: this run's backbone is NOT PRETRAINED (random init); its predictions are for testing only.",
-              file=sys.stderr)
-    return rows
+    probs = pr.p_covid(np.stack(xs), batch_size) if xs else np.zeros(0)
+    for i, raw, pc in zip(where, probs, corr.apply(probs)):
+        rows[i].update(p_covid=float(pc), p_covid_raw=float(raw), label=pr.label(float(raw)))
+    line = warning(pr.run)
+    if line:
+        print(line, file=sys.stderr)
+    return rows, corr
 
 
 def write_table(rows: list[dict], out: str | Path) -> Path:
@@ -122,31 +150,35 @@ def write_table(rows: list[dict], out: str | Path) -> Path:
     return out
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], correction: PriorCorrection | None = None) -> str:
+    """The rows as text, headed by the line that says which probability p_covid is."""
     width = max([len(r["path"]) for r in rows] + [4])
-    lines = [f"{'path'.ljust(width)}  p_covid  label"]
+    lines = [correction.describe()] if correction is not None else []
+    lines.append(f"{'path'.ljust(width)}  p_covid  p_covid_raw  label")
     for r in rows:
         if r["error"]:
             lines.append(f"{r['path'].ljust(width)}  skipped: {r['error']}")
         else:
-            lines.append(f"{r['path'].ljust(width)}  {r['p_covid']:.4f}   {r['label']}")
+            lines.append(f"{r['path'].ljust(width)}  {r['p_covid']:.4f}   {r['p_covid_raw']:.4f}       {r['label']}")
     return "\n".join(lines)
 
 
-_THRESHOLD_LAYER = None
+_LAYERS: dict = {}
 
 
 def threshold_layer_class():
-    """``AtThreshold``: P(COVID-19) >= the run's threshold, as 1.0 / 0.0; the threshold is in its config."""
-    global _THRESHOLD_LAYER
-    if _THRESHOLD_LAYER is None:
+    """``AtThreshold``: P(COVID-19) >= the run's threshold, as 1.0 / 0.0; the threshold is in its
+    config, and so is the same threshold in corrected units (``threshold_corrected``), for a
+    reader of the corrected ``probabilities``."""
+    if "AtThreshold" not in _LAYERS:
         import keras
 
         @keras.saving.register_keras_serializable(package="covfeat")
         class AtThreshold(keras.layers.Layer):
-            def __init__(self, threshold: float, **kwargs):
+            def __init__(self, threshold: float, threshold_corrected: float | None = None, **kwargs):
                 super().__init__(**kwargs)
                 self.threshold = float(threshold)
+                self.threshold_corrected = None if threshold_corrected is None else float(threshold_corrected)
 
             def call(self, probs):
                 from keras import ops
@@ -157,40 +189,89 @@ def threshold_layer_class():
                 return (input_shape[0], 1)
 
             def get_config(self):
-                return {**super().get_config(), "threshold": self.threshold}
+                return {**super().get_config(), "threshold": self.threshold,
+                        "threshold_corrected": self.threshold_corrected}
 
-        _THRESHOLD_LAYER = AtThreshold
-    return _THRESHOLD_LAYER
+        _LAYERS["AtThreshold"] = AtThreshold
+    return _LAYERS["AtThreshold"]
+
+
+def prior_layer_class():
+    """``PriorCorrection``: (p_normal, p_covid) moved from the training prior to the target
+    prevalence, the formula of :func:`covfeat.trust.calibration.prior_correct`; both priors are
+    in its config."""
+    if "PriorCorrection" not in _LAYERS:
+        import keras
+
+        @keras.saving.register_keras_serializable(package="covfeat")
+        class PriorCorrection(keras.layers.Layer):
+            def __init__(self, train_prior: float, target: float, **kwargs):
+                super().__init__(**kwargs)
+                self.train_prior, self.target = float(train_prior), float(target)
+
+            def call(self, probs):
+                from keras import ops
+
+                p = probs[:, 1:2]
+                a = p * (self.target / self.train_prior)
+                b = (1.0 - p) * ((1.0 - self.target) / (1.0 - self.train_prior))
+                c = a / (a + b)
+                return ops.concatenate([1.0 - c, c], axis=1)
+
+            def compute_output_shape(self, input_shape):
+                return input_shape
+
+            def get_config(self):
+                return {**super().get_config(), "train_prior": self.train_prior, "target": self.target}
+
+        _LAYERS["PriorCorrection"] = PriorCorrection
+    return _LAYERS["PriorCorrection"]
 
 
 def load_exported(path: str | Path):
-    """Load a model written by :func:`export` (its threshold layer is covfeat's own)."""
+    """Load a model written by :func:`export` (its threshold and prior layers are covfeat's own)."""
     import keras
 
     threshold_layer_class()
+    prior_layer_class()
     return keras.models.load_model(path)
 
 
-def export(run: str | Path, out: str | Path) -> Path:
+def export(run: str | Path, out: str | Path, prevalence: float | None = None) -> Path:
     """One Keras model: 224x224 RGB in [0, 255] -> the run's scaling -> backbone -> head, with two
-    outputs: ``probabilities`` (p_normal, p_covid) and ``covid`` (1.0 when p_covid >= the run's
-    threshold, else 0.0).  The threshold is also in the ``covid`` layer's config.
+    outputs: ``probabilities`` (p_normal, p_covid), corrected from the head's training prior to
+    the COVID-19 share of the run's data, or to ``prevalence`` (:mod:`covfeat.use.prevalence`),
+    and ``covid`` (1.0 when the head's own p_covid >= the run's threshold, else 0.0: exactly
+    ``covfeat predict``'s labels).  The head's own probabilities are the layer
+    ``probabilities_raw``: ``keras.Model(m.input, m.get_layer("probabilities_raw").output)``.
+    ``covid`` compares the raw probability with the raw threshold, so no float rounding of the
+    correction can move a label; the threshold in corrected units is in the layer's config
+    (``threshold_corrected``), and ``model_card.md`` / ``model_card.json`` are written beside
+    the model (:mod:`covfeat.use.card`).
 
     Decode and resize first, as the run did: ``Predictor(run).pipeline.decode(path)``.
     Load with :func:`load_exported`.
+
+    Raises
+    ------
+    ConfigError, RunError, WeightsUnavailable
     """
     import keras
 
     out = Path(out)
     if out.suffix != ".keras":
         raise ConfigError(f"--out: expected a file name ending in .keras, got {str(out)!r}.")
+    check_prevalence(prevalence)
     check_writable(out.parent, "--out")
+    corr = prior_correction(Run(run).require_single("this command"), prevalence)
     pr = Predictor(run)
     inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="rgb_0_255")
     x = pr.pipeline.scaling.layers()(inp)
-    probs = keras.layers.Identity(name="probabilities")(pr.head(pr.backbone(x, training=False), training=False))
-    covid = threshold_layer_class()(pr.threshold, name="covid")(probs)
+    raw = keras.layers.Identity(name="probabilities_raw")(pr.head(pr.backbone(x, training=False), training=False))
+    probs = prior_layer_class()(corr.train_prior, corr.target, name="probabilities")(raw)
+    covid = threshold_layer_class()(pr.threshold, corr.threshold(pr.threshold), name="covid")(raw)
     model = keras.Model(inp, [probs, covid], name=f"covfeat_{pr.extract.backbone}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
+    write_card(pr.run, corr, out)
     return out

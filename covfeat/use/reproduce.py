@@ -1,27 +1,37 @@
 """The paper in one command: extract, fit-head and report for the four backbones, and the
 published Table 2 beside the measured one, cell by cell with the difference.
 
+The backbones are ranked by their validation ROC AUC (their cross-validated mean with
+``--folds``), never by their test numbers, and the chosen one's test numbers are reported;
+backbone against backbone is the paired difference on the same test rows, with Holm's
+correction across the pairs (:mod:`covfeat.use.select`).
+
 Each stage is cached (extraction by its key, each head run by the cache key and the head
-settings), so an interrupted reproduction resumes where it stopped.
+settings), so an interrupted reproduction resumes where it stopped; with ``--folds`` only
+the extraction resumes (cross-validation names its own folder) and the heads, seconds each,
+are fitted again.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from covfeat.core.errors import DataError
 from covfeat.core.fingerprint import fingerprint
 from covfeat.extraction.backbones import list_backbones
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.run import extract
 from covfeat.head.config import FitConfig
 from covfeat.head.fit import fit_head
-from covfeat.head.runs import is_finished
+from covfeat.head.runs import Run, is_finished
 from covfeat.store.reader import open_cache
 from covfeat.trust.metrics import COUNT_KEYS
 from covfeat.trust.paper import CELLS, PAPER_TEST_COUNTS, paper_table2
-from covfeat.use.report import NOT_PRETRAINED, banners, load_run, render_text, report
+from covfeat.use.report import NOT_PRETRAINED, banners, load_run, render_text, report, table_cells
+from covfeat.use.select import paired_differences, ranking
 
 
 def _fit_tag(fit: FitConfig) -> str:
@@ -62,9 +72,12 @@ def compare(runs: dict[str, Path]) -> str:
     for label, key in CELLS:
         row = [label]
         for name in runs:
-            got = ms[name]["argmax"].get(key)
+            m = ms[name]
+            got = m["cv"][key]["mean"] if "cv" in m else m["argmax"].get(key)
             want = paper[name].get(key, PAPER_TEST_COUNTS.get(key))
-            if key in COUNT_KEYS:
+            if key in COUNT_KEYS and "cv" in m:  # a mean over folds
+                row += [str(want), f"{got:.1f}", f"{got - want:+.1f}"]
+            elif key in COUNT_KEYS:
                 row += [str(want), str(got), f"{got - want:+d}"]
             else:
                 row += [f"{want:.2f}", f"{got:.2f}", f"{got - want:+.2f}"]
@@ -75,12 +88,44 @@ def compare(runs: dict[str, Path]) -> str:
     return "\n".join(notes + ["", render_text(header, body)])
 
 
+def selection(runs: dict[str, Path], metric: str = "roc_auc") -> str:
+    """Which backbone validation (or cross-validation) chooses, that one's test numbers, and
+    every pair of backbones compared on the same test rows (paired, Holm-adjusted)."""
+    cv = all(Run(r).is_cv for r in runs.values())
+    on = "cv" if cv else "validation"
+    where = "cross-validated mean" if cv else "validation images"
+    lines = [f"Backbones ranked by {metric} on their {where} (test rows are not used to choose):"]
+    try:
+        ranked = ranking(list(runs.values()), metric, on)
+    except DataError as exc:
+        return "\n".join(lines + [f"  not ranked: {exc}"])
+    name_of = {Path(r): n for n, r in runs.items()}
+    for i, (path, iv) in enumerate(ranked, 1):
+        ci = "" if math.isnan(iv.lo) else f" [{iv.lo:.2f}, {iv.hi:.2f}]"
+        lines.append(f"  {i}. {name_of[path]}: {iv.estimate:.3f}{ci} ({iv.method}"
+                     + ("" if cv else f"; {sum(iv.n_images)} images, {sum(iv.n_groups)} patient groups") + ")")
+    best = ranked[0][0]
+    cells = table_cells(load_run(best))
+    shown = [k for k in ("COVID-19 recall", "specificity", "ROC AUC", "accuracy") if k in cells]
+    lines.append(f"Chosen: {name_of[best]}; its test numbers: " + "; ".join(f"{k} {cells[k]}" for k in shown))
+    if cv:
+        lines.append("With --folds every fold has its own test rows: no paired test between backbones.")
+        return "\n".join(lines)
+    pairs = paired_differences(runs, metric)
+    if pairs:
+        lines.append(f"Backbone vs backbone on the same test rows: paired difference of {metric} (patient bootstrap), "
+                     "p-values Holm-adjusted across the pairs:")
+        lines += [f"  {d['a']} - {d['b']}: {d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}], p {d['p_value']:.3f}, "
+                  f"Holm p {d['holm_p']:.3f}" for d in pairs]
+    return "\n".join(lines)
+
+
 def full_report(runs: dict[str, Path], out: Path) -> str:
-    text = compare(runs)
+    text = compare(runs) + "\n\n" + selection(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper_vs_measured.txt").write_text(text + "\n")
     return text + "\n\n" + report(list(runs.values()), out)
 
 
-__all__ = ["reproduce", "compare", "paper_table2", "NOT_PRETRAINED"]
+__all__ = ["reproduce", "compare", "selection", "paper_table2", "NOT_PRETRAINED"]
