@@ -26,9 +26,9 @@ import numpy as np
 from covfeat.core import __version__
 from covfeat.core.fsutil import atomic_file
 from covfeat.head.runs import Run, write_json_atomic
-from covfeat.head.split import TEST, TRAIN, VAL
-from covfeat.probes.common import patient_groups
+from covfeat.head.split import TEST, TRAIN, VAL, patient_groups
 from covfeat.trust.calibration import brier, ece, predictive_values
+from covfeat.trust.confounding import statement
 from covfeat.trust.deviations import applying
 from covfeat.trust.intervals import clusters, estimate
 from covfeat.use.prevalence import PriorCorrection
@@ -88,16 +88,12 @@ def training_data(run: Run, fc) -> dict:
 
 
 def confounding(sources: dict) -> list[str]:
-    """Per class, the sources no image of the other class comes from, in words."""
-    by = {name: {s for s, v in sources.items() if sum(p[name]["images"] for p in v.values())} for _, name in CLASSES}
-    out = []
-    for (_, name), (_, other) in zip(CLASSES, CLASSES[::-1]):
-        only = sorted(by[name] - by[other])
-        if only and set(only) == by[name]:
-            out.append(f"every {name} image comes from {', '.join(only)}, a source no {other} image comes from")
-        elif only:
-            out.append(f"some {name} images come from {', '.join(only)}, a source no {other} image comes from")
-    return out
+    """The class-source confound in words (:func:`covfeat.trust.confounding.statement`, the
+    sentence the report's banner and the source probe say), or nothing when there is none."""
+    by_class = {name: {s: sum(p[name]["images"] for p in v.values()) for s, v in sources.items()}
+                for _, name in CLASSES}
+    said = statement(by_class)
+    return [said] if said else []
 
 
 def _finite(v: float) -> float | None:

@@ -18,8 +18,7 @@ import numpy as np
 
 from covfeat.core.errors import ConfigError, DataError, RunError
 from covfeat.head.runs import Run
-from covfeat.head.split import VAL
-from covfeat.probes.common import patient_groups
+from covfeat.head.split import VAL, patient_groups
 from covfeat.trust.intervals import LEVEL, PROPORTIONS, RANKINGS, Interval, clusters, estimate, holm, paired_difference
 from covfeat.trust.metrics import CV_INTERVAL
 
