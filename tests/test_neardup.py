@@ -220,3 +220,41 @@ def test_cohens_patients_97_and_178_are_joined_on_the_real_data(tmp_path):
     for k, day in enumerate(("admission", "day-1", "day-2", "day-3"), start=2):
         assert any(f"syndrome-ards-{day}" in a and b == f"16660_{k}_1.jpg" or
                    f"syndrome-ards-{day}" in b and a == f"16660_{k}_1.jpg" for a, b in names), day
+
+
+def test_copies_of_one_radiograph_under_both_labels_are_a_conflict(tmp_path):
+    """A COVID-19 radiograph filed again, mirrored and re-encoded, in the NORMAL folder: not the
+    same bytes, so only the near-duplicate search sees it. The extraction stops naming both
+    files (its shards are kept); with --on-conflict skip the index is written, `info` lists
+    the pair, and fit-head leaves both copies out of every split."""
+    from conftest import make_mini
+
+    d = make_mini(tmp_path / "d", n_covid=6, n_normal=6)
+    covid = sorted((d["cohen"] / "images").iterdir())[0]
+    img = cv2.imread(str(covid), cv2.IMREAD_COLOR)
+    copy = d["normal"] / "IM-9999-0001.jpeg"
+    cv2.imwrite(str(copy), cv2.flip(img, 1), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    args = ["extract", "-b", "inception_v3", "--weights", "none", "--augment", "0", "--data", str(d["cohen"]),
+            "--data", str(d["normal"]), "--cache-dir", str(tmp_path / "c")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: 1 radiograph(s) appear as near-duplicates under both labels: ")
+    assert f"{covid} (COVID-19)" in err and f"{copy} (NORMAL)" in err
+    assert err.endswith("Fix the labels, or pass --on-conflict skip to leave every copy out of every split (the "
+                        "extracted shards are kept).")
+    assert not list((tmp_path / "c").glob("*.h5")) and list((tmp_path / "c").glob("*.shards/shard-*.h5"))
+    r = runner.invoke(app, args + ["--on-conflict", "skip"])
+    assert r.exit_code == 0, r.output
+    cache = Path(r.stdout.strip().splitlines()[-1])
+    fc = open_cache(cache)
+    rows = {str(p): k for k, p in enumerate(fc.manifest["path"])}
+    assert fc.near_duplicate_conflicts() == [sorted([rows[str(covid)], rows[str(copy)]])]
+    info = runner.invoke(app, ["info", str(cache)]).stdout
+    assert "near-duplicates under both labels (left out of every split): 1" in info
+    r = runner.invoke(app, ["fit-head", "--cache", str(cache), "--epochs", "1", "--val", "0", "--test", "0.3",
+                            "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    split = np.load(Path(r.stdout.strip().splitlines()[-1]) / "split.npy")
+    assert split[rows[str(covid)]] == -1 and split[rows[str(copy)]] == -1
+    assert (split[[k for k in range(len(split)) if k not in (rows[str(covid)], rows[str(copy)])]] >= 0).all()

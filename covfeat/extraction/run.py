@@ -30,7 +30,7 @@ from covfeat.store.catalog import move_aside, verify_cache
 from covfeat.store.index import assemble
 from covfeat.store.lock import CacheLock
 from covfeat.store.shards import SHARD_IMAGES, ShardSpec, ShardStore, shard_fingerprints, shard_skips
-from covfeat.trust.neardup import MAX_BITS, MIN_CORR, describe, find_pairs
+from covfeat.trust.neardup import MAX_BITS, MIN_CORR, describe, find_pairs, label_conflicts
 
 BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 178 images)
 
@@ -137,6 +137,7 @@ def _merge(p: Plan, store: ShardStore, timings: dict) -> None:
         if len(skipped) > 10:
             log(f"  ... and {len(skipped) - 10} more; `covfeat info {target}` lists every one with its reason")
     near = near_duplicates(store, p.shards, rows)
+    _label_conflicts(near, rows, p.cfg.on_conflict)
     extra = {"near_duplicates": near, "missing": [list(m) for m in manifest.missing],
              "duplicates": [list(d) for d in manifest.duplicates],
              "broken_links": [list(b) for b in manifest.broken_links],
@@ -162,6 +163,26 @@ def near_duplicates(store: ShardStore, specs, rows: list[dict]) -> dict:
             log(line)
     return {"max_bits": MAX_BITS, "min_corr": MIN_CORR,
             "pairs": [[int(i), int(j), int(d), round(float(c), 4)] for i, j, d, c in pairs]}
+
+
+def _label_conflicts(near: dict, rows: list[dict], on_conflict: str) -> None:
+    """Copies of one radiograph under both labels: an error naming them, as for the same bytes
+    under two labels (the shards are kept, so the rerun only writes the index), or with
+    ``--on-conflict skip`` recorded in ``near["conflicts"]``, whose images fit-head leaves out
+    of every split."""
+    groups = label_conflicts(near["pairs"], [r["label"] for r in rows])
+    near["conflicts"] = groups
+    if not groups:
+        return
+    described = [" ~ ".join(f"{rows[k]['path']} ({LABEL_NAMES[int(rows[k]['label'])]})" for k in g) for g in groups]
+    if on_conflict != "skip":
+        more = f" and {len(described) - 3} more" if len(described) > 3 else ""
+        raise DataError(f"{len(described)} radiograph(s) appear as near-duplicates under both labels: "
+                        f"{'; '.join(described[:3])}{more}. Fix the labels, or pass --on-conflict skip to leave every "
+                        "copy out of every split (the extracted shards are kept).")
+    log(f"Near-duplicates under both labels, left out of every split ({len(groups)} radiograph(s)):")
+    for line in described[:10]:
+        log(f"  {line}")
 
 
 def _lower_priority() -> None:

@@ -58,9 +58,9 @@ def peak_rss_mb() -> float:
 
 
 def make_split(fc: FeatureCache, cfg: SplitConfig) -> np.ndarray:
-    """Train/val/test (0/1/2) per manifest row, -1 for images without features; patients and
-    near-duplicates are kept whole."""
-    ok = np.flatnonzero(fc.has_features())
+    """Train/val/test (0/1/2) per manifest row, -1 for images without features and for copies
+    of one radiograph under both labels; patients and near-duplicates are kept whole."""
+    ok = np.flatnonzero(fc.usable())
     split = np.full(fc.n_rows, -1, np.int8)
     man = fc.manifest
     split[ok] = assign_split(man["label"][ok], man["patient_id"][ok], cfg, usable_pairs(fc, cfg, ok))
@@ -72,6 +72,7 @@ def not_used(fc: FeatureCache) -> dict:
     out = {"skipped at extraction": len(fc.skipped)}
     for key in ("missing", "broken_links", "not_images", "conflicts"):
         out[key.replace("_", " ")] = len(json.loads(fc.attrs.get(key, "[]")))
+    out["near-duplicates under both labels"] = sum(len(g) for g in fc.near_duplicate_conflicts())
     return out
 
 
@@ -357,7 +358,7 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
     fit = fit.resolved(backbone)
     t0 = time.perf_counter()
     man = fc.manifest
-    idx = np.flatnonzero(fc.has_features())
+    idx = np.flatnonzero(fc.usable())
     one = replace(fit, folds=0, repeats=1)
     fold_metrics, held = [], []
     # Every row's maps read once for all folds when they fit the memory budget (each fold

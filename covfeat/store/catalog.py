@@ -142,6 +142,9 @@ def info(path: str | Path) -> str:
     lines.append(f"near-duplicate pairs: {len(nd['pairs'])}")
     for i, j, d, c in nd["pairs"]:
         lines.append(f"  {fc.manifest['path'][i]} ~ {fc.manifest['path'][j]} ({d} bits, correlation {c})")
+    lines.append(f"near-duplicates under both labels (left out of every split): {len(nd.get('conflicts', []))}")
+    for g in nd.get("conflicts", []):
+        lines.append("  " + " ~ ".join(f"{fc.manifest['path'][k]} (label {fc.manifest['label'][k]})" for k in g))
     for key, title in (("missing", "listed but missing"), ("broken_links", "broken links"),
                        ("not_images", "not opened (not an image file name)"), ("conflicts", "conflicting labels"),
                        ("duplicates", "byte-identical duplicates dropped")):

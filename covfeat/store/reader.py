@@ -103,6 +103,19 @@ class FeatureCache:
         nd = self.attrs.get("near_duplicates")
         return [tuple(p) for p in json.loads(nd)["pairs"]] if nd is not None else []
 
+    def near_duplicate_conflicts(self) -> list[list[int]]:
+        """Rows of radiographs whose near-duplicates carry both labels (kept with
+        ``--on-conflict skip``; left out of every split)."""
+        nd = self.attrs.get("near_duplicates")
+        return [list(g) for g in json.loads(nd).get("conflicts", [])] if nd is not None else []
+
+    def usable(self) -> np.ndarray:
+        """Per manifest row: True when the image has features and is not a copy of a radiograph
+        that also appears under the other label (the rows a split or a fold may use)."""
+        ok = self.has_features()
+        ok[[r for g in self.near_duplicate_conflicts() for r in g]] = False
+        return ok
+
     def has_features(self) -> np.ndarray:
         """Per manifest row: True when the image was readable and has features."""
         ok = np.zeros(self.n_rows, bool)

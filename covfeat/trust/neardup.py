@@ -219,6 +219,25 @@ def join_groups(groups: np.ndarray, pairs) -> np.ndarray:
     return uniq[[root(g) for g in inv]]
 
 
+def label_conflicts(pairs, labels) -> list[list[int]]:
+    """The images joined by near-duplicate ``pairs`` into one radiograph whose copies carry
+    different labels: one sorted list of rows per such group.  Like the same bytes under two
+    labels, a radiograph cannot be both COVID-19 and NORMAL; its copies are a labelling error
+    (or a copy filed in the wrong class), and no split can put them right."""
+    labels = np.asarray(labels)
+    members = sorted({int(r) for i, j, *_ in pairs for r in (i, j)})
+    if not members:
+        return []
+    joined = join_groups(np.array([str(r) for r in members]), [(members.index(int(i)), members.index(int(j)))
+                                                                 for i, j, *_ in pairs])
+    out = []
+    for g in np.unique(joined):
+        rows = [members[k] for k in np.flatnonzero(joined == g)]
+        if len({int(labels[r]) for r in rows}) > 1:
+            out.append(sorted(rows))
+    return sorted(out)
+
+
 def describe(pairs, paths, patients, limit: int = 10) -> list[str]:
     """One line per pair: the two files, their patients, and how close they are."""
     out = []
