@@ -1,29 +1,26 @@
 """Patient-level intervals for every number covfeat reports, differences between two models,
 and the three-way verdict a referee signs.
 
-The unit sampled is the patient group (patients joined by near-duplicates; a group id per
-row), not the image: Cohen has up to five radiographs per patient.  Every interval here
-resamples whole groups, stratified by class: each resample keeps each class's number of
-groups, so none lacks a class and none is dropped.  Groups holding both classes (possible
-once near-duplicates join patients) are a third stratum.
+The unit sampled is the patient group (patients joined by near-duplicates; a group id per row), not the image:
+Cohen has up to five radiographs per patient. Every interval here resamples whole groups, stratified by class:
+each resample keeps each class's number of groups, so none lacks a class and none is dropped. Groups holding
+both classes (possible once near-duplicates join patients) are a third stratum.
 
-The interval (``CLUSTER``) is not the percentile interval, which covered a true AUC of 0.96
-78% of the time at 8 groups per class (the audit's old ``group_bootstrap_auc``).  The
-bootstrap gives the variance, times m/(m-1) (it divides by m where the unbiased cluster
-variance divides by m - 1; m: the fewest groups of a class the number rests on); the interval
-is built on the logit scale, which stays in (0, 1) and reaches past a boundary the resamples
-cannot cross (Pepe 2003, sec. 5.2; Qin & Hotilovac 2008), with a t quantile of m - 1 degrees
-of freedom for a variance estimated from few patients (Korn & Graubard 1998 use t with
-clusters minus strata; m - 1 is fewer).  At an estimate of 0 or 1, or resamples that do not
-vary, there is no spread to estimate: the interval is a score interval counting each group
-as one image (``SCORE``; Kish's effective count (sum n_g)^2 / sum n_g^2, the worst case of
-within-patient correlation): Wilson's for proportions, Newcombe's (2006) for the AUC.  A class
-with one group gives no interval to a number resting on it (``NONE``).  Proportions whose
-groups all have one image keep Wilson's interval on images (``WILSON``).
+The interval (``CLUSTER``) is not the percentile interval, which covered a true AUC of 0.96 78% of the time at
+8 groups per class (the audit's old ``group_bootstrap_auc``). The bootstrap gives the variance, times m/(m-1)
+(it divides by m where the unbiased cluster variance divides by m - 1; m: the fewest groups of a class the
+number rests on); the interval is built on the logit scale, which stays in (0, 1) and reaches past a boundary
+the resamples cannot cross (Pepe 2003, sec. 5.2; Qin & Hotilovac 2008), with a t quantile of m - 1 degrees of
+freedom for a variance estimated from few patients (Korn & Graubard 1998 use t with clusters minus strata;
+m - 1 is fewer). At an estimate of 0 or 1, or resamples that do not vary, there is no spread to estimate: the
+interval is a score interval counting each group as one image (``SCORE``; Kish's effective count (sum n_g)^2 /
+sum n_g^2, the worst case of within-patient correlation): Wilson's for proportions, Newcombe's (2006) for the
+AUC. A class with one group gives no interval to a number resting on it (``NONE``). Proportions whose groups
+all have one image keep Wilson's interval on images (``WILSON``).
 
-Differences use the MOVER of Zou & Donner (2008): each side's own interval, joined by the
-correlation of the two estimates over the same resamples (paired) or zero (unpaired);
-p-values invert that interval, and Holm's step-down adjusts the p-values of a family.
+Differences use the MOVER of Zou & Donner (2008): each side's own interval, joined by the correlation of the
+two estimates over the same resamples (paired) or zero (unpaired); p-values invert that interval, and Holm's
+step-down adjusts the p-values of a family.
 """
 
 from __future__ import annotations
@@ -121,6 +118,9 @@ def kish(sizes) -> float:
     return float(s.sum() ** 2 / (s ** 2).sum()) if s.sum() else 0.0
 
 
+SPREAD_FLOOR = 1e-12  # a bootstrap variance below it is rounding noise: no zero-wide "bootstrap" interval
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A number with its bootstrap replicates, from which an interval at any level follows.
@@ -159,7 +159,7 @@ class Estimate:
             return math.nan, math.nan, NONE
         q = float(t.ppf(0.5 + level / 2, self.m - 1))
         v, p = self.spread(), self.value
-        if v > 0 and 0 < p < 1:
+        if v > SPREAD_FLOOR and 0 < p < 1:
             half = q * math.sqrt(v) / (p * (1 - p))
             mid = math.log(p / (1 - p))
             return 1 / (1 + math.exp(-(mid - half))), 1 / (1 + math.exp(-(mid + half))), CLUSTER
