@@ -134,6 +134,16 @@ def test_cross_validation_report_from_the_fold_folders(mini_cache, tmp_path):
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Split: 60% train, 10% validation, 30% test by default" not in html  # no 60/10/30 split in k-fold
     assert "Grouping: the split and the folds keep each patient on one side" in html
+    # Calibration of the first repeat's held-out folds together (every image once), by hand for the Brier score.
+    first = [f for f in folds if f.name.startswith("r0-")]
+    held = [r for f in first for r in csv.DictReader(open(f / "predictions.csv"))]
+    assert len(held) == len({r["row"] for r in held}) == m["calibration"]["raw"]["brier"]["images"]
+    brier = np.mean([(float(r["p_covid"]) - int(r["label"])) ** 2 for r in held])
+    assert m["calibration"]["raw"]["brier"]["value"] == pytest.approx(brier)
+    assert any(line.startswith("Brier score, raw p_covid") for line in out.splitlines())
+    assert (tmp_path / "rep" / f"{parent.name}_reliability.png").is_file()
+    at = runner.invoke(app, ["report", str(parent), "--prevalence", "0.1", "--out", str(tmp_path / "rep3")]).stdout
+    assert "PPV at prevalence 0.100 (stated), argmax" in at
 
 
 def test_predictive_values_at_a_stated_prevalence(mini_run, tmp_path):

@@ -389,6 +389,7 @@ def cross_validate(cache_path: str | Path, fit: FitConfig, runs_dir: str | Path 
         metrics = {"cv": cv, "backbone": fc.backbone, "weights": first["weights"], "pretrained": first["pretrained"],
                    "sources_test": _summed([m["sources_test"] for m in fold_metrics]),
                    "by_source_patients": _summed_by_source(held, fit.target_recall is not None),
+                   **_pooled_calibration([(h, m) for (r, _, _), h, m in zip(folds, held, fold_metrics) if r == 0]),
                    "fit_seconds": time.perf_counter() - t0,
                    "peak_rss_mb": peak_rss_mb(), "folds": [m["argmax"] for m in fold_metrics]}
         write_cv(d.path, fit=fit, fc=fc, metrics=metrics)
@@ -402,6 +403,16 @@ def _summed(counts: list[dict]) -> dict:
         for k, v in c.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def _pooled_calibration(first_repeat: list[tuple[dict, dict]]) -> dict:
+    """Calibration, and PPV and NPV at the rows' own prevalence, of the first repeat's held-out
+    folds together: every image once, scored by the head that did not train on it.  Each fold's
+    head was trained toward its own prior; the correction uses their mean (0.5 after SMOTE)."""
+    y, p, g = (np.concatenate([h[k] for h, _ in first_repeat]) for k in ("y", "p", "group"))
+    prior = float(np.mean([m["train_prior"] for _, m in first_repeat]))
+    return {"train_prior": prior, "calibration": evaluation.calibration(y, p, g, prior),
+            "predictive": {"argmax": evaluation.predictive(y, p, g, None, 0.5)}}
 
 
 def _summed_by_source(held: list[dict], operating_point: bool) -> dict:

@@ -167,12 +167,28 @@ def plot_run(m: dict, out_dir: Path) -> list[Path]:
         files.append(out_dir / f"{m['_name']}_confusion_roc_pr.png")
         fig.savefig(files[-1], dpi=100)
         plt.close(fig)
+    elif m.get("calibration"):  # cross-validation: the folds' held-out rows together
+        fig, ax = plt.subplots(1, 1, figsize=(5.5, 4.5))
+        reliability_panel(ax, m["calibration"])
+        fig.tight_layout()
+        files.append(out_dir / f"{m['_name']}_reliability.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
     return files
 
 
 def at_prevalence(m: dict, prevalence: float) -> dict:
-    """PPV and NPV of a single-split run at a stated COVID-19 prevalence, at argmax and at its
-    operating point, from its test predictions and their patient groups."""
+    """PPV and NPV of a run at a stated COVID-19 prevalence, from its test predictions and their
+    patient groups: a single split's at argmax and at its operating point; a cross-validation's at
+    argmax, from the first repeat's folds together (every image once)."""
+    if "cv" in m:
+        folds = sorted(p for p in Path(m["_path"]).iterdir() if p.is_dir() and p.name.startswith("r0-"))
+        prs = [Run(p).predictions() for p in folds]
+        if not prs or any("group" not in pr for pr in prs):
+            raise RunError(f"{m['_path']} has no fold predictions with patient groups, so it has no PPV and NPV at "
+                           "--prevalence; fit it again with this covfeat.")
+        y, p, g = (np.concatenate([pr[k] for pr in prs]) for k in ("label", "p_covid", "group"))
+        return {"argmax": predictive(y, p, g, prevalence, 0.5)}
     run = Run(m["_path"])
     pr = run.predictions()
     if "group" not in pr:
@@ -189,7 +205,7 @@ def report(runs: list[str | Path], out_dir: str | Path | None = None, prevalence
         raise ConfigError(f"--prevalence: expected a COVID-19 share strictly between 0 and 1, got {prevalence}.")
     ms = [load_run(r) for r in runs]
     if prevalence is not None:
-        ms = [m if "cv" in m else {**m, "predictive": at_prevalence(m, prevalence)} for m in ms]
+        ms = [{**m, "predictive": at_prevalence(m, prevalence)} for m in ms]
     header, body = side_by_side(ms)
     lines = banners(ms) + notes(ms)
     text = "\n".join(lines + ["", render_text(header, body)]) if lines else render_text(header, body)
