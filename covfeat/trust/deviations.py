@@ -35,9 +35,9 @@ DEVIATIONS = [
     Deviation("grouping", "Grouping: the split and the folds keep each patient on one side (the paper split by "
               "image, which leaks patients between train and test); `--split-by image` restores the paper's way.",
               ("split", "by"), lambda by: by == "patient"),
-    Deviation("near-duplicates", "Near-duplicates: radiographs published twice (re-encoded, resized, lightly "
-              "re-cropped, under another patient ID) are kept on one side of every split; the paper did not look "
-              "for them. `--near-duplicates ignore` turns this off.",
+    Deviation("near-duplicates", "Near-duplicates: radiographs published twice (re-encoded, resized, re-cropped, "
+              "padded, mirrored, contrast-changed or slightly rotated, under another patient ID) are kept on one "
+              "side of every split; the paper did not look for them. `--near-duplicates ignore` turns this off.",
               ("split", "near_duplicates"), lambda nd: nd == "group"),
     Deviation("smote", "SMOTE runs in feature space, on the training rows' original feature maps; the paper "
               "generated new images. Its rows never reach validation or test.",
