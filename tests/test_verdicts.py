@@ -130,6 +130,8 @@ def test_source_within_a_class_reads_three_ways():
     res = within_class("NORMAL", ["kermany", "openist"], y, a, g)
     assert res["status"] == FLAGGED and res["verdict"].startswith("FLAGGED: within NORMAL, the features tell kermany "
                                                                   "from openist with ROC AUC ")
+    n1, n0 = len(set(g[y == 1])), len(set(g[y == 0]))  # the patients counted are the two sources', not classes'
+    assert f"; {n1} openist and {n0} kermany patients, " in res["verdict"] and "COVID-19" not in res["verdict"]
     y, a, _, g = scores(6, 0.3, 0.0)
     assert within_class("NORMAL", ["a", "b"], y, a, g)["status"] == INCONCLUSIVE
 

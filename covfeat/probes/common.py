@@ -37,17 +37,18 @@ def auc_interval(y, p, groups, seed: int = 0) -> Interval:
     return estimate(clusters(y, groups, seed=seed), p, "roc_auc").interval()
 
 
-def counted(iv) -> str:
-    """The patients and images an interval rests on, COVID-19 then NORMAL."""
+def counted(iv, names=("COVID-19", "NORMAL")) -> str:
+    """The patients and images an interval rests on, positive class (label 1) then negative:
+    COVID-19 then NORMAL, unless the probe scores something else (the source probe: two sources)."""
     (gc, gn), (ic, in_) = iv.n_groups, iv.n_images
-    return f"{gc} COVID-19 and {gn} NORMAL patients, {ic} and {in_} images"
+    return f"{gc} {names[0]} and {gn} {names[1]} patients, {ic} and {in_} images"
 
 
-def auc_text(iv) -> str:
+def auc_text(iv, names=("COVID-19", "NORMAL")) -> str:
     """``ROC AUC 0.93 [95% CI 0.85, 0.97; 12 COVID-19 and 15 NORMAL patients, 20 and 15 images]``."""
     if math.isnan(iv.lo):
-        return f"ROC AUC {iv.estimate:.2f} [no interval: too few patients; {counted(iv)}]"
-    return f"ROC AUC {iv.estimate:.2f} [95% CI {iv.lo:.2f}, {iv.hi:.2f}; {counted(iv)}]"
+        return f"ROC AUC {iv.estimate:.2f} [no interval: too few patients; {counted(iv, names)}]"
+    return f"ROC AUC {iv.estimate:.2f} [95% CI {iv.lo:.2f}, {iv.hi:.2f}; {counted(iv, names)}]"
 
 
 def diff_text(pd: dict, what: str = "ROC AUC") -> str:
@@ -55,12 +56,12 @@ def diff_text(pd: dict, what: str = "ROC AUC") -> str:
     return f"{pd['difference']:+.2f} {what} [95% CI {pd['interval'][0]:+.2f}, {pd['interval'][1]:+.2f}]"
 
 
-def needed_text(needed, needed_for: str) -> str:
+def needed_text(needed, needed_for: str, names=("COVID-19", "NORMAL")) -> str:
     """What would settle an INCONCLUSIVE verdict at the observed spread (``Verdict.needed`` and
     ``Verdict.needed_for``)."""
     if needed is None:
         return needed_for or "more patients of both classes would give it an interval"
-    return (f"about {needed[0]} COVID-19 and {needed[1]} NORMAL patients would be needed {needed_for}, at the "
+    return (f"about {needed[0]} {names[0]} and {needed[1]} {names[1]} patients would be needed {needed_for}, at the "
             "observed spread")
 
 

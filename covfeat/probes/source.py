@@ -29,12 +29,13 @@ def within_class(name: str, srcs: list[str], y, p, groups, margin: float = MARGI
     """Question two for one class: out-of-fold P(``srcs[1]``) against the source, read three ways."""
     iv = auc_interval(y, p, groups, seed)
     v = versus_chance(iv, margin)
-    said = f"the features tell {srcs[0]} from {srcs[1]} with {auc_text(iv)}, margin {margin:.2f}"
+    names = (srcs[1], srcs[0])  # y is 1 for srcs[1]: its patients are counted first
+    said = f"the features tell {srcs[0]} from {srcs[1]} with {auc_text(iv, names)}, margin {margin:.2f}"
     body = {FLAGGED: f"{said}: beyond the margin from chance; the source leaves a mark a classifier can use.",
             CLEAR: f"{said}: within the margin of chance; the features do not tell these sources apart by more "
                    "than the margin.",
             INCONCLUSIVE: f"{said}: neither beyond the margin from chance nor within it; "
-                          f"{needed_text(v.needed, v.needed_for)}."}[v.status]
+                          f"{needed_text(v.needed, v.needed_for, names)}."}[v.status]
     return {"status": v.status, "verdict": f"{v.status}: within {name}, {body}", "reading": body,
             "roc_auc": [iv.estimate, iv.lo, iv.hi], "sources": srcs[:2], "n": [int((y == 0).sum()), int((y == 1).sum())],
             **verdict_fields(v)}
