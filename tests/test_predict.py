@@ -245,5 +245,5 @@ def test_a_run_whose_cache_is_gone_says_why_predict_needs_it(mini, mini_run, tmp
     (run / "cache.json").write_text(json.dumps(info))
     r = runner.invoke(app, ["predict", "--run", str(run), str(mini["normal"]), "--prevalence", "0.1"])
     assert r.exit_code == 1
-    assert r.stderr == (f"error: The run's feature cache '{tmp_path / 'gone.h5'}' is gone; covfeat reads the run's "
-                        "labels from it to know the prior its head was trained toward. Put it back.\n")
+    assert r.stderr == (f"error: The feature cache of {run} ('{tmp_path / 'gone.h5'}') is gone; covfeat reads the "
+                        "run's labels from it to know the prior its head was trained toward. Put it back.\n")

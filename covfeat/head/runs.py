@@ -182,6 +182,26 @@ class Run:
         out["p_covid"] = out["p_covid"].astype(float)
         return out
 
+    def own_cache(self, needed_for: str):
+        """The feature cache this run was fitted on, opened: the one its ``cache.json`` names, and
+        checked to be that cache by its key.  ``needed_for`` says, in the error, why it is read.
+
+        Raises
+        ------
+        RunError
+            The cache is gone, or the file at its path is another cache.
+        """
+        from covfeat.store.reader import open_cache
+
+        path = Path(self.cache_info["path"])
+        if not path.is_file():
+            raise RunError(f"The feature cache of {self.path} ('{path}') is gone; {needed_for}. Put it back.")
+        fc = open_cache(path)
+        if fc.content_hash() != self.cache_info["key"]:
+            raise RunError(f"'{path}' is not the cache {self.path} was fitted on (its key differs); put the run's own "
+                           "cache back.")
+        return fc
+
     def split(self) -> np.ndarray:
         return np.load(self.path / "split.npy")
 

@@ -90,16 +90,8 @@ def run_labels(run: Run) -> tuple[np.ndarray, np.ndarray]:
     RunError
         The cache is gone, is another cache than the run's, or disagrees with the run's counts.
     """
-    from covfeat.store.reader import open_cache
-
-    path = Path(run.cache_info["path"])
-    if not path.is_file():
-        raise RunError(f"The run's feature cache '{path}' is gone; covfeat reads the run's labels from it to know "
-                       "the prior its head was trained toward. Put it back.")
-    fc = open_cache(path)
-    if fc.content_hash() != run.cache_info["key"]:
-        raise RunError(f"'{path}' is not the cache {run.path} was fitted on (its key differs); put the run's own "
-                       "cache back.")
+    fc = run.own_cache("covfeat reads the run's labels from it to know the prior its head was trained toward")
+    path = run.cache_info["path"]
     split = run.split()
     used = (split >= 0) & fc.has_features()
     train = np.flatnonzero(used & (split == TRAIN))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covfeat.core.errors import ConfigError, DataError, RunError
+from covfeat.core.errors import ConfigError, DataError
 from covfeat.head.runs import Run
 from covfeat.head.split import VAL, patient_groups
 from covfeat.trust.intervals import LEVEL, PROPORTIONS, RANKINGS, Interval, clusters, estimate, holm, paired_difference
@@ -26,16 +26,7 @@ ON = ("validation", "cv")
 
 
 def _cache(run: Run):
-    from covfeat.store.reader import open_cache
-
-    path = Path(run.cache_info["path"])
-    if not path.is_file():
-        raise RunError(f"The feature cache of {run.path} ('{path}') is gone; scoring its validation rows needs it. "
-                       "Put it back.")
-    fc = open_cache(path)
-    if fc.content_hash() != run.cache_info["key"]:
-        raise RunError(f"'{path}' is not the cache {run.path} was fitted on (its key differs).")
-    return fc
+    return run.own_cache("scoring its validation rows needs it")
 
 
 def validation_scores(run: str | Path | Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
