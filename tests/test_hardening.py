@@ -103,6 +103,19 @@ def test_an_index_under_another_caches_name_is_refused(cache):
     assert runner.invoke(app, ["info", str(mine)]).exit_code == 0
 
 
+def test_a_cache_of_an_older_format_says_how_to_get_a_new_one(cache):
+    """A format-3 cache (the four-crop near-duplicate fingerprint) is not reused, and the advice is
+    one that works: a new extraction writes a cache under a new name (the format is in the key),
+    so --rebuild, which moves the cache at the new name aside, would not help."""
+    with h5py.File(cache, "r+") as h:
+        h.attrs["format_version"] = 3
+    r = runner.invoke(app, ["fit-head", "--cache", str(cache), "--epochs", "1"])
+    assert r.exit_code == 1
+    assert err(r) == (f"error: {cache} has format version 3, this covfeat reads 4; run `covfeat extract` again (the "
+                      "new cache gets a new name) and fit-head on it; runs fitted on this cache cannot be used with "
+                      "this covfeat, and the file can be deleted.")
+
+
 @pytest.mark.parametrize("damage", ["complete cleared", "truncated"])
 def test_a_damaged_cache_is_not_a_dead_end(small, cache, damage):
     if damage == "complete cleared":

@@ -72,7 +72,7 @@ def metadata_verdict(X, y, groups, margin: float = MARGIN, seed: int = 0) -> dic
 
 def metadata_probe(fc, seed: int = 0, margin: float = MARGIN) -> dict:
     """Patient-grouped cross-validated logistic regression from file metadata to the class."""
-    rows = np.flatnonzero(fc.has_features())
+    rows = np.flatnonzero(fc.usable())  # as fit-head's split: no label-conflicted copies
     meta, keep, unreadable = [], [], 0
     for r in rows:
         try:

@@ -61,7 +61,7 @@ def source_probe(fc, seed: int = 0, margin: float = MARGIN) -> dict:
     reading is FLAGGED; CLEAR when every within-class reading is CLEAR and no class is wholly
     confounded; else INCONCLUSIVE."""
     man = fc.manifest
-    rows = np.flatnonzero(fc.has_features())
+    rows = np.flatnonzero(fc.usable())  # as fit-head's split: no label-conflicted copies
     by_class = {}
     for lab, name in CLASSES:
         srcs, counts = np.unique(man["source"][rows][man["label"][rows] == lab], return_counts=True)

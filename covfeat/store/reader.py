@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from covfeat.core.errors import CacheError
-from covfeat.store.index import REBUILD, damaged, index_digest
+from covfeat.store.index import damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
 
 
@@ -189,7 +189,8 @@ def open_cache(path: str | Path) -> FeatureCache:
             if int(h.attrs.get("format_version", -1)) != FORMAT_VERSION:
                 raise CacheError(
                     f"{path} has format version {h.attrs.get('format_version')}, this covfeat reads "
-                    f"{FORMAT_VERSION}; {REBUILD}."
+                    f"{FORMAT_VERSION}; run `covfeat extract` again (the new cache gets a new name) and fit-head on "
+                    "it; runs fitted on this cache cannot be used with this covfeat, and the file can be deleted."
                 )
             if h.attrs.get("digest") != index_digest(h):
                 raise damaged(path, "its attributes or manifest do not match their digest")

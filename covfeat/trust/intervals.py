@@ -354,7 +354,7 @@ def paired_difference(y, p_a, p_b, groups, metric: str = "roc_auc", threshold: f
     cl = clusters(y, groups, n_boot, seed)
     ea, eb = estimate(cl, p_a, metric, threshold), estimate(cl, p_b, metric, threshold)
     r = 0.0
-    if ea.replicates is not None and eb.replicates is not None and ea.spread() > 0 and eb.spread() > 0:
+    if ea.replicates is not None and eb.replicates is not None and min(ea.spread(), eb.spread()) > SPREAD_FLOOR:
         r = float(np.corrcoef(ea.replicates, eb.replicates)[0, 1])
 
     def limits(lv):
