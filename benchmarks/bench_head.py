@@ -164,7 +164,7 @@ def main():
     # 3. the paper's way: backbone + head on images, one epoch timed
     import keras
 
-    from covfeat.extraction.images import decode, resize
+    from covfeat.imaging.decode import decode, resize
 
     n_img = args.paper_images or len(bal.labels)
     paths = [fc.manifest["path"][tr[i % len(tr)]] for i in range(n_img)]

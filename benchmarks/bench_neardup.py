@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 from common import SHARED, cpu, table, write_results  # noqa: E402
 
 from covfeat.extraction.config import ExtractConfig  # noqa: E402
-from covfeat.extraction.images import InputPipeline, decode  # noqa: E402
+from covfeat.extraction.images import InputPipeline  # noqa: E402
 from covfeat.extraction.sources import load_sources  # noqa: E402
+from covfeat.imaging.decode import decode  # noqa: E402
 from covfeat.trust import neardup as nd  # noqa: E402
 
 KINDS = ("clahe", "gamma", "window", "crop", "pad", "flip", "rotate")

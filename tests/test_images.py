@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from covfeat.extraction.config import JitterConfig
-from covfeat.extraction.images import UnreadableImage, apply_view, decode, resize, view_params
+from covfeat.extraction.images import apply_view, view_params
+from covfeat.imaging.decode import UnreadableImage, decode, resize
 
 
 def _grad(h=60, w=80):

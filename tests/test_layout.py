@@ -11,7 +11,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "covfeat"
 
 # Bottom to top.  A module may import its own package and the packages below it.
-LAYERS = ["core", "trust", "store", "extraction", "head", "probes", "use", "<top>"]
+LAYERS = ["core", "trust", "store", "imaging", "lungs", "extraction", "head", "probes", "use", "<top>"]
 MAX_LINES = 450
 
 

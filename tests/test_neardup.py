@@ -13,7 +13,7 @@ from conftest import SAMPLE, SHARED
 from typer.testing import CliRunner
 
 from covfeat.cli import app
-from covfeat.extraction.images import load
+from covfeat.imaging.decode import load
 from covfeat.store.reader import open_cache
 from covfeat.trust import neardup
 from covfeat.trust.neardup import FINGERPRINT_HASHES, FINGERPRINT_THUMB_SHAPE, find_pairs, fingerprint, join_groups

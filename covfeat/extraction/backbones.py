@@ -24,9 +24,7 @@ import numpy as np
 from covfeat.core.errors import ConfigError, WeightsUnavailable
 from covfeat.core.fsutil import file_digest
 from covfeat.core.registry import Registry
-
-INPUT_SIZE = 224
-
+from covfeat.imaging.decode import INPUT_SIZE
 
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from covfeat.core.fingerprint import fingerprint, keras_settings, keras_versions, sha256_bytes
 from covfeat.core.fsutil import AtomicDir, user_cache
-from covfeat.extraction.backbones import INPUT_SIZE, build_backbone
+from covfeat.extraction.backbones import build_backbone
+from covfeat.imaging.decode import INPUT_SIZE
 
 FORMAT = 1
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covfeat.core.errors import DataError
-from covfeat.extraction.backbones import INPUT_SIZE, Backbone, WeightsSpec, get_backbone, resolve_weights
+from covfeat.extraction.backbones import Backbone, WeightsSpec, get_backbone, resolve_weights
 from covfeat.extraction.config import ExtractConfig, key_config
-from covfeat.extraction.images import SCALED_DECODE_MIN_SIDE, InputPipeline
+from covfeat.extraction.images import InputPipeline
 from covfeat.extraction.sources import Manifest, load_sources
+from covfeat.imaging.decode import INPUT_SIZE, SCALED_DECODE_MIN_SIDE
 from covfeat.store.key import cache_key, cache_name
 from covfeat.store.shards import ShardSpec, plan_shards
 

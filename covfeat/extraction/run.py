@@ -20,12 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from covfeat.core.errors import CacheLocked, DataError
-from covfeat.extraction.backbones import INPUT_SIZE
 from covfeat.extraction.config import DriverConfig, ExtractConfig
-from covfeat.extraction.images import UnreadableImage
 from covfeat.extraction.plan import Plan, log, plan
 from covfeat.extraction.sources import LABEL_NAMES
 from covfeat.extraction.work import ShardComputer, compute_shard, decode_job
+from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.store.catalog import move_aside, verify_cache
 from covfeat.store.index import assemble
 from covfeat.store.lock import CacheLock

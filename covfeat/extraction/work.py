@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.errors import ConfigError, FileUnavailable
-from covfeat.extraction.backbones import INPUT_SIZE, Backbone, WeightsSpec
+from covfeat.extraction.backbones import Backbone, WeightsSpec
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.graphfile import backbone_forward, discard
-from covfeat.extraction.images import InputPipeline, UnreadableImage, apply_view, occlude, view_params
+from covfeat.extraction.images import InputPipeline, apply_view, occlude, view_params
+from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.store.shards import ShardSpec, ShardStore
 from covfeat.trust.neardup import fingerprint
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from covfeat.extraction.images import UnreadableImage, file_metadata
 from covfeat.head.split import patient_groups
+from covfeat.imaging.decode import UnreadableImage, file_metadata
 from covfeat.probes.common import (
     auc_interval,
     auc_text,

@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covfeat.extraction.images import UnreadableImage, occlude
+from covfeat.extraction.images import occlude
+from covfeat.imaging.decode import UnreadableImage
 from covfeat.use.card import warning
 from covfeat.use.predict import Predictor, list_images
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.errors import ConfigError, DataError
-from covfeat.extraction.backbones import INPUT_SIZE, build_backbone, get_backbone, resolve_weights, weights_from_config
+from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights, weights_from_config
 from covfeat.extraction.config import ExtractConfig
-from covfeat.extraction.images import InputPipeline, UnreadableImage
+from covfeat.extraction.images import InputPipeline
 from covfeat.extraction.sources import IMAGE_SUFFIXES
 from covfeat.head.runs import Run, check_writable
+from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.use.card import warning, write_card
 from covfeat.use.prevalence import PriorCorrection, check_prevalence, prior_correction
 

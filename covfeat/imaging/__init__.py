@@ -1,0 +1,1 @@
+"""Decoding: file bytes -> pixels, below every stage that looks at an image."""
