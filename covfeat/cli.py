@@ -15,8 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer  # noqa: E402
 
-from covfeat.core.errors import CovfeatError  # noqa: E402
-from covfeat.core.quiet import import_tensorflow  # noqa: E402
+from covfeat.clikit import check, guard, progress
 from covfeat.core.settings import default_of, flagged, from_dict, help_text, option_name, shown_default
 from covfeat.extraction.config import DriverConfig, ExtractConfig, OcclusionConfig
 from covfeat.extraction.sources import describe_layouts
@@ -30,37 +29,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def _root():
     """covfeat: extract -> fit-head -> report; audit and explain keep the numbers honest."""
-
-
-def _fail(msg: str, code: int = 1):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _check(fn, *args, **kwargs):
-    """Build or check settings (no TensorFlow): a bad value is one line, before any work."""
-    try:
-        return fn(*args, **kwargs)
-    except CovfeatError as exc:
-        _fail(str(exc))
-
-
-def _guard(fn, *args, tensorflow: bool = True, **kwargs):
-    """Run a library call; expected errors become one line on stderr and exit code 1.
-    With ``tensorflow`` it is imported first, quietly, before library code could import it
-    noisily (calls that may not need it import it quietly themselves)."""
-    if tensorflow:
-        import_tensorflow()
-    try:
-        return fn(*args, **kwargs)
-    except CovfeatError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; finished work is kept, run the same command again to resume.", 130)
-
-
-def _progress() -> bool:
-    return not os.environ.get("COVFEAT_NO_PROGRESS")
 
 
 # --------------------------------------------------------------------------- options from the declarations
@@ -193,9 +161,9 @@ def extract(**opts):
     """
     import covfeat.extraction.run as ex
 
-    cfg = _check(settings_from, ExtractConfig, opts, EXTRACT_CONVERSIONS)
-    drv = _check(settings_from, DriverConfig, opts, EXTRACT_CONVERSIONS)
-    path = _guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=_progress(), rebuild=opts["rebuild"],
+    cfg = check(settings_from, ExtractConfig, opts, EXTRACT_CONVERSIONS)
+    drv = check(settings_from, DriverConfig, opts, EXTRACT_CONVERSIONS)
+    path = guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=progress(), rebuild=opts["rebuild"],
                   driver=drv)
     if path is None:
         typer.echo("shards written; the index follows when every shard is present")
@@ -220,14 +188,14 @@ def fit_head(**opts):
     """
     import covfeat.head.fit as train
 
-    fit = _check(fit_config, opts["config"], **{k: opts[k] for k in file_keys()})
+    fit = check(fit_config, opts["config"], **{k: opts[k] for k in file_keys()})
     from covfeat.extraction.sources import content_hashes
     from covfeat.store.catalog import choose_cache
 
     data = opts["data"]
-    path = _guard(choose_cache, opts["cache"], opts["backbone"], opts["cache_dir"],
+    path = guard(choose_cache, opts["cache"], opts["backbone"], opts["cache_dir"],
                   content_hashes(data) if data else None, tensorflow=False)
-    typer.echo(str(_guard(train.fit_head, path, fit, opts["runs_dir"], progress=_progress(), tensorflow=False)))
+    typer.echo(str(guard(train.fit_head, path, fit, opts["runs_dir"], progress=progress(), tensorflow=False)))
 
 
 @app.command()
@@ -239,7 +207,7 @@ def report(
     """Print the paper's Table 2 for the runs side by side; write Markdown, CSV, JSON and figures."""
     import covfeat.use.report as rp
 
-    typer.echo(_guard(rp.report, runs, out if out is not None else runs[0], prevalence=prevalence))
+    typer.echo(guard(rp.report, runs, out if out is not None else runs[0], prevalence=prevalence))
 
 
 Prevalence = Annotated[Optional[float], typer.Option(help=(
@@ -261,15 +229,15 @@ def predict(
     """
     import covfeat.use.predict as pr
 
-    _check(pr.check_table_path, out)
-    _check(pr.check_prevalence, prevalence)
-    rows, corr = _guard(pr.predict_table, run, images, prevalence=prevalence)
+    check(pr.check_table_path, out)
+    check(pr.check_prevalence, prevalence)
+    rows, corr = guard(pr.predict_table, run, images, prevalence=prevalence)
     typer.echo(pr.format_table(rows, corr))
     bad = sum(1 for r in rows if r["error"])
     if bad:
         typer.echo(f"{bad} of {len(rows)} image(s) could not be read; see 'skipped' above.", err=True)
     if out is not None:
-        typer.echo(str(_guard(pr.write_table, rows, out)))
+        typer.echo(str(guard(pr.write_table, rows, out)))
 
 
 @app.command()
@@ -285,8 +253,8 @@ def export(
     """
     import covfeat.use.predict as pr
 
-    _check(pr.check_prevalence, prevalence)
-    typer.echo(str(_guard(pr.export, run, out, prevalence)))
+    check(pr.check_prevalence, prevalence)
+    typer.echo(str(guard(pr.export, run, out, prevalence)))
 
 
 @app.command()
@@ -316,12 +284,12 @@ def reproduce(
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] or list_backbones()
     for name in names:  # every name checked before the first extraction starts
-        base = _check(lambda: ExtractConfig(backbone=name, weights=weights, augment=augment, seed=seed))
-    fit = _check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed),
+        base = check(lambda: ExtractConfig(backbone=name, weights=weights, augment=augment, seed=seed))
+    fit = check(lambda: FitConfig(head=HeadConfig(epochs=epochs, seed=seed), split=SplitConfig(by=split_by, seed=seed),
                                    folds=folds))
-    runs, _ = _guard(rp.reproduce, data, base, fit, cache_dir, runs_dir, names, progress=_progress())
+    runs, _ = guard(rp.reproduce, data, base, fit, cache_dir, runs_dir, names, progress=progress())
     out = rp.report_folder(runs_dir, runs)
-    typer.echo(_guard(rp.full_report, runs, out))
+    typer.echo(guard(rp.full_report, runs, out))
     typer.echo(str(out))
 
 
@@ -358,8 +326,8 @@ def audit(
     """
     import covfeat.probes.audit as au
 
-    occl = _check(OcclusionConfig.parse, occlude)
-    res = _guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=_progress(),
+    occl = check(OcclusionConfig.parse, occlude)
+    res = guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=progress(),
                  keep_overlap=keep_overlap, margin=margin)
     typer.echo(au.summary(res))
     typer.echo(str(run / "audit.json"))
@@ -375,7 +343,7 @@ def explain(
     import covfeat.use.explain as ex
 
     out = out if out is not None else run / "gradcam"
-    rows = _guard(ex.explain, run, images, out)
+    rows = guard(ex.explain, run, images, out)
     for r in rows:
         typer.echo(f"{r['path']}: skipped: {r['error']}" if r["error"] else f"{r['png']}  p_covid {r['p_covid']:.4f}")
     typer.echo(str(out))
@@ -386,7 +354,7 @@ def info(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help
     """A cache's config and counts, and every file that is not in it, with the reason."""
     from covfeat.store.catalog import info as cache_info
 
-    typer.echo(_guard(cache_info, cache))
+    typer.echo(guard(cache_info, cache))
 
 
 @app.command()
@@ -394,7 +362,7 @@ def verify(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, he
     """Check every checksum of a cache (Fletcher-32 on every chunk, a digest of the rest)."""
     from covfeat.store.catalog import verify_cache
 
-    r = _guard(verify_cache, cache)
+    r = guard(verify_cache, cache)
     typer.echo(f"{r['path']}: verified ({r['images']} images, {r['samples']} feature maps, {r['chunks']} chunks)")
 
 
@@ -410,7 +378,7 @@ def clean(
     from covfeat.head.runs import remove_stale_tmp
     from covfeat.store.catalog import clean_cache_dir
 
-    removed, kept = _guard(clean_cache_dir, cache_dir)
+    removed, kept = guard(clean_cache_dir, cache_dir)
     removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
     for p in removed:
         typer.echo(f"removed {p}")
