@@ -99,11 +99,11 @@ class LungsConfig(Checked):
     the remedy to try when the audit flags a shortcut outside the lungs."""
 
     model: str | None = setting(None, optional(TEXT, "the whole image"), flag="--lungs",
-                                help="A lungs model folder (covfeat lungs fit): every image is segmented and "
-                                "restricted to its lung fields as --outside says.")
+                                help="A lungs model folder (covfeat lungs fit): each image restricted to the lung fields "
+                                "it finds, as --outside says.")
     outside: str = setting("keep", one_of("keep", "blank", "crop"), flag="--outside",
-                           help="What --lungs does outside the lung fields: keep (nothing: without --lungs), blank "
-                           "(filled with the mean of the lung pixels) or crop (the lungs' box with a 5% margin).")
+                           help="keep (the whole image), or with --lungs: blank (the rest filled with the lungs' mean) "
+                           "or crop (their box + 5% margin).")
 
     def _check(self):
         if self.model is None and self.outside != "keep":

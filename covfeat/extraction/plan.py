@@ -114,6 +114,9 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
         log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
     manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict)
     log(f"Data: {manifest.summary()}")
+    if cfg.lungs.model:
+        log(f"Lungs: every image restricted to the lung fields the model in {cfg.lungs.model} finds "
+            f"(--outside {cfg.lungs.outside}); an image where it finds none is skipped")
     for what, items in (("missing", manifest.missing), ("broken link", manifest.broken_links),
                         ("not opened", manifest.not_images), ("conflicting label", manifest.conflicts)):
         for path, reason in items[:3]:
