@@ -220,11 +220,11 @@ def coverage_text(cov: dict | None) -> str:
         return (" The lungs model finds no lung field in any of the run's test images, so how much of the lungs this "
                 "blanking covers is not known.")
 
-    def share(c):
-        return f"{c['mean']:.0%} of the {{}} pixels (range {c['min']:.0%} to {c['max']:.0%})"
+    def share(c, what):
+        return f"{c['mean']:.0%} of the {what} pixels (range {c['min']:.0%} to {c['max']:.0%})"
 
-    return (f" The blanking covered {share(cov['lungs']).format('lung')} and {share(cov['other']).format('other')} "
-            f"of the run's {cov['n_images']} test images, as the lungs model finds them.")
+    return (f" The blanking covered {share(cov['lungs'], 'lung')} and {share(cov['other'], 'other')} of the run's "
+            f"{cov['n_images']} test images, as the lungs model finds them.")
 
 
 def blanked_words(occlusion: OcclusionConfig) -> str:
