@@ -229,3 +229,62 @@ def test_openist_held_out_dice_is_at_least_093(tmp_path):
 
     result = fit_lungs(SHARED / "openist" / "NORMAL", SHARED / "openist" / "masks", tmp_path / "lungs")
     assert result.info["heldout"]["dice"]["mean"] >= 0.93, result.info["heldout"]["dice"]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    import covfeat.cli as cli
+
+    return CliRunner().invoke(cli.app, ["lungs", *map(str, args)], env={"COLUMNS": "200"})
+
+
+def test_predict_writes_masks_a_table_and_a_contact_sheet_and_names_unreadable_files(tiny_lungs, tmp_path):
+    info = json.loads((tiny_lungs / INFO).read_text())
+    src = Path(info["training"]["images"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(src.iterdir())[:3]:
+        shutil.copy(p, folder / p.name)
+    big = cv2.resize(cv2.imread(str(sorted(src.iterdir())[0])), (150, 130))  # another size: its mask has it too
+    cv2.imwrite(str(folder / "big.jpg"), big)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    r = _cli("predict", "--model", tiny_lungs, folder, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert f"skipped {folder}/empty.png: zero-byte file" in lines
+    assert any(ln.startswith(f"skipped {folder}/text.jpg: ") for ln in lines)
+    assert lines[-1] == f"4 mask(s) in {tmp_path / 'out'}, 2 file(s) skipped; contact sheet: {tmp_path / 'out'}/contact_sheet.png"
+    m = cv2.imread(str(tmp_path / "out" / "big.png"), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (130, 150) and set(np.unique(m)) == {0, 255}
+    assert np.array_equal(m > 0, load_segmenter(tiny_lungs).mask(decode(folder / "big.jpg")))
+    rows = (tmp_path / "out" / "masks.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0] == "image,mask,height,width,lung_share,skipped"
+    sheet = cv2.imread(str(tmp_path / "out" / "contact_sheet.png"))
+    assert sheet.shape == (2 * 192, 2 * 192, 3)
+    assert (np.all(sheet == (0, 255, 0), axis=2)).sum() > 50  # the contours are drawn
+
+
+def test_fit_from_the_command_line_reports_held_out_scores(tmp_path):
+    from synthetic_lungs import write_set
+
+    d = write_set(tmp_path / "data", n_per_class=5, seed=3, size=64)
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--out", tmp_path / "lungs", "--size", 64,
+             "--filters", 4, "--depth", 2, "--epochs", 2, "--batch-size", 2)
+    assert r.exit_code == 1
+    assert r.stderr.startswith(f"error: 5 mask(s) without an image in {d['covid']}: {d['masks']}/n000.png, ")
+    for p in d["normal"].iterdir():
+        shutil.move(p, d["covid"] / p.name)
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--out", tmp_path / "lungs", "--size", 64,
+             "--filters", 4, "--depth", 2, "--epochs", 2, "--batch-size", 2, "--no-augment")
+    assert r.exit_code == 0, r.output
+    assert "image/mask pairs" in r.stdout and "epoch 2:" in r.stdout
+    assert any(ln.startswith("held-out Dice on 2 images: mean ") for ln in r.stdout.splitlines())
+    assert r.stdout.splitlines()[-1] == f"lungs model: {tmp_path / 'lungs'}"
+    assert LungsModel.load(tmp_path / "lungs").info["training"]["config"]["augment"] is False
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--size", 60)
+    assert r.exit_code == 1 and r.stderr == "error: lungs settings: size 60 must be a multiple of 2^depth = 16 and at least 64.\n"
