@@ -220,6 +220,26 @@ def test_soft_edges_and_zero_one_masks_are_binary(tmp_path):
     assert mask_problem(_mask_file(tmp_path / "one.png", m // 255), (40, 50)) is None
 
 
+def test_a_re_cropped_copy_stays_on_the_side_of_its_original():
+    """openist holds re-cropped copies of one radiograph: the split keeps them together, or a
+    copy in the held-out share would be scored on an image the network trained on."""
+    from covfeat.lungs.fit import near_duplicate_groups, split
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "covfeat" / "data" / "sample" / "kermany" / "NORMAL").iterdir())
+    images = [decode(p) for p in paths[:8]]
+    h, w = images[0].shape[:2]
+    images.append(np.ascontiguousarray(images[0][int(0.06 * h):, int(0.04 * w):w - int(0.03 * w)]))
+    stems = [p.stem for p in paths[:8]] + ["copy"]
+    groups, pairs = near_duplicate_groups(images, stems)
+    assert [(i, j) for i, j, *_ in pairs] == [(0, 8)]
+    assert len(set(groups)) == 8 and groups[0] == groups[8]
+    for seed in range(20):
+        part = split(groups, 0.3, 0.2, seed)
+        assert part[0] == part[8] and set(part) == {0, 1, 2}, (seed, part)
+    with pytest.raises(DataError, match="in 2 near-duplicate group"):
+        split(np.array(["a", "a", "b"]), 0.3, 0.2, 0)
+
+
 # --------------------------------------------------------------------------- the issue's target, on real masks
 
 
