@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer  # noqa: E402
 
+from covfeat.cli_lungs import lungs_app
 from covfeat.clikit import check, guard, progress
 from covfeat.core.settings import default_of, flagged, from_dict, help_text, option_name, shown_default
 from covfeat.extraction.config import DriverConfig, ExtractConfig, OcclusionConfig
@@ -386,6 +387,9 @@ def clean(
     for p in kept:
         typer.echo(f"kept {p} (moved aside by --rebuild; delete it yourself when you no longer need it)")
     typer.echo(f"{len(removed)} leftover(s) removed")
+
+
+app.add_typer(lungs_app, name="lungs")
 
 
 def main():

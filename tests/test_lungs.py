@@ -220,6 +220,26 @@ def test_soft_edges_and_zero_one_masks_are_binary(tmp_path):
     assert mask_problem(_mask_file(tmp_path / "one.png", m // 255), (40, 50)) is None
 
 
+def test_a_re_cropped_copy_stays_on_the_side_of_its_original():
+    """openist holds re-cropped copies of one radiograph: the split keeps them together, or a
+    copy in the held-out share would be scored on an image the network trained on."""
+    from covfeat.lungs.fit import near_duplicate_groups, split
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "covfeat" / "data" / "sample" / "kermany" / "NORMAL").iterdir())
+    images = [decode(p) for p in paths[:8]]
+    h, w = images[0].shape[:2]
+    images.append(np.ascontiguousarray(images[0][int(0.06 * h):, int(0.04 * w):w - int(0.03 * w)]))
+    stems = [p.stem for p in paths[:8]] + ["copy"]
+    groups, pairs = near_duplicate_groups(images, stems)
+    assert [(i, j) for i, j, *_ in pairs] == [(0, 8)]
+    assert len(set(groups)) == 8 and groups[0] == groups[8]
+    for seed in range(20):
+        part = split(groups, 0.3, 0.2, seed)
+        assert part[0] == part[8] and set(part) == {0, 1, 2}, (seed, part)
+    with pytest.raises(DataError, match="in 2 near-duplicate group"):
+        split(np.array(["a", "a", "b"]), 0.3, 0.2, 0)
+
+
 # --------------------------------------------------------------------------- the issue's target, on real masks
 
 
@@ -229,3 +249,62 @@ def test_openist_held_out_dice_is_at_least_093(tmp_path):
 
     result = fit_lungs(SHARED / "openist" / "NORMAL", SHARED / "openist" / "masks", tmp_path / "lungs")
     assert result.info["heldout"]["dice"]["mean"] >= 0.93, result.info["heldout"]["dice"]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    import covfeat.cli as cli
+
+    return CliRunner().invoke(cli.app, ["lungs", *map(str, args)], env={"COLUMNS": "200"})
+
+
+def test_predict_writes_masks_a_table_and_a_contact_sheet_and_names_unreadable_files(tiny_lungs, tmp_path):
+    info = json.loads((tiny_lungs / INFO).read_text())
+    src = Path(info["training"]["images"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(src.iterdir())[:3]:
+        shutil.copy(p, folder / p.name)
+    big = cv2.resize(cv2.imread(str(sorted(src.iterdir())[0])), (150, 130))  # another size: its mask has it too
+    cv2.imwrite(str(folder / "big.jpg"), big)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    r = _cli("predict", "--model", tiny_lungs, folder, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert f"skipped {folder}/empty.png: zero-byte file" in lines
+    assert any(ln.startswith(f"skipped {folder}/text.jpg: ") for ln in lines)
+    assert lines[-1] == f"4 mask(s) in {tmp_path / 'out'}, 2 file(s) skipped; contact sheet: {tmp_path / 'out'}/contact_sheet.png"
+    m = cv2.imread(str(tmp_path / "out" / "big.png"), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (130, 150) and set(np.unique(m)) == {0, 255}
+    assert np.array_equal(m > 0, load_segmenter(tiny_lungs).mask(decode(folder / "big.jpg")))
+    rows = (tmp_path / "out" / "masks.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0] == "image,mask,height,width,lung_share,skipped"
+    sheet = cv2.imread(str(tmp_path / "out" / "contact_sheet.png"))
+    assert sheet.shape == (2 * 192, 2 * 192, 3)
+    assert (np.all(sheet == (0, 255, 0), axis=2)).sum() > 50  # the contours are drawn
+
+
+def test_fit_from_the_command_line_reports_held_out_scores(tmp_path):
+    from synthetic_lungs import write_set
+
+    d = write_set(tmp_path / "data", n_per_class=5, seed=3, size=64)
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--out", tmp_path / "lungs", "--size", 64,
+             "--filters", 4, "--depth", 2, "--epochs", 2, "--batch-size", 2)
+    assert r.exit_code == 1
+    assert r.stderr.startswith(f"error: 5 mask(s) without an image in {d['covid']}: {d['masks']}/n000.png, ")
+    for p in d["normal"].iterdir():
+        shutil.move(p, d["covid"] / p.name)
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--out", tmp_path / "lungs", "--size", 64,
+             "--filters", 4, "--depth", 2, "--epochs", 2, "--batch-size", 2, "--no-augment")
+    assert r.exit_code == 0, r.output
+    assert "image/mask pairs" in r.stdout and "epoch 2:" in r.stdout
+    assert any(ln.startswith("held-out Dice on 2 images: mean ") for ln in r.stdout.splitlines())
+    assert r.stdout.splitlines()[-1] == f"lungs model: {tmp_path / 'lungs'}"
+    assert LungsModel.load(tmp_path / "lungs").info["training"]["config"]["augment"] is False
+    r = _cli("fit", "--images", d["covid"], "--masks", d["masks"], "--size", 60)
+    assert r.exit_code == 1 and r.stderr == "error: lungs settings: size 60 must be a multiple of 2^depth = 16 and at least 64.\n"

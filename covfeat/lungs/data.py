@@ -118,17 +118,21 @@ def binary(mask: np.ndarray) -> np.ndarray:
     return g > float(g.max()) / 2
 
 
-def load_pairs(pairs: list[Pair]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Decode every image and mask (as extraction decodes) and check every mask; returns the
-    images ((H, W, 3) float32 RGB in [0, 255]) and the masks (bool (H, W)).
+def read_pairs(pairs: list[Pair], convert=None) -> list:
+    """Decode every image and mask (as extraction decodes) and check every mask; returns
+    ``convert(image, mask)`` of each pair (default: the pair itself), the image (H, W, 3)
+    float32 RGB in [0, 255] and the mask bool (H, W).  ``convert`` lets a caller keep only
+    what it needs of each image (a data set of 4,000-pixel radiographs does not fit in memory
+    at full size).
 
     Raises
     ------
     DataError
         One line naming every unreadable file and every unusable mask (the first few, and
-        how many more).
+        how many more), after all were read.
     """
-    images, masks, problems = [], [], []
+    convert = convert or (lambda img, mask: (img, mask))
+    out, problems = [], []
     for p in pairs:
         try:
             img = decode(p.image)
@@ -144,10 +148,16 @@ def load_pairs(pairs: list[Pair]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if why:
             problems.append(f"{p.mask} {why}")
             continue
-        images.append(img)
-        masks.append(binary(m))
+        if not problems:  # after the first problem only the check goes on: nothing will be trained
+            out.append(convert(img, binary(m)))
     if problems:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise DataError(f"{len(problems)} of {len(pairs)} image/mask pairs cannot be used: "
                         + "; ".join(problems[:SHOWN]) + more + ". A mask is a binary image of its image's size.")
-    return images, masks
+    return out
+
+
+def load_pairs(pairs: list[Pair]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The images and masks of ``pairs``, at full size (see :func:`read_pairs`)."""
+    both = read_pairs(pairs)
+    return [img for img, _ in both], [m for _, m in both]

@@ -27,7 +27,7 @@ from covfeat.core.errors import DataError
 from covfeat.core.fsutil import sha256_file
 from covfeat.imaging.decode import INPUT_SIZE, resize
 from covfeat.lungs.config import LungsFitConfig
-from covfeat.lungs.data import Pair, load_pairs, match
+from covfeat.lungs.data import Pair, load_pairs, match, read_pairs
 from covfeat.lungs.model import build_unet, model_input, save_lungs
 from covfeat.lungs.segment import at_size, postprocess
 from covfeat.trust.neardup import find_pairs, fingerprint, join_groups
@@ -81,9 +81,12 @@ def split(groups: np.ndarray, holdout: float, validation: float, seed: int) -> n
 
 
 def near_duplicate_groups(images: list[np.ndarray], stems: list[str]) -> tuple[np.ndarray, list]:
-    """One group label per image, near-duplicates joined (fingerprints of the 224 x 224 image,
-    as extraction makes them); and the pairs found."""
-    prints = [fingerprint(resize(img, INPUT_SIZE)) for img in images]
+    """One group label per image, near-duplicates joined; and the pairs found."""
+    return groups_of([fingerprint(resize(img, INPUT_SIZE)) for img in images], stems)
+
+
+def groups_of(prints: list, stems: list[str]) -> tuple[np.ndarray, list]:
+    """Near-duplicate groups from fingerprints of the 224 x 224 images, as extraction makes them."""
     hashes = np.stack([h for h, _ in prints])
     thumbs = np.stack([t for _, t in prints])
     pairs = find_pairs(hashes, thumbs)
@@ -153,28 +156,33 @@ def fit_lungs(images: str | Path, masks: str | Path, out: str | Path, config: Lu
     say = log or (lambda _: None)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     pairs: list[Pair] = match(images, masks)
-    imgs, msks = load_pairs(pairs)
+    hashes = [(sha256_file(p.image), sha256_file(p.mask)) for p in pairs]  # of the bytes read next, not later
+    s = config.size
+
+    def keep(img, mask):  # what training needs of an image: its model input, its mask at that size, its fingerprint
+        return (model_input(img, s), cv2.resize(mask.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA),
+                fingerprint(resize(img, INPUT_SIZE)))
+
+    kept = read_pairs(pairs, keep)
     stems = [p.stem for p in pairs]
-    groups, dups = near_duplicate_groups(imgs, stems)
+    groups, dups = groups_of([f for _, _, f in kept], stems)
     part = split(groups, config.holdout, config.validation, config.seed)
     say(f"{len(pairs)} image/mask pairs, {len(np.unique(groups))} distinct radiographs ({len(dups)} near-duplicate "
         f"pair(s) kept on one side); {int((part == 0).sum())} train, {int((part == 1).sum())} validation, "
         f"{int((part == 2).sum())} held out")
-    s = config.size
-    x = np.stack([model_input(img, s) for img in imgs])
-    y = np.stack([cv2.resize(m.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA) for m in msks])
+    x, y = np.stack([k[0] for k in kept]), np.stack([k[1] for k in kept])
+    del kept
     net, best_epoch, epochs_run, history = train(x[part == 0], y[part == 0], x[part == 1], y[part == 1], config, say)
     held = np.flatnonzero(part == 2)
-    scores = score(net, [imgs[i] for i in held], [msks[i] for i in held], [stems[i] for i in held], s,
-                   config.threshold)
+    scores = score(net, *load_pairs([pairs[i] for i in held]), [stems[i] for i in held], s, config.threshold)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     names = ("train", "validation", "held out")
     info = {
         "training": {
             "config": config.as_dict(),
             "images": str(Path(images).resolve()), "masks": str(Path(masks).resolve()),
-            "data": [{"stem": p.stem, "image_sha256": sha256_file(p.image), "mask_sha256": sha256_file(p.mask),
-                      "part": names[k]} for p, k in zip(pairs, part)],
+            "data": [{"stem": p.stem, "image_sha256": hi, "mask_sha256": hm, "part": names[k]}
+                     for p, (hi, hm), k in zip(pairs, hashes, part)],
             "near_duplicates": [[stems[i], stems[j]] for i, j, *_ in dups],
             "epochs_run": epochs_run, "best_epoch": best_epoch, "validation_dice": history,
             "seconds": {"wall": round(wall, 1), "cpu": round(cpu, 1)},
