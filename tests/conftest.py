@@ -102,6 +102,27 @@ def mini_run(tmp_path_factory, mini_cache):
     return fit_head(mini_cache, fit(5), tmp_path_factory.mktemp("runs"), progress=False)
 
 
+TINY_LUNGS = {"size": 64, "filters": 8, "depth": 2, "epochs": 12, "patience": 12, "batch_size": 2,
+              "learning_rate": 2e-3}
+
+
+@pytest.fixture(scope="session")
+def tiny_lungs(tmp_path_factory):
+    """A lungs folder trained in seconds: 24 synthetic radiographs (tests/synthetic_lungs.py,
+    no class signal) at 64 px, a two-level U-Net.  Its held-out Dice is checked in
+    tests/test_lungs.py; lungs.json names the images it was trained on."""
+    from synthetic_lungs import write_set
+
+    from covfeat.lungs.config import LungsFitConfig
+    from covfeat.lungs.fit import fit_lungs
+
+    root = tmp_path_factory.mktemp("tiny_lungs")
+    d = write_set(root / "data", n_per_class=12, seed=0, size=64)
+    for p in d["covid"].iterdir():  # one images folder: the segmenter does not care about classes
+        shutil.move(p, d["normal"] / p.name)
+    return fit_lungs(d["normal"], d["masks"], root / "lungs", LungsFitConfig(**TINY_LUNGS)).folder
+
+
 def pytest_collection_modifyitems(config, items):
     if not SHARED.is_dir():
         skip = pytest.mark.skip(reason=f"{SHARED} is not present")
