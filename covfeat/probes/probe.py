@@ -25,7 +25,7 @@ from covfeat.trust.intervals import MARGIN
 class AuditInputs:
     """Everything a probe may use: the finished run, its cache (``fc``), its stage-two config,
     where probes that extract again keep their caches, and the audit's own options (``margin``:
-    the AUC difference the three-way verdicts treat as negligible)."""
+    the AUC difference the three-way verdicts treat as negligible; ``lungs``: a lungs model)."""
 
     run: Run
     fc: FeatureCache
@@ -36,6 +36,7 @@ class AuditInputs:
     external: list | None = None
     keep_overlap: bool = False
     margin: float = MARGIN
+    lungs: str | None = None  # a lungs model's folder (--lungs): the probes that need the lungs run
 
     @property
     def seed(self) -> int:
