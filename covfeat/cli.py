@@ -314,7 +314,8 @@ class _ProbesHelp(typer.core.TyperCommand):
 @app.command(cls=_ProbesHelp)
 def audit(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
-    occlude: Annotated[str, typer.Option(help="box (a central box, not the lung field) or a folder of lung masks named like the images.")] = "box",
+    occlude: Annotated[str, typer.Option(help="box (a central box, not the lung field), a folder of lung masks named like the images, or a lungs model folder (its lung fields blanked).")] = "box",
+    lungs: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, resolve_path=True, help="A lungs model folder (covfeat lungs fit): two more occlusion probes, its lung fields blanked and only the lungs kept, and the share of the lungs every occlusion covered.")] = None,
     external: Annotated[Optional[list[Path]], typer.Option(exists=True, help="Another labelled source to score the run on (repeatable).")] = None,
     keep_overlap: Annotated[bool, typer.Option(help="Keep external images that are near-duplicates of the run's own (default: left out, listed).")] = False,
     margin: Annotated[float, typer.Option(help="AUC difference the verdicts treat as negligible: FLAGGED beyond it, CLEAR within it, else INCONCLUSIVE.")] = MARGIN,
@@ -328,7 +329,7 @@ def audit(
 
     occl = check(OcclusionConfig.parse, occlude)
     res = guard(au.audit, run, occlusion=occl, external=external, cache_dir=cache_dir, progress=progress(),
-                 keep_overlap=keep_overlap, margin=margin)
+                 keep_overlap=keep_overlap, margin=margin, lungs=lungs)
     typer.echo(au.summary(res))
     typer.echo(str(run / "audit.json"))
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from covfeat.cli import app
 from covfeat.core.errors import ConfigError
-from covfeat.extraction.config import NOT_IN_KEY, ExtractConfig, JitterConfig, OcclusionConfig, key_config
+from covfeat.extraction.config import NOT_IN_KEY, ExtractConfig, JitterConfig, LungsConfig, OcclusionConfig, key_config
 from covfeat.head.config import FitConfig, HeadConfig, SplitConfig, fit_config
 from covfeat.store.key import cache_key
 
@@ -29,6 +29,9 @@ OTHER_VALUE = {
     "dtype": "float32", "jitter": JitterConfig(rotation=5), "occlusion": OcclusionConfig(kind="box"),
     "scaled_decode": False, "weights": "/some/file.h5", "batch_size": 4, "workers": 1, "max_pixels": 10**6,
     "max_file_mb": 10.0, "min_side": 32, "max_aspect": 8.0, "on_conflict": "skip",
+    # In NOT_IN_KEY: a lungs model enters the key by its hash, which only a resolved plan has;
+    # tests/test_lungs_extract.py checks that the hash and --outside change the key and the folder does not.
+    "lungs": LungsConfig(),
 }
 
 

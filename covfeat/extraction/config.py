@@ -2,7 +2,7 @@
 
 * :class:`ExtractConfig` -- what changes the cached features (every field enters the
   cache key except those named, with the reason, in :data:`NOT_IN_KEY`);
-* :class:`JitterConfig`, :class:`OcclusionConfig` -- its nested parts;
+* :class:`JitterConfig`, :class:`OcclusionConfig`, :class:`LungsConfig` -- its nested parts;
 * :class:`DriverConfig` -- local, Ray or a slice of the shards; never changes a number.
 """
 
@@ -47,27 +47,71 @@ def _box_ok(b) -> bool:
             and b[0] < b[2] and b[1] < b[3])
 
 
+LUNG_KINDS = ("lungs", "outside")  # occlusions made from a lungs model's predicted masks
+
+
+def is_lungs_folder(path: str | Path) -> bool:
+    """A folder that holds a lungs model (``covfeat lungs fit``'s ``lungs.json``), as opposed to
+    a folder of mask files: --occlude takes either."""
+    from covfeat.lungs.model import INFO
+
+    return Path(path).is_dir() and (Path(path) / INFO).is_file()
+
+
 @dataclass(frozen=True)
 class OcclusionConfig(Checked):
-    """What the occlusion probe blanks before extraction: nothing, a central box, or lung masks."""
+    """What an occlusion probe blanks before extraction: nothing, a central box, lung masks
+    from files, or the lung fields a lungs model predicts (``lungs``: the lung fields blanked;
+    ``outside``: everything but them)."""
 
-    kind: str = setting("none", one_of("none", "box", "masks"), flag="--occlude",
-                        help="none, box (a central lung box) or a folder of lung masks: blanked before extraction.")
+    kind: str = setting("none", one_of("none", "box", "masks", *LUNG_KINDS), flag="--occlude",
+                        help="none, box (a central lung box), a folder of lung masks or a lungs model folder: blanked "
+                        "before extraction.")
     box: tuple[float, float, float, float] = setting(
         (0.15, 0.1, 0.85, 0.9), Rule("four fractions x0 < x1, y0 < y1 in [0, 1]", _box_ok))
     masks: str = setting("", Rule("a string", lambda v: isinstance(v, str)))  # folder of masks named like the images
-    fill: float = setting(127.5, number(0, 255))  # constant on the [0, 255] scale
+    fill: float = setting(127.5, number(0, 255))  # constant on the [0, 255] scale (box and masks)
+    # The lungs folder of kinds lungs and outside.  In the cache key by the model's hash, not its
+    # folder, and only for those kinds: every other occlusion keeps the key it had (key_config).
+    model: str = setting("", Rule("a string", lambda v: isinstance(v, str)))
 
     def _check(self):
         if self.kind == "masks" and not Path(self.masks).is_dir():
             raise fail("--occlude", "a folder of lung masks", self.masks)
+        if (self.kind in LUNG_KINDS) != bool(self.model):
+            raise fail("--occlude", f"a lungs model folder exactly with kinds {' and '.join(LUNG_KINDS)}",
+                       f"kind {self.kind} with model {self.model!r}")
 
     @classmethod
     def parse(cls, text: str) -> "OcclusionConfig":
-        """The --occlude flag: none, box, or a folder of masks."""
+        """The --occlude flag: none, box, a lungs model folder (its lung fields blanked), or a
+        folder of masks."""
         if text in ("none", "box"):
             return cls(kind=text)
+        if is_lungs_folder(text):
+            return cls(kind="lungs", model=str(Path(text).resolve()))
         return cls(kind="masks", masks=str(text))
+
+
+@dataclass(frozen=True)
+class LungsConfig(Checked):
+    """The input restricted to the lung fields a lungs model predicts (``covfeat lungs fit``):
+    the remedy to try when the audit flags a shortcut outside the lungs."""
+
+    model: str | None = setting(None, optional(TEXT, "the whole image"), flag="--lungs",
+                                help="A lungs model folder (covfeat lungs fit): every image is segmented and "
+                                "restricted to its lung fields as --outside says.")
+    outside: str = setting("keep", one_of("keep", "blank", "crop"), flag="--outside",
+                           help="What --lungs does outside the lung fields: keep (nothing: without --lungs), blank "
+                           "(filled with the mean of the lung pixels) or crop (the lungs' box with a 5% margin).")
+
+    def _check(self):
+        if self.model is None and self.outside != "keep":
+            raise ConfigError(f"--outside {self.outside}: needs --lungs MODEL, the lungs folder that finds the lung "
+                              "fields (covfeat lungs fit).")
+        if self.model is not None and self.outside == "keep":
+            raise ConfigError(f"--lungs {self.model}: --outside keep leaves every pixel as it is: give --outside "
+                              "blank or crop.")
 
 
 def _backbone_names() -> list[str]:
@@ -103,6 +147,7 @@ class ExtractConfig(Checked):
     workers: int = setting(2, integer(1, 64), flag="--workers", help="Decoding threads.")
     jitter: JitterConfig = setting(factory=JitterConfig, nested=True)
     occlusion: OcclusionConfig = setting(factory=OcclusionConfig, nested=True)
+    lungs: LungsConfig = setting(factory=LungsConfig, nested=True)
     scaled_decode: bool = setting(True, BOOL, flag="--full-decode",  # the flag says the opposite: the CLI inverts it
                                   help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 "
                                   "px, then the same resize).")
@@ -121,16 +166,30 @@ class ExtractConfig(Checked):
         return _backbone_rule() if f.name == "backbone" else f.metadata.get("rule")
 
     def _check(self):
-        if not isinstance(self.jitter, JitterConfig) or not isinstance(self.occlusion, OcclusionConfig):
-            raise ConfigError("jitter and occlusion must be JitterConfig and OcclusionConfig.")
+        if (not isinstance(self.jitter, JitterConfig) or not isinstance(self.occlusion, OcclusionConfig)
+                or not isinstance(self.lungs, LungsConfig)):
+            raise ConfigError("jitter, occlusion and lungs must be JitterConfig, OcclusionConfig and LungsConfig.")
 
     @classmethod
-    def from_stored(cls, stored: dict, weights: str | None = None) -> "ExtractConfig":
+    def from_stored(cls, stored: dict, weights: str | None = None, purpose: str = "use the run") -> "ExtractConfig":
         """The config recorded in a cache (its key fields), with ``weights`` as the argument
-        that reproduces its weights (the stored identity is a hash, not a path)."""
+        that reproduces its weights (the stored identity is a hash, not a path), and the lungs
+        models it used at their recorded folders, each checked to be the very model (see
+        :func:`stored_lungs_folder`; ``purpose`` is what the refusal says it was needed for).
+
+        Raises
+        ------
+        ConfigError
+        """
         names = {f.name for f in fields(cls)} - set(NOT_IN_KEY)
         values = {k: stored[k] for k in names if k in stored}
         values["weights"] = weights if weights is not None else stored["weights"]["kind"]
+        occ = values.get("occlusion")
+        if isinstance(occ, dict) and isinstance(occ.get("model"), dict):
+            values["occlusion"] = {**occ, "model": stored_lungs_folder(occ["model"], purpose)}
+        if stored.get("lungs"):
+            values["lungs"] = {"model": stored_lungs_folder(stored["lungs"]["model"], purpose),
+                               "outside": stored["lungs"]["outside"]}
         return from_dict(cls, values, "the cache's config")
 
 
@@ -142,14 +201,66 @@ NOT_IN_KEY = {
     "batch_size": "the forward pass's batch size does not change the features",
     "workers": "the number of decoding threads does not change the features",
     "on_conflict": "decides which files enter the manifest, whose content and labels are in the key already",
+    "lungs": "replaced by the lungs model's hash (never its folder) and --outside, when a model is given; without "
+             "one nothing is restricted, and a cache keeps the key it had before lungs existed",
 }
 
 
-def key_config(cfg: ExtractConfig, weights_identity: str) -> dict:
-    """The part of an extraction config that the cache key is a hash of."""
+def lungs_folders(cfg: ExtractConfig) -> list[str]:
+    """The lungs model folders ``cfg`` uses (--lungs, and an --occlude of the lung kinds)."""
+    return [m for m in (cfg.lungs.model, cfg.occlusion.model) if m]
+
+
+def key_config(cfg: ExtractConfig, weights_identity: str, lungs_hashes: dict[str, str] | None = None) -> dict:
+    """The part of an extraction config that the cache key is a hash of.
+
+    A lungs model enters by its hash (``lungs_hashes``: folder -> :attr:`LungsModel.hash`, as
+    the plan resolved it), never by its folder: moving the folder keeps the key, retraining the
+    model changes it.  Entries that only lungs bring are absent without them, so a cache made
+    without lungs keeps the key it had before covfeat had lungs.
+
+    Raises
+    ------
+    ValueError
+        A lungs folder of ``cfg`` has no hash in ``lungs_hashes`` (a caller that did not resolve it).
+    """
+    hashes = lungs_hashes or {}
+
+    def identity(folder: str) -> dict:
+        if folder not in hashes:
+            raise ValueError(f"key_config: the lungs model {folder} was not resolved to its hash")
+        return {"identity": hashes[folder]}
+
     out = {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in NOT_IN_KEY}
     out["weights"] = {"identity": weights_identity}
+    occ = out["occlusion"]
+    model = occ.pop("model")
+    if model:
+        occ["model"] = identity(model)
+    if cfg.lungs.model:
+        out["lungs"] = {"model": identity(cfg.lungs.model), "outside": cfg.lungs.outside}
     return out
+
+
+def stored_lungs_folder(entry: dict, purpose: str) -> str:
+    """The folder of a lungs model a cache recorded (``{"identity", "folder"}``), once it is
+    checked to hold that very model: other masks would give other pixels under the same run.
+
+    Raises
+    ------
+    ConfigError
+        The folder is gone, is no lungs folder any more, or holds another model (its hash differs).
+    """
+    from covfeat.lungs.model import LungsModel
+
+    folder = entry.get("folder")
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"The run's lungs model folder {folder!r} is gone; put it back to {purpose} (its images "
+                          "were restricted to the lung fields that model finds).")
+    if LungsModel.load(folder).hash != entry["identity"]:
+        raise ConfigError(f"The lungs model in {folder} is not the run's (its hash differs: retrained or replaced); "
+                          f"refusing to {purpose} with other lung masks.")
+    return folder
 
 
 def _shard_ok(v) -> bool:

@@ -1,9 +1,11 @@
 """What an extraction will produce, known before any image is decoded or a model built:
-weights resolved, sources read and hashed, classes checked, the cache and its shards named.
+weights and lungs models resolved, sources read and hashed, classes checked, the cache and
+its shards named.
 
-The plan is also where the extraction's backbone entry, weights and input pipeline are
-made, once: every driver and every shard computation takes them from it, so no two parts
-of one extraction can resolve them differently (a weights file replaced mid-run, say).
+The plan is also where the extraction's backbone entry, weights and input pipeline (with its
+lungs models, whose hashes enter the key) are made, once: every driver and every shard
+computation takes them from it, so no two parts of one extraction can resolve them
+differently (a weights file replaced mid-run, say).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def log(msg: str) -> None:
 
 
 def resolve(cfg: ExtractConfig) -> tuple[Backbone, WeightsSpec, InputPipeline]:
-    """The registry entry, the resolved weights and the input pipeline of ``cfg``.
+    """The registry entry, the resolved weights and the input pipeline of ``cfg`` (its lungs
+    models loaded and checked, so a damaged folder is refused before any image is read).
 
     Called once per extraction, by :func:`plan`, and once by each Ray actor on its own node
     (whose weights file and Keras cache are its own; the actor checks the identity).
@@ -49,11 +52,17 @@ def resolve(cfg: ExtractConfig) -> tuple[Backbone, WeightsSpec, InputPipeline]:
     return backbone, weights, InputPipeline.for_config(cfg, backbone)
 
 
-def resolved_config(cfg: ExtractConfig, weights: WeightsSpec) -> dict:
-    """What the cache records of its config: the key fields, the weights, and fixed facts."""
-    out = key_config(cfg, weights.identity)
+def resolved_config(cfg: ExtractConfig, weights: WeightsSpec, lungs_hashes: dict[str, str] | None = None) -> dict:
+    """What the cache records of its config: the key fields, the weights, the folder of each
+    lungs model beside its hash (to find it again for predict and the audit; the key holds
+    only the hash), and fixed facts."""
+    out = key_config(cfg, weights.identity, lungs_hashes)
     out["weights"] = {"identity": weights.identity, "kind": weights.kind, "pretrained": weights.pretrained,
                       "label": weights.label}
+    if cfg.occlusion.model:
+        out["occlusion"]["model"]["folder"] = str(Path(cfg.occlusion.model).resolve())
+    if cfg.lungs.model:
+        out["lungs"]["model"]["folder"] = str(Path(cfg.lungs.model).resolve())
     out.update(
         input_size=INPUT_SIZE,
         resize="cv2.INTER_AREA (shrink) / INTER_LINEAR (enlarge)",
@@ -112,10 +121,10 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
         if len(items) > 3:
             log(f"  ... and {len(items) - 3} more ({what}); `covfeat info CACHE` lists every one")
     _check_classes(manifest)
-    config = resolved_config(cfg, weights)
+    config = resolved_config(cfg, weights, pipeline.lungs_hashes)
     rows = [{"path": r.path, "label": r.label, "patient_id": r.patient_id, "source": r.source,
              "view": r.view, "sha256": r.sha256} for r in manifest.records]
     key_rows = [{k: v for k, v in r.items() if k != "path"} for r in rows]
-    key = cache_key(key_config(cfg, weights.identity), key_rows)
+    key = cache_key(key_config(cfg, weights.identity, pipeline.lungs_hashes), key_rows)
     target = Path(cache_dir) / cache_name(cfg.backbone, weights.kind, key)
     return Plan(target, manifest, config, rows, key, plan_shards(rows, key), cfg, backbone, weights, pipeline)

@@ -15,7 +15,7 @@ from covfeat.core.errors import ConfigError, FileUnavailable
 from covfeat.extraction.backbones import Backbone, WeightsSpec
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.graphfile import backbone_forward, discard
-from covfeat.extraction.images import InputPipeline, apply_view, occlude, view_params
+from covfeat.extraction.images import InputPipeline, apply_view, view_params
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.store.shards import ShardSpec, ShardStore
 from covfeat.trust.neardup import fingerprint
@@ -25,7 +25,8 @@ STREAMS = 2  # batches in the model at once (ShardComputer.features)
 
 def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
     """Decode one file once and return its model inputs for every view, their jitter, and
-    its near-duplicate fingerprint (of the image before any occlusion).
+    its near-duplicate fingerprint (of the whole image: before any occlusion, and before a
+    lungs run restricts it to the lung fields, see :meth:`InputPipeline.prepare`).
 
     Returns
     -------
@@ -33,9 +34,8 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPip
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
     fingerprint : (hashes, thumbnails), see :mod:`covfeat.trust.neardup`
     """
-    raw = pipeline.decode(path, occluded=False)
-    fp = fingerprint(raw)
-    base = occlude(raw, path, pipeline.occlusion)
+    whole, base = pipeline.prepare(path)
+    fp = fingerprint(whole)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
     params = np.zeros((cfg.augment + 1, 4), np.float32)
     pipeline.scale(base, out=inputs[0])

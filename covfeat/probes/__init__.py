@@ -10,6 +10,7 @@ a caller happened to import first.
 # isort: off
 from covfeat.probes import metadata  # noqa: F401
 from covfeat.probes import retrain  # noqa: F401
+from covfeat.probes import lungs  # noqa: F401
 from covfeat.probes import source  # noqa: F401
 from covfeat.probes import external  # noqa: F401
 from covfeat.probes import gradcam  # noqa: F401

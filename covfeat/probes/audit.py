@@ -13,7 +13,9 @@ b. control (:mod:`~covfeat.probes.retrain`): the same head on a random-init back
    features of the same images and split;
 c. occlusion (:mod:`~covfeat.probes.retrain`): a central box (or the masked field) blanked,
    the same head retrained on the same split, its AUC compared with chance and, paired on the
-   same rows, with the run's own;
+   same rows, with the run's own; with --lungs (:mod:`~covfeat.probes.lungs`), two more on the
+   same rows: the lung fields a lungs model predicts blanked (lungs_blanked), and everything
+   but them blanked (lungs_only), each stating the share of lung and other pixels it covered;
 d. source (:mod:`~covfeat.probes.source`): which sources a class has to itself, and within a
    class that has two or more sources, how well the features tell them apart;
 e. external (:mod:`~covfeat.probes.external`), with --external: the run scored on another
@@ -30,6 +32,7 @@ from typing import Iterable
 from covfeat.core.errors import ConfigError
 from covfeat.extraction.config import OcclusionConfig
 from covfeat.head.runs import Run
+from covfeat.lungs.model import LungsModel
 from covfeat.probes.probe import PROBES, AuditInputs, default_probes
 from covfeat.store.reader import open_cache
 from covfeat.trust.intervals import MARGIN, holm
@@ -37,7 +40,7 @@ from covfeat.trust.intervals import MARGIN, holm
 
 def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external: list | None = None,
           cache_dir: str | Path = "cache", probes: Iterable[str] | None = None, progress: bool = True,
-          keep_overlap: bool = False, margin: float = MARGIN) -> dict:
+          keep_overlap: bool = False, margin: float = MARGIN, lungs: str | Path | None = None) -> dict:
     """Run the probes on a finished run and write RUN/audit.json; returns the results.
 
     Parameters
@@ -47,12 +50,15 @@ def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external
         request).  A probe run on request (external) runs when its input is given instead.
     margin
         The AUC difference every three-way verdict treats as negligible (``--margin``).
+    lungs
+        A lungs model folder (``--lungs``): the lungs probes run beside the occlusion probe,
+        and each occlusion result states the share of lung pixels it covered.
 
     Raises
     ------
     ConfigError
-        ``probes`` names a probe that is not registered, or one that runs on request; or the
-        margin is not between 0 and 0.5.
+        ``probes`` names a probe that is not registered, or one that runs on request; the
+        margin is not between 0 and 0.5; or ``lungs`` is not a sound lungs folder.
     """
     if not 0 < margin < 0.5:
         raise ConfigError(f"--margin: expected an AUC margin between 0 and 0.5 (default {MARGIN}); got {margin}.")
@@ -61,15 +67,20 @@ def audit(run: str | Path, *, occlusion: OcclusionConfig | None = None, external
         if name not in default_probes():
             raise ConfigError(f"probes: expected audit probes among {', '.join(default_probes())}; got {name!r}"
                               + (" (it runs when its own input is given)." if name in PROBES else "."))
+    if lungs is not None:
+        lungs = str(Path(lungs).resolve())
+        LungsModel.load(lungs)  # a folder that is no sound lungs model is refused before any work
     run = Run(run).require_single("the audit")
     fc = open_cache(run.cache_info["path"])
     fit = run.fit_config()
     inputs = AuditInputs(run=run, fc=fc, fit=fit, cache_dir=cache_dir, progress=progress,
                          occlusion=occlusion or OcclusionConfig(kind="box"), external=external,
-                         keep_overlap=keep_overlap, margin=margin)
+                         keep_overlap=keep_overlap, margin=margin, lungs=lungs)
     out = {"pretrained": fc.pretrained, "weights": fc.config["weights"]["label"]}  # each probe keeps its margin
     for probe in PROBES.values():
         wanted = probe.name in chosen if probe.on_request is None else probe.on_request(inputs)
+        if probe.part_of is not None:
+            wanted = wanted and probe.part_of in chosen
         if wanted:
             out[probe.name] = probe.run(inputs)
     holm_family(out)

@@ -25,7 +25,8 @@ from covfeat.trust.intervals import MARGIN
 class AuditInputs:
     """Everything a probe may use: the finished run, its cache (``fc``), its stage-two config,
     where probes that extract again keep their caches, and the audit's own options (``margin``:
-    the AUC difference the three-way verdicts treat as negligible; ``lungs``: a lungs model)."""
+    the AUC difference the three-way verdicts treat as negligible; ``lungs``: a lungs model
+    folder, ``--lungs``, whose predicted lung fields the lungs probes blank or keep)."""
 
     run: Run
     fc: FeatureCache
@@ -36,7 +37,7 @@ class AuditInputs:
     external: list | None = None
     keep_overlap: bool = False
     margin: float = MARGIN
-    lungs: str | None = None  # a lungs model's folder (--lungs): the probes that need the lungs run
+    lungs: str | None = None
 
     @property
     def seed(self) -> int:
@@ -52,7 +53,9 @@ class Probe:
     CLEAR or INCONCLUSIVE) and ``verdict`` (one paragraph a reader can act on), which
     ``audit.json`` keeps under ``name``.  ``help`` names it in the command's help (default:
     its name).  ``on_request``, when set, makes it run exactly when it says the audit asked
-    for it (the external probe: when other sources are given), never by default.
+    for it (the external probe: when other sources are given), never by default.  ``part_of``
+    names the probe it belongs with (the lungs probes: ``occlusion``): it runs only when that
+    one runs and its ``on_request`` says so, and the help describes it with that probe.
 
     A probe that compares two models on the same rows puts the comparison under ``paired``
     (see :func:`covfeat.probes.common.paired`).  Once every probe has run, the audit adjusts
@@ -66,6 +69,7 @@ class Probe:
     help: str = ""
     on_request: Callable[[AuditInputs], bool] | None = None
     finish: Callable[[dict], dict] | None = None
+    part_of: str | None = None
 
 
 PROBES: Registry[Probe] = Registry("audit probe")
@@ -81,4 +85,5 @@ def describe_probes() -> str:
     ``metadata, control, occlusion and source probes, and (with --external) external validation``."""
     names = [PROBES[n].help or n for n in default_probes()]
     text = (", ".join(names[:-1]) + " and " if len(names) > 1 else "") + (names[-1] if names else "no") + " probes"
-    return text + "".join(f", and {p.help or p.name}" for p in PROBES.values() if p.on_request is not None)
+    return text + "".join(f", and {p.help or p.name}" for p in PROBES.values()
+                          if p.on_request is not None and p.part_of is None)

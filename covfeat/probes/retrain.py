@@ -11,7 +11,9 @@ still separates the classes by more than the margin above chance, it reads somet
 what was blanked.  The run's own AUC and the paired difference are computed on exactly the
 rows the occluded run scored (with masks: only the images that have one).  A central box is
 not the lung field (on openist's masks a median 6% of lung pixels lie outside the default
-box), so the words say "the blanked box", never "the lungs".
+box), so the words say "the blanked box", never "the lungs"; with ``audit --lungs`` it also
+says how much of the lungs the box covered (:mod:`covfeat.probes.coverage`), and the lungs
+probes (:mod:`covfeat.probes.lungs`) blank the lung fields themselves.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from covfeat.probes.common import (
     verdict_fields,
     versus_chance,
 )
+from covfeat.probes.coverage import coverage
 from covfeat.probes.probe import PROBES, Probe
 from covfeat.store.reader import open_cache
 from covfeat.trust.intervals import CLEAR, FLAGGED, INCONCLUSIVE, MARGIN
@@ -165,13 +168,14 @@ def occlusion_finish(res: dict) -> dict:
     merely reaches 0.5); the paired drop (after Holm's correction) says how much the blanked
     area carried."""
     m, pd, what = res["margin"], res["paired"], res["what"]
-    outside = "outside " + ("the blanked box" if what.startswith("the central box") else "the masked field")
+    kind = res.get("occlusion", {}).get("kind") or ("box" if what.startswith("the central box") else "masks")
+    outside, examples = REGION_WORDS[kind]
     said = (f"with {what} blanked, the same head retrained on the same split gives {res['auc_texts']['occluded']}, "
             f"against the run's own {res['auc_texts']['run']} on the same test images, margin {m:.2f}")
     status = res["verdict3"]
     if status == FLAGGED and res["roc_auc"][0] > 0.5:
         text = (f"FLAGGED: {said}: it still separates the classes by more than the margin above chance, so it reads "
-                f"something {outside} (labels, borders, body size, the source).")
+                f"something {outside} ({examples}).")
     elif status == FLAGGED:
         text = f"FLAGGED: {said}: it separates the classes the other way, by more than the margin below chance."
     elif status == CLEAR:
@@ -193,18 +197,57 @@ def occlusion_finish(res: dict) -> dict:
     n, of = res.get("n_compared"), res.get("n_test")
     rows = (f" Both are computed on the {n} of the run's {of} test images the occluded run scored." if n and of and n < of
             else "")
-    return {**res, "status": status, "verdict": text + drop + rows, "difference": pd["difference"]}
+    return {**res, "status": status, "verdict": text + drop + rows + coverage_text(res.get("coverage")),
+            "difference": pd["difference"]}
+
+
+# Where what the occluded head still reads lies, by occlusion kind, and what it may be there.
+REGION_WORDS = {
+    "box": ("outside the blanked box", "labels, borders, body size, the source"),
+    "masks": ("outside the masked field", "labels, borders, body size, the source"),
+    "lungs": ("outside the lungs", "labels, borders, the mediastinum, body size, the source"),
+    "outside": ("inside the lungs", "the disease, or the source as the lungs show it: exposure, age, body size"),
+}
+
+
+def coverage_text(cov: dict | None) -> str:
+    """`` The blanking covered 94% of the lung pixels (range 80% to 100%) and 41% of the other
+    pixels (range 35% to 47%) of the run's 18 test images, as the lungs model finds them.``,
+    or nothing without a lungs model."""
+    if not cov:
+        return ""
+    if not cov["n_images"]:
+        return (" The lungs model finds no lung field in any of the run's test images, so how much of the lungs this "
+                "blanking covers is not known.")
+
+    def share(c):
+        return f"{c['mean']:.0%} of the {{}} pixels (range {c['min']:.0%} to {c['max']:.0%})"
+
+    return (f" The blanking covered {share(cov['lungs']).format('lung')} and {share(cov['other']).format('other')} "
+            f"of the run's {cov['n_images']} test images, as the lungs model finds them.")
+
+
+def blanked_words(occlusion: OcclusionConfig) -> str:
+    """What an occlusion blanks, as its verdict says it: a central box is named a box, never the lungs."""
+    if occlusion.kind == "lungs":
+        return f"the lung fields (as the lungs model in {occlusion.model} finds them)"
+    if occlusion.kind == "outside":
+        return f"everything outside the lung fields (as the lungs model in {occlusion.model} finds them)"
+    return (f"the masked field (masks from {occlusion.masks})" if occlusion.kind == "masks" else
+            f"the central box {tuple(round(b, 2) for b in occlusion.box)}")
 
 
 def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, cache_dir, progress=True,
-                    margin: float = MARGIN) -> dict:
-    """A central box (or the masked field) blanked, the same head retrained on the same split,
-    compared with chance and, on the same test rows, with the run's own."""
-    occ, occ_cache = _retrain(run, fc, fit, config_from(fc, occlusion=occlusion), cache_dir, "occlusion", progress)
+                    margin: float = MARGIN, name: str = "occlusion", coverage: dict | None = None) -> dict:
+    """A central box (or the masked field, or lung fields a lungs model predicts) blanked, the
+    same head retrained on the same split, compared with chance and, on the same test rows,
+    with the run's own.  ``name`` names the retrained run; ``coverage`` (from
+    :func:`covfeat.probes.lungs.coverage`) is the share of lung and other pixels it blanks."""
+    occ, occ_cache = _retrain(run, fc, fit, config_from(fc, occlusion=occlusion), cache_dir, name, progress)
     y, p_run, p_occ, groups, n_test = aligned(run, fc, occ, occ_cache)
-    what = (f"the masked field (masks from {occlusion.masks})" if occlusion.kind == "masks" else
-            f"the central box {tuple(round(b, 2) for b in occlusion.box)}")
-    base = {"occlusion": occlusion.as_dict(), "run": str(occ.path), "n_compared": int(len(y)), "n_test": n_test}
+    base = {"occlusion": occlusion.as_dict(), "run": str(occ.path), "n_compared": int(len(y)), "n_test": n_test,
+            **({"coverage": coverage} if coverage else {})}
+    what = blanked_words(occlusion)
     if len(np.unique(y)) < 2:
         return {**base, "status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "verdict": f"INCONCLUSIVE: with {what} "
                 f"blanked, the test images scored hold one class ({len(y)} of the run's {n_test}); masks must exist for "
@@ -216,6 +259,7 @@ def occlusion_probe(run: Run, fc, fit: FitConfig, occlusion: OcclusionConfig, ca
 
 PROBES.register(Probe("control", lambda a: control_probe(a.run, a.fc, a.fit, a.cache_dir, a.progress, a.margin),
                       finish=lambda r: control_finish(r) if "paired" in r else r))
-PROBES.register(Probe("occlusion", lambda a: occlusion_probe(a.run, a.fc, a.fit, a.occlusion, a.cache_dir,
-                                                             a.progress, a.margin),
+PROBES.register(Probe("occlusion", lambda a: occlusion_probe(
+    a.run, a.fc, a.fit, a.occlusion, a.cache_dir, a.progress, a.margin,
+    coverage=coverage(a.run, a.fc, a.lungs, a.occlusion)),
                       finish=lambda r: occlusion_finish(r) if "paired" in r else r))

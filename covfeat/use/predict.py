@@ -253,6 +253,9 @@ def export(run: str | Path, out: str | Path, prevalence: float | None = None) ->
     Decode and resize first, as the run did: ``Predictor(run).pipeline.decode(path)``.
     Load with :func:`load_exported`.
 
+    A run extracted with ``--lungs`` is refused: its model needs the segmenter before the
+    backbone, which the exported model would not have.
+
     Raises
     ------
     ConfigError, RunError, WeightsUnavailable
@@ -263,6 +266,10 @@ def export(run: str | Path, out: str | Path, prevalence: float | None = None) ->
     if out.suffix != ".keras":
         raise ConfigError(f"--out: expected a file name ending in .keras, got {str(out)!r}.")
     check_prevalence(prevalence)
+    if Run(run).extract_config.get("lungs"):  # the model below starts at the 224 x 224 image: no segmenter in it
+        raise ConfigError(f"export: the run in {run} saw only the lung fields of its images (extract --lungs); an "
+                          "exported model would take the whole image, so it is not exported. Use `covfeat predict "
+                          "--run RUN`, which restricts every image as the run's extraction did.")
     check_writable(out.parent, "--out")
     corr = prior_correction(Run(run).require_single("this command"), prevalence)
     pr = Predictor(run)
