@@ -340,14 +340,18 @@ def explain(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
     images: Annotated[list[Path], typer.Argument(exists=True, help="Image files or folders.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for the heat-map PNGs [default: RUN/gradcam, where report finds them]")] = None,
+    lungs: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="A lungs model (covfeat lungs fit): "
+                                                  "measure each heat map's share inside the lungs, draw their contour")] = None,
 ):
     """Grad-CAM heat maps (one PNG per image) through the run's preprocessing, backbone and head."""
     import covfeat.use.explain as ex
 
     out = out if out is not None else run / "gradcam"
-    rows = guard(ex.explain, run, images, out)
+    rows = guard(ex.explain, run, images, out, lungs)
     for r in rows:
-        typer.echo(f"{r['path']}: skipped: {r['error']}" if r["error"] else f"{r['png']}  p_covid {r['p_covid']:.4f}")
+        typer.echo(ex.row_text(r))
+    if lungs is not None:
+        typer.echo(f"In-lung shares ({ex.MEASURED_AT}): {out / ex.SHARE_TABLE}")
     typer.echo(str(out))
 
 

@@ -147,14 +147,14 @@ def test_registrations_are_undone_by_their_fixtures():
     assert "fake_tiny" not in REGISTRY and "labels_txt" not in LAYOUTS and "fake" not in PROBES
     assert describe_layouts() == "Cohen folder, Kermany folder, class folders or manifest CSV"
     assert describe_probes() == ("metadata, control, occlusion and source probes, and (with --external) external "
-                                 "validation")
+                                 "validation, and (with --lungs) Grad-CAM's in-lung share")
 
 
 def test_a_probe_added_by_one_registration_runs_and_is_reported(fake_probe, mini_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(mini_run, run)  # the audit writes into the run; the session's run stays as it is
     assert describe_probes() == ("metadata, control, occlusion, source and fake probes, and (with --external) "
-                                 "external validation")
+                                 "external validation, and (with --lungs) Grad-CAM's in-lung share")
     helped = runner.invoke(app, ["audit", "--help"], env={"COLUMNS": "200"}).stdout
     assert "Shortcut audit: metadata, control, occlusion, source and fake probes" in helped  # the CLI reads the registry
     res = audit(run, probes=("metadata", "fake"), cache_dir=tmp_path / "cache", progress=False)

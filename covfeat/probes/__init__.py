@@ -13,4 +13,5 @@ from covfeat.probes import retrain  # noqa: F401
 from covfeat.probes import lungs  # noqa: F401
 from covfeat.probes import source  # noqa: F401
 from covfeat.probes import external  # noqa: F401
+from covfeat.probes import gradcam  # noqa: F401
 # isort: on

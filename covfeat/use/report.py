@@ -19,6 +19,7 @@ from covfeat.core.errors import ConfigError, RunError
 from covfeat.head.runs import Run
 from covfeat.trust.confounding import by_class_from_keys, confounding, statement
 from covfeat.trust.evaluation import predictive
+from covfeat.trust.means import Mean
 from covfeat.trust.metrics import COUNT_KEYS, METRIC_ROWS
 from covfeat.trust.table import calibration_cells, cv_cells, footnotes, notes, single_cells, source_rows, source_text
 
@@ -100,6 +101,37 @@ def banners(runs: list[dict]) -> list[str]:
         out.append(f"CAUTION: {who}{said}: the classes are {'' if whole else 'partly '}confounded with their source. "
                    "High scores may measure where an image came from, not the disease. Run `covfeat audit`.")
     return out
+
+
+LUNG_HEADER = ["run", "images", "in-lung share of the heat [95% interval] (patients, images)",
+               "lungs' share of the image", "excess [95% interval]", "reading"]
+
+
+def lung_rows(ms: list[dict]) -> list[list[str]]:
+    """The gradcam probe's table (``covfeat audit --lungs``), per class and per source, for every
+    run whose audit has it: the mean in-lung share, the lungs' own share of the image (what an
+    even heat map would put inside them) and the excess, with patient-level intervals."""
+    out = []
+    for m in ms:
+        for r in m.get("audit", {}).get("gradcam", {}).get("table", []):
+            e = Mean(**r["excess"])
+            exc = (f"{e.estimate:+.2f} [{e.lo:+.2f}, {e.hi:+.2f}]" if e.has_interval else
+                   f"{e.estimate:+.2f} (no interval: {e.method})")
+            where = r["name"] if r["category"] == "overall" else f"{r['category']} {r['name']}"
+            out.append([m["_name"], where, Mean(**r["share"]).text(), f"{r['lung_fraction']['estimate']:.2f}", exc,
+                        r["reading"]])
+    return out
+
+
+def lung_text(ms: list[dict]) -> str:
+    """The gradcam table as text with the margin it is read against, or nothing without one."""
+    rows = lung_rows(ms)
+    if not rows:
+        return ""
+    margins = sorted({m["audit"]["gradcam"]["margin"] for m in ms if m.get("audit", {}).get("gradcam", {}).get("table")})
+    return ("Does the model look at the lungs? Grad-CAM's in-lung share on the test images (CLEAR: the excess over "
+            f"the lungs' own share exceeds {', '.join(f'{x:.2f}' for x in margins)} on its whole interval):\n"
+            + render_text(LUNG_HEADER, rows))
 
 
 def reliability_panel(ax, cal: dict) -> None:
@@ -210,6 +242,8 @@ def report(runs: list[str | Path], out_dir: str | Path | None = None, prevalence
     lines = banners(ms) + notes(ms)
     text = "\n".join(lines + ["", render_text(header, body)]) if lines else render_text(header, body)
     text += "".join(f"\n\n{f}" for f in footnotes(ms))
+    lungs = lung_text(ms)
+    text += f"\n\n{lungs}" if lungs else ""
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +343,13 @@ def write_html(ms: list[dict], out: Path, figures: list[Path]) -> Path:
                              f"{escape(status)}</span> &mdash; {escape(v['verdict'])}</p>")
     if not audited:
         parts.append("<p>Not audited yet: run <code>covfeat audit --run RUN</code>, then this report again.</p>")
+    lung = lung_rows(ms)
+    if lung:
+        parts.append("<h2>Does the model look at the lungs?</h2><p class='small'>Grad-CAM on the test images, "
+                     "measured against the lung segmenter's mask (<code>covfeat audit --lungs</code>): the share of "
+                     "the heat inside the lungs, beside the lungs' own share of the image, which an even heat map "
+                     "would put inside them. Intervals resample patients.</p>")
+        parts.append(_table_html(LUNG_HEADER, lung))
 
     parts.append("<h2>How these runs differ from the paper</h2>")
     for m in ms:
