@@ -16,8 +16,9 @@ from covfeat.head.fit import fit_head
 from covfeat.probes.audit import audit
 
 runner = CliRunner()
-FAST_HEAD = fit(25, learning_rate=0.02, momentum=0.9)
-N_PER_CLASS = 30
+# half the patients in test, so that the verdicts rest on enough of them to be reached (not INCONCLUSIVE)
+FAST_HEAD = fit(25, split={"val": 0.15, "test": 0.5}, learning_rate=0.02, momentum=0.9)
+N_PER_CLASS = 44
 
 
 def _run(root, where):
@@ -42,7 +43,9 @@ def inside(tmp_path_factory):
 
 
 def above_chance(res) -> bool:
-    return res["status"] == "FLAGGED" and res["roc_auc"][0] > 0.5
+    """The retrained head's AUC beyond the margin above chance (``verdict3``: every occlusion
+    result keeps that reading, whatever its probe's status makes of it)."""
+    return res["verdict3"] == "FLAGGED" and res["roc_auc"][0] > 0.5
 
 
 def _coverage(res, lungs, other):
@@ -63,7 +66,8 @@ def test_the_class_outside_the_lungs(outside, tiny_lungs):
     assert above_chance(blanked), blanked["verdict"]
     assert blanked["verdict"].startswith("FLAGGED: with the lung fields (as the lungs model in ")
     assert "so it reads something outside the lungs" in blanked["verdict"]
-    assert "with everything outside the lung fields (as the lungs model in " in only["verdict"]
+    assert only["verdict"].startswith("FLAGGED: with everything outside the lungs blanked"), only["verdict"]
+    assert "what the run reads lies outside the lungs" in only["verdict"]
     # each probe states what its blanking covered, from segmenting the run's test images
     _coverage(blanked, 1.0, 0.0)
     _coverage(only, 0.0, 1.0)
@@ -75,7 +79,7 @@ def test_the_class_outside_the_lungs(outside, tiny_lungs):
     assert "paired" not in res["control"]
     for name in ("occlusion", "lungs_blanked", "lungs_only"):
         assert res[name]["paired"]["family_members"] == ["occlusion", "lungs_blanked", "lungs_only"], name
-    for line in ("lungs_blanked probe: FLAGGED", "lungs_only probe: ", "occlusion probe: FLAGGED"):
+    for line in ("lungs_blanked probe: FLAGGED", "lungs_only probe: FLAGGED", "occlusion probe: FLAGGED"):
         assert line in r.stdout
 
 
@@ -84,9 +88,11 @@ def test_the_class_inside_the_lungs(inside, tiny_lungs):
     res = audit(run, cache_dir=root / "cache", probes=("occlusion",), progress=False, lungs=tiny_lungs)
     blanked, only = res["lungs_blanked"], res["lungs_only"]
     assert above_chance(only), only["verdict"]
-    assert "so it reads something inside the lungs" in only["verdict"]
+    # the lungs alone separate the classes: the lungs-only probe raises no doubt (FLAGGED means doubt)
+    assert only["status"] in ("CLEAR", "INCONCLUSIVE"), only["verdict"]
+    assert "the lungs alone separate the classes" in only["verdict"].lower(), only["verdict"]
     assert not above_chance(blanked), blanked["verdict"]
-    assert list(res) == ["pretrained", "weights", "occlusion", "lungs_blanked", "lungs_only"]
+    assert list(res) == ["pretrained", "weights", "occlusion", "lungs_blanked", "lungs_only", "gradcam"]
 
 
 def test_the_box_probe_is_the_same_with_or_without_lungs(outside, tiny_lungs):
