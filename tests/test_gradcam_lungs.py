@@ -60,13 +60,16 @@ def test_the_probe_runs_on_request_only():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two runs of inception_v3 with random weights: the class only outside the lungs (a bright
-    corner square), and only inside (opacities in the lung fields)."""
+    """Two runs of densenet201 with random weights: the class only outside the lungs (a bright
+    corner square), and only inside (opacities in the lung fields).  densenet201, not the faster
+    inception_v3: with random weights inception_v3's contrast below was 0.014, 0.007 and 0.037 at
+    data seeds 0, 1, 2 (intervals overlapping at seed 1), densenet201's 0.026, 0.023, 0.020 with
+    the intervals apart at every seed (resnet101_v2 alike, inception_resnet_v2 not)."""
     root = tmp_path_factory.mktemp("gradcam_lungs")
     out = {}
     for where in ("outside", "inside"):
         d = write_set(root / where, 20, where=where, seed=0)
-        cache = extract([root / where], ExtractConfig(backbone="inception_v3", weights="none", augment=0),
+        cache = extract([root / where], ExtractConfig(backbone="densenet201", weights="none", augment=0),
                         root / "cache", progress=False)
         out[where] = fit_head(cache, fit(25, learning_rate=0.02, momentum=0.9), root / f"runs_{where}", progress=False)
         out[f"{where}_set"] = d
@@ -84,19 +87,24 @@ def covid(res):
 
 def test_the_share_tells_a_class_outside_the_lungs_from_one_inside(runs, tiny_lungs):
     """The known answer: the COVID-19 images' heat lies more inside the lungs when the class is
-    written inside them than when it is written outside.  With random-init inception_v3 the
-    heat maps are dominated by one pattern common to every image (the backbone's features
-    vary by about 2% between images), so the contrast is small; measured: in-lung share 0.28
-    (class outside) against 0.29 (inside), excess over the lungs' own share +0.047 and +0.061."""
+    written inside them than when it is written outside.  With random weights the heat maps are
+    dominated by one pattern common to every image (cosine similarity to the average map 0.99 and
+    more), so the contrast is small, but it holds: excess of the COVID-19 share over the lungs'
+    own share +0.022 [0.021, 0.023] (class outside) against +0.049 [0.045, 0.053] (inside) at
+    data seed 0; intervals apart at seeds 1 and 2 too."""
     out, ins = probe(runs["outside"], tiny_lungs), probe(runs["inside"], tiny_lungs)
     a, b = covid(out), covid(ins)
-    assert b["excess"]["estimate"] - a["excess"]["estimate"] > 0.005, (a, b)
+    assert b["excess"]["estimate"] - a["excess"]["estimate"] > 0.012, (a, b)  # 0.020 to 0.026 over 3 seeds
     assert b["excess"]["lo"] > a["excess"]["hi"], (a, b)  # their intervals do not overlap
     for res in (out, ins):
         assert res["n_measured"] == res["n_test"] == 12 and not res["unreadable"]
         assert {r["category"] for r in res["table"]} == {"overall", "class", "source"}
         assert res["lungs"]["folder"] == str(tiny_lungs) and len(res["lungs"]["hash"]) == 64
         assert res["verdict"].startswith(res["status"] + ": ")
+        common = res["common_pattern"]  # random weights: one pattern common to every map, and the verdict says so
+        assert common["n_maps"] == 12 and 0.95 < common["min_cosine"] <= common["mean_cosine"] <= 1 + 1e-9
+        assert "NOT PRETRAINED: random-init features" in res["verdict"] and "weak evidence" in res["verdict"]
+        assert f"{common['mean_cosine']:.3f}" in res["verdict"]
         assert all(0 <= r["in_lung_share"] <= 1 and 0 < r["lung_fraction"] < 1 for r in res["per_image"])
 
 

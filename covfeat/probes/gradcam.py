@@ -17,6 +17,13 @@ fraction, a quarter to a third of a radiograph).  So the probe compares, image b
 in-lung share with the lung fraction, and reads the mean excess with its patient-level
 interval (:mod:`covfeat.trust.means`) three ways against a stated margin.
 
+The probe also measures how much the heat maps share: the mean cosine similarity of each
+test image's map to the maps' average.  A random-init backbone's features are nearly the same
+for every image, so its maps are one common pattern up to small variations (measured on the
+synthetic sets of tests/test_gradcam_lungs.py: cosine 0.99 to 1.00 for all four backbones), and
+where that pattern lies says more about the architecture than about the class.  For a NOT
+PRETRAINED run the verdict says so: its in-lung share is weak evidence.
+
 This module also holds the Grad-CAM computation itself, which ``covfeat explain``
 (:mod:`covfeat.use.explain`) draws: the probe must compute it too, and cannot reach up.
 """
@@ -204,6 +211,25 @@ def gradcam_verdict(rows: list[dict], margin: float, n_without: int) -> tuple[st
                           + (" At the observed spread, " + ", ".join(need) + " would tell." if need else "") + tail)
 
 
+def common_pattern(cams: list[np.ndarray]) -> dict:
+    """How alike the heat maps are: each map's cosine similarity to the maps' average, its mean
+    and minimum (1 when every map is the same pattern, whatever its scale)."""
+    flat = np.stack([c.ravel() for c in cams]).astype(float)
+    mean = flat.mean(axis=0)
+    norms = np.linalg.norm(flat, axis=1) * np.linalg.norm(mean)
+    cos = np.divide(flat @ mean, norms, out=np.zeros(len(flat)), where=norms > 0)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "n_maps": len(flat)}
+
+
+def random_init_caveat(common: dict) -> str:
+    """The verdict's warning for a NOT PRETRAINED run, with its own measured likeness of the maps."""
+    return (f" NOT PRETRAINED: random-init features are nearly the same for every image, so the heat maps are "
+            f"dominated by one pattern common to every image (mean cosine similarity of a map to the average map "
+            f"{common['mean_cosine']:.3f}, lowest {common['min_cosine']:.3f}, over {common['n_maps']} maps); "
+            f"where that pattern lies says more about the architecture than about the class, so this in-lung "
+            f"share is weak evidence.")
+
+
 def gradcam_probe(run: Run, fc, lungs: str | Path, margin: float = SHARE_MARGIN, seed: int = 0) -> dict:
     """Grad-CAM on the run's test images, measured against the segmenter's lungs, read per class
     and per source (see the module's docstring)."""
@@ -234,7 +260,10 @@ def gradcam_probe(run: Run, fc, lungs: str | Path, margin: float = SHARE_MARGIN,
     status, text = gradcam_verdict(rows, margin, n_without)
     if unreadable:
         text += f" {len(unreadable)} test image(s) could not be read again and are left out."
-    return {"status": status, "verdict3": status, "verdict": text, "table": rows, **base}
+    common = common_pattern([measured[i]["cam"] for i in keep])
+    if not fc.pretrained:
+        text += random_init_caveat(common)
+    return {"status": status, "verdict3": status, "verdict": text, "table": rows, "common_pattern": common, **base}
 
 
 PROBES.register(Probe("gradcam", lambda a: gradcam_probe(a.run, a.fc, a.lungs, seed=a.seed),
