@@ -187,3 +187,22 @@ def test_a_ray_actor_is_described_by_the_plan_and_refuses_other_weights(data, tm
     with pytest.raises(WeightsUnavailable, match=r"The weights on this Ray node \(file:sha256=.*\) are not the "
                                                  r"planned ones \(file:sha256="):
         _ShardActor(**desc)
+
+
+def test_a_ray_actor_refuses_a_lungs_model_that_is_not_the_planned_one(data, tmp_path, tiny_lungs):
+    """The lungs model's hash is in the cache key: an actor whose node holds another model at the
+    planned folder adds no shard (the node's model is checked against the plan's hash)."""
+    from covfeat.core.errors import ConfigError
+    from covfeat.extraction.config import ExtractConfig, LungsConfig
+    from covfeat.extraction.plan import plan
+    from covfeat.extraction.ray_driver import _ShardActor, actor_description
+
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=0,
+                        lungs=LungsConfig(model=str(tiny_lungs), outside="blank"))
+    p = plan([data["cohen"], data["normal"]], cfg, tmp_path / "c")
+    desc = actor_description(p, p.shards)
+    assert list(desc["lungs"].values()) == list(p.pipeline.lungs_hashes.values()) and len(desc["lungs"]) == 1
+    desc["lungs"] = {k: "0" * 64 for k in desc["lungs"]}  # what the planner saw at that folder
+    with pytest.raises(ConfigError, match=r"The lungs model at .* on this Ray node \(\w{64}\) is not the planned one "
+                                          r"\(0{64}\); put the same lungs folder at that path on every node\."):
+        _ShardActor(**desc)

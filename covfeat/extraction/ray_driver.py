@@ -31,19 +31,25 @@ def actor_description(p: Plan, todo: list[ShardSpec]) -> dict:
     return dict(target=str(p.target.resolve()), key=p.key, rows=p.rows,
                 shards={s.index: (list(s.rows), s.name) for s in todo},
                 cfg={**asdict(p.cfg), "weights": p.weights.path if p.weights.kind == "file" else p.cfg.weights},
-                identity=p.weights.identity)
+                identity=p.weights.identity, lungs=p.pipeline.lungs_hashes)
 
 
 class _ShardActor:
     """Holds the backbone once; computes the shards it is given."""
 
-    def __init__(self, target: str, key: str, rows: list[dict], shards: dict, cfg: dict, identity: str):
+    def __init__(self, target: str, key: str, rows: list[dict], shards: dict, cfg: dict, identity: str,
+                 lungs: dict | None = None):
         self.cfg = from_dict(ExtractConfig, cfg, "the driver's config")
         # Rebuilt here: the weights a node resolves are its own, and must be the planned ones.
         backbone, weights, self.pipeline = resolve(self.cfg)
         if weights.identity != identity:  # a node with another file at the same path must not add shards
             raise WeightsUnavailable(f"The weights on this Ray node ({weights.identity}) are not the planned ones "
                                      f"({identity}); put the same file at {self.cfg.weights} on every node.")
+        for folder, planned in (lungs or {}).items():  # the same for a lungs model: its hash is in the key
+            found = self.pipeline.lungs_hashes.get(folder)
+            if found != planned:
+                raise ConfigError(f"The lungs model at {folder} on this Ray node ({found}) is not the planned one "
+                                  f"({planned}); put the same lungs folder at that path on every node.")
         if os.environ.get("CUDA_VISIBLE_DEVICES"):
             import tensorflow as tf
 
