@@ -240,15 +240,46 @@ def test_a_re_cropped_copy_stays_on_the_side_of_its_original():
         split(np.array(["a", "a", "b"]), 0.3, 0.2, 0)
 
 
+def test_augmentation_keeps_image_and_mask_aligned():
+    """An image that is its own mask (two grey levels) stays its mask's picture after the
+    geometric changes; brightness, contrast and gamma are monotone and cannot undo that."""
+    from synthetic_lungs import draw
+
+    from covfeat.lungs.fit import augment
+
+    _, lungs = draw(np.random.default_rng(0), 64)
+    y = lungs.astype(np.float32)
+    x = 0.3 + 0.4 * y
+    xa, ya = augment(np.stack([x] * 6), np.stack([y] * 6), np.random.default_rng(2))
+    assert xa.min() >= 0 and xa.max() <= 1
+    assert not np.array_equal(ya[0], y) and not np.allclose(xa[0], x)
+    for a, m in zip(xa, ya):
+        assert np.corrcoef(a.ravel(), m.ravel())[0, 1] > 0.97
+
+
 # --------------------------------------------------------------------------- the issue's target, on real masks
 
 
 @pytest.mark.slow
-def test_openist_held_out_dice_is_at_least_093(tmp_path):
-    from covfeat.lungs.fit import fit_lungs
+def test_openist_held_out_dice_is_at_least_093_within_the_time(tmp_path):
+    """The issue's target, as a new user runs it: `covfeat lungs fit` with its defaults on
+    openist gives a held-out Dice of at least 0.93, in less CPU time than 15 minutes of two
+    cores with a margin (the process's CPU seconds, not wall: other work shares the cores)."""
+    import resource
+    import subprocess
+    import sys
 
-    result = fit_lungs(SHARED / "openist" / "NORMAL", SHARED / "openist" / "masks", tmp_path / "lungs")
-    assert result.info["heldout"]["dice"]["mean"] >= 0.93, result.info["heldout"]["dice"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "lungs", "fit", "--images", SHARED / "openist" / "NORMAL",
+                        "--masks", SHARED / "openist" / "masks", "--out", tmp_path / "lungs"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    info = LungsModel.load(tmp_path / "lungs").info
+    assert info["heldout"]["images"] >= 50
+    assert info["heldout"]["dice"]["mean"] >= 0.93, info["heldout"]["dice"]
+    assert cpu < 0.8 * 2 * 15 * 60, cpu
 
 
 # --------------------------------------------------------------------------- the command line

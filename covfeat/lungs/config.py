@@ -17,11 +17,11 @@ from covfeat.lungs.model import INPUT_VERSION, check_architecture
 class LungsFitConfig(Checked):
     size: int = setting(256, integer(32, 1024), flag="--size",
                         help="Side of the network's square input, in pixels (a multiple of 2^depth)")
-    filters: int = setting(16, integer(1, 256), flag="--filters",
+    filters: int = setting(8, integer(1, 256), flag="--filters",
                            help="Channels of the U-Net's first level (doubling at each level below)")
     depth: int = setting(4, integer(1, 6), flag="--depth", help="Poolings of the U-Net")
-    epochs: int = setting(40, integer(1), flag="--epochs", help="Most epochs to train")
-    patience: int = setting(8, integer(1), flag="--patience",
+    epochs: int = setting(20, integer(1), flag="--epochs", help="Most epochs to train")
+    patience: int = setting(6, integer(1), flag="--patience",
                             help="Stop after this many epochs without a better validation Dice")
     batch_size: int = setting(8, integer(1), flag="--batch-size", help="Images per step")
     learning_rate: float = setting(2e-3, number(0, 1, lo_open=True), flag="--learning-rate",
