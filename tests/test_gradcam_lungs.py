@@ -55,7 +55,7 @@ def test_the_reading_has_three_answers(lo, hi, status):
 
 def test_the_probe_runs_on_request_only():
     assert "gradcam" in PROBES and "gradcam" not in default_probes()
-    assert "(with --lungs) Grad-CAM's in-lung share" in describe_probes()
+    assert "; with --lungs, the lung fields blanked, only the lungs kept and Grad-CAM's in-lung share" in describe_probes()
 
 
 @pytest.fixture(scope="module")

@@ -146,15 +146,17 @@ def test_the_data_help_names_the_registered_layouts(cli_with_fake_layout):
 def test_registrations_are_undone_by_their_fixtures():
     assert "fake_tiny" not in REGISTRY and "labels_txt" not in LAYOUTS and "fake" not in PROBES
     assert describe_layouts() == "Cohen folder, Kermany folder, class folders or manifest CSV"
-    assert describe_probes() == ("metadata, control, occlusion and source probes, and (with --external) external "
-                                 "validation, and (with --lungs) Grad-CAM's in-lung share")
+    assert describe_probes() == ("metadata, control, occlusion and source probes; with --lungs, the lung fields "
+                                 "blanked, only the lungs kept and Grad-CAM's in-lung share; with --external, external "
+                                 "validation")
 
 
 def test_a_probe_added_by_one_registration_runs_and_is_reported(fake_probe, mini_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(mini_run, run)  # the audit writes into the run; the session's run stays as it is
-    assert describe_probes() == ("metadata, control, occlusion, source and fake probes, and (with --external) "
-                                 "external validation, and (with --lungs) Grad-CAM's in-lung share")
+    assert describe_probes() == ("metadata, control, occlusion, source and fake probes; with --lungs, the lung fields "
+                                 "blanked, only the lungs kept and Grad-CAM's in-lung share; with --external, external "
+                                 "validation")
     helped = runner.invoke(app, ["audit", "--help"], env={"COLUMNS": "200"}).stdout
     assert "Shortcut audit: metadata, control, occlusion, source and fake probes" in helped  # the CLI reads the registry
     res = audit(run, probes=("metadata", "fake"), cache_dir=tmp_path / "cache", progress=False)

@@ -81,9 +81,20 @@ def default_probes() -> list[str]:
 
 
 def describe_probes() -> str:
-    """The registered probes in a few words, for the audit command's help:
-    ``metadata, control, occlusion and source probes, and (with --external) external validation``."""
+    """The registered probes in a few words, for the audit command's help: ``metadata, control,
+    occlusion and source probes; with --external, external validation; with --lungs, the lung
+    fields blanked, only the lungs kept and Grad-CAM's in-lung share`` (probes run on request
+    are grouped by the option that asks for them, read from their help's ``(with --X)``)."""
     names = [PROBES[n].help or n for n in default_probes()]
-    text = (", ".join(names[:-1]) + " and " if len(names) > 1 else "") + (names[-1] if names else "no") + " probes"
-    return text + "".join(f", and {p.help or p.name}" for p in PROBES.values()
-                          if p.on_request is not None and p.part_of is None)
+    text = _and(names) + " probes"
+    asked: dict[str, list[str]] = {}
+    for p in PROBES.values():
+        if p.on_request is not None:
+            said = p.help or p.name
+            flag, _, what = said.partition(") ") if said.startswith("(with ") else ("", "", said)
+            asked.setdefault(flag.lstrip("("), []).append(what)
+    return text + "".join(f"; {flag}, {_and(whats)}" if flag else f"; {_and(whats)}" for flag, whats in asked.items())
+
+
+def _and(words: list[str]) -> str:
+    return (", ".join(words[:-1]) + " and " if len(words) > 1 else "") + (words[-1] if words else "no")
