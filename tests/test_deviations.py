@@ -41,7 +41,20 @@ def test_each_recorded_setting_decides_its_deviation():
     assert {"threshold", "weights", "preprocess"} <= _keys(away)
 
 
-@pytest.mark.parametrize("d", [d for d in DEVIATIONS if d.reads], ids=lambda d: d.key)
+def test_a_lungs_run_says_it_saw_only_the_lungs(tiny_lungs):
+    from covfeat.extraction.config import LungsConfig
+    from covfeat.lungs.model import LungsModel
+
+    cfg = ExtractConfig(backbone="inception_v3", weights="none", lungs=LungsConfig(model=str(tiny_lungs), outside="crop"))
+    spec = SimpleNamespace(identity="none:seed=0", kind="none", pretrained=False, label="none")
+    lungs = resolved_config(cfg, spec, {str(tiny_lungs): LungsModel.load(tiny_lungs).hash})
+    assert "lungs" in _keys(run_config(FitConfig(), SimpleNamespace(config=lungs), 0.5))
+    assert "lungs" not in _keys(_recorded())
+
+
+# "lungs" reads the whole extract section: a cache made without lungs records none (its key, and so
+# every cache made before lungs existed, stays as it was), so its absence means "no lungs".
+@pytest.mark.parametrize("d", [d for d in DEVIATIONS if d.reads and d.key != "lungs"], ids=lambda d: d.key)
 def test_a_setting_the_run_did_not_record_is_an_error_not_a_default(d):
     c = copy.deepcopy(_recorded())
     where = c

@@ -60,6 +60,10 @@ DEVIATIONS = [
               ("extract", "weights", "pretrained"), lambda pretrained: not pretrained),
     Deviation("preprocess", "Scaling: `--preprocess backbone` feeds each backbone its own preprocess_input "
               "instead of the paper's RGB / 255.", ("extract", "preprocess"), lambda p: p == "backbone"),
+    Deviation("lungs", "Lung fields: with `extract --lungs MODEL --outside blank|crop` the backbone sees only the "
+              "lung fields a segmenter trained by the user finds (the rest filled with the lungs' own mean, or "
+              "cropped to their box); the paper fed the whole image.",
+              ("extract",), lambda extract: bool(extract.get("lungs"))),  # a cache without lungs records none
     Deviation("threshold", "Operating point: the threshold was chosen on validation rows for a target COVID-19 "
               "recall; the paper used argmax.", ("target_recall",), lambda recall: recall is not None),
 ]
