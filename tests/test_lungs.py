@@ -261,25 +261,20 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 
 @pytest.mark.slow
-def test_openist_held_out_dice_is_at_least_093_within_the_time(tmp_path):
-    """The issue's target, as a new user runs it: `covfeat lungs fit` with its defaults on
-    openist gives a held-out Dice of at least 0.93, in less CPU time than 15 minutes of two
-    cores with a margin (the process's CPU seconds, not wall: other work shares the cores)."""
-    import resource
+def test_openist_held_out_dice_is_at_least_093(tmp_path):
+    """The issue's quality target, as a new user runs it: `covfeat lungs fit` with its defaults
+    on openist gives a held-out Dice of at least 0.93.  Its time target (under 15 minutes on
+    2 cores) is benchmarks/bench_lungs.py's: a speed target is never a timed test."""
     import subprocess
     import sys
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([sys.executable, "-m", "covfeat.cli", "lungs", "fit", "--images", SHARED / "openist" / "NORMAL",
                         "--masks", SHARED / "openist" / "masks", "--out", tmp_path / "lungs"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     info = LungsModel.load(tmp_path / "lungs").info
     assert info["heldout"]["images"] >= 50
     assert info["heldout"]["dice"]["mean"] >= 0.93, info["heldout"]["dice"]
-    assert cpu < 0.8 * 2 * 15 * 60, cpu
 
 
 # --------------------------------------------------------------------------- the command line
