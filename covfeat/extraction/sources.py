@@ -29,14 +29,12 @@ from typing import Callable
 from covfeat.core.errors import DataError, FileUnavailable, SourceNotFound
 from covfeat.core.fsutil import sha256_file
 from covfeat.core.registry import Registry
+from covfeat.imaging.decode import IMAGE_SUFFIXES
 
 COVID, NORMAL = 1, 0
 
 
 LABEL_NAMES = {COVID: "COVID-19", NORMAL: "NORMAL"}
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 _LABEL_ALIASES = {

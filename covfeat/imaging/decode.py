@@ -20,6 +20,10 @@ import numpy as np
 
 INPUT_SIZE = 224  # the backbones' input side: every model input is INPUT_SIZE x INPUT_SIZE x 3
 
+# The files covfeat opens as images when it searches a folder (extraction's sources, the lung
+# segmenter's training pairs and predictions): one list, so no stage opens what another skips.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
+
 
 class UnreadableImage(Exception):
     """A file that cannot be decoded into a radiograph; ``str(exc)`` is the reason."""

@@ -16,11 +16,7 @@ import cv2
 import numpy as np
 
 from covfeat.core.errors import DataError, SourceNotFound
-from covfeat.imaging.decode import UnreadableImage, decode
-
-# The image files a folder is searched for: the same suffixes as extraction's sources
-# (covfeat.extraction.sources.IMAGE_SUFFIXES, which this layer cannot import).
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+from covfeat.imaging.decode import IMAGE_SUFFIXES, UnreadableImage, decode
 
 GREY = (0.25, 0.75)  # a mask pixel between these shares of the mask's top value is neither lung nor background
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from covfeat.core.errors import DataError, FileUnavailable, SourceNotFound
 from covfeat.core.fsutil import atomic_file
-from covfeat.imaging.decode import ImageLimits, UnreadableImage, decode
-from covfeat.lungs.data import IMAGE_SUFFIXES
+from covfeat.imaging.decode import IMAGE_SUFFIXES, ImageLimits, UnreadableImage, decode
 from covfeat.lungs.segment import Segmenter
 
 SHEET = "contact_sheet.png"
