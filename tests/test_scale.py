@@ -132,6 +132,7 @@ def test_ray_on_a_local_two_worker_cluster_equals_the_local_driver(data, referen
     _same(out, reference)
 
 
+@pytest.mark.slow  # about a minute and a half alone: the slowest test; Ray is an optional extra
 def test_a_killed_ray_worker_is_restarted_and_every_image_appears_once(data, tmp_path, ray_cluster, monkeypatch):
     """Shards of 4 images (12 of them); one worker is killed with SIGKILL after the first shard."""
     import covfeat.extraction.run as ex

@@ -253,7 +253,12 @@ def gradcam_probe(run: Run, fc, lungs: str | Path, margin: float = SHARE_MARGIN,
             "unreadable": unreadable, "per_image": per_image}
     if not len(keep):
         return {"status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "table": [], **base,
-                "verdict": "INCONCLUSIVE: no test image gave a heat map to measure against the lungs."}
+                "verdict": "INCONCLUSIVE: no test image gave a heat map to measure against the lungs"
+                + (f": all {n_without} of the run's {len(per_image)} test images' maps are zero after Grad-CAM's "
+                   "ReLU (the gradient-weighted features are negative at every position)" if n_without else "")
+                + (f"; {len(unreadable)} could not be read" if unreadable else "")
+                + ("; random-init features give nearly one map for every image, so this says little about the "
+                   "model" if not fc.pretrained else "") + "."}
     col = lambda k: np.array([per_image[i][k] for i in keep])  # noqa: E731
     rows = table(col("in_lung_share").astype(float), col("lung_fraction").astype(float), col("group"), col("label"),
                  col("source"), margin, seed)
