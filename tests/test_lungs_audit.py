@@ -116,3 +116,31 @@ def test_a_lungs_folder_that_is_not_one_is_one_line(outside, tmp_path):
     r = runner.invoke(app, ["audit", "--run", str(run), "--lungs", str(tmp_path / "empty")])
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "not a lungs model" in r.stderr
+
+
+def _only(chance: str, auc: float, diff: float, lo: float, hi: float, paired3: str, p_holm: float) -> dict:
+    """A lungs_only result as occlusion_probe leaves it: the lungs-only AUC read against chance
+    (``verdict3``) and the paired difference, run minus lungs only."""
+    from covfeat.probes.lungs import lungs_only_finish
+
+    pd = {"difference": diff, "interval": [lo, hi], "margin": 0.05, "verdict3": paired3, "p_holm": p_holm,
+          "family": 3, "needed_patients": [40, 40], "needed_for": "to show it"}
+    return lungs_only_finish({"margin": 0.05, "paired": pd, "verdict3": chance, "roc_auc": [auc, auc - 0.1, auc + 0.1],
+                              "auc_texts": {"occluded": f"ROC AUC {auc}", "run": "ROC AUC 0.9"}})
+
+
+@pytest.mark.parametrize("args, status, words", [
+    (("CLEAR", 0.51, 0.01, -0.03, 0.04, "CLEAR", 1.0), "FLAGGED", "The lungs alone are within the margin of chance"),
+    (("FLAGGED", 0.70, 0.20, 0.10, 0.30, "FLAGGED", 0.001), "FLAGGED", "scores beyond the margin above the lungs alone"),
+    (("FLAGGED", 0.88, 0.01, -0.02, 0.04, "CLEAR", 1.0), "CLEAR", "as well as the whole image within the margin"),
+    (("FLAGGED", 0.80, 0.08, 0.01, 0.15, "FLAGGED", 0.2), "INCONCLUSIVE", "whether the whole image adds more"),
+    (("INCONCLUSIVE", 0.60, 0.02, -0.1, 0.2, "INCONCLUSIVE", 1.0), "INCONCLUSIVE",
+     "whether the lungs alone separate the classes cannot be told"),
+])
+def test_lungs_only_reads_flagged_as_doubt(args, status, words):
+    """Each branch of the lungs-only reading, without extracting anything: the lungs alone at
+    chance, or the whole image shown ahead of them, is doubt (FLAGGED); the lungs alone beyond
+    chance and within the margin of the run is CLEAR; the rest cannot be told."""
+    res = _only(*args)
+    assert res["status"] == status and words in res["verdict"], res["verdict"]
+    assert res["verdict3"] == args[0]  # the reading against chance is kept as every occlusion result keeps it
