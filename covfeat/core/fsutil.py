@@ -211,3 +211,63 @@ class AtomicDir:
                         raise
             k += 1
             final = self.parent / f"{self.name}-{k}"
+
+
+from covfeat.core.errors import CovfeatError  # noqa: E402  (with the one check that raises it, below)
+
+
+class UnsafeFolder(CovfeatError):
+    """A cache folder that someone else can write.  Not an ``OSError``: the handlers that turn
+    an unwritable cache into a note must not turn this into one."""
+
+
+def private_dir(path: str | Path, what: str, env: str) -> Path:
+    """``path`` as a folder only its owner can change, created (mode 0o700) when missing;
+    ``UnsafeFolder`` otherwise, as ssh refuses a group-writable key.
+
+    covfeat runs what its user caches hold (a traced TensorFlow graph, a Keras file), and their
+    checksums sit beside them, so whoever can write a cache folder, or rename one of its
+    ancestors, can make a later run do what they wrote.  Checked: the folder and every ancestor
+    of it, as written and as resolved through symlinks, up to the user's home (trusted as ssh
+    trusts it) or the root.  Each must belong to the user or to root and be writable by no one
+    else; an ancestor writable by all but sticky (``/tmp``) is safe as Python's ``tempfile``
+    takes it (no one else may rename or delete what is in it), the cache folder itself is not.
+    Walked to the root, not to the first root-owned ancestor: a root-owned folder inside a
+    folder others can write can be renamed away and replaced.  An ``OSError`` means the folder
+    cannot be made (the caller's note)."""
+    import pwd
+    import stat
+
+    path = Path(os.path.abspath(path))
+    for p in [*reversed(path.parents), path]:
+        if not p.is_dir():
+            try:
+                p.mkdir(mode=0o700)
+            except FileExistsError:
+                if not p.is_dir():
+                    raise
+    home = {os.path.abspath(Path.home()), os.path.realpath(Path.home())}
+    uid = os.getuid()
+    real = Path(os.path.realpath(path))
+    for leaf in dict.fromkeys([path, real]):
+        for p in [leaf, *leaf.parents]:
+            st = os.stat(p)
+            if st.st_uid not in (uid, 0):
+                try:
+                    owner = f"{pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
+                except KeyError:
+                    owner = f"uid {st.st_uid}"
+                where = "is" if p == leaf else f"is inside {p}, which is"
+                raise UnsafeFolder(f"the {what} {leaf} {where} owned by {owner}, not by you: its owner can make "
+                                   f"covfeat run what they write there; set {env} to a folder of your own.")
+            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if writable and not (p != leaf and st.st_mode & stat.S_ISVTX):
+                who = " and ".join(w for w, bit in (("its group", stat.S_IWGRP), ("all users", stat.S_IWOTH))
+                                   if st.st_mode & bit)
+                where = "is" if p == leaf else f"is inside {p}, which is"
+                raise UnsafeFolder(f"the {what} {leaf} {where} writable by {who} (mode {oct(stat.S_IMODE(st.st_mode))}): "
+                                   f"they can make covfeat run what they write there; chmod go-w {p}, or set {env} "
+                                   "to a private folder.")
+            if str(p) in home:
+                break
+    return path

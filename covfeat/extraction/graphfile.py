@@ -12,7 +12,17 @@ register the graph with TensorFlow's runtime and call it directly: 0.5-1.7 s.
 
 The graph is the one Keras traced, run on the same weights, so the features are the same,
 bit for bit (tests/test_graphfile.py).  Every file is checked against its SHA-256 before
-use; an entry that fails is made again with a note on stderr.  Registering and calling a
+use; an entry that fails is made again with a note on stderr.  That SHA-256 sits in the
+same folder, so it finds damage, not intent: whoever can write the folder can rewrite the
+graph and its hash alike, and the graph runs as the user.  What a cached graph is trusted on
+is therefore (1) the folder: the cache folder, each entry and their ancestors must belong to
+the user (or root) and be writable by no one else (``fsutil.private_dir``; covfeat makes its
+folders 0o700), else the run stops with one line; and (2) its ops: every node must be an op
+that the four backbones' own graphs use, with no file, Python-callback or function-call op
+(:mod:`covfeat.extraction.graphops`).  A graph that fails (2) is refused, not rebuilt: someone
+wrote it, and the user should learn so (tests/test_bytes_graph.py).  Each run also sweeps
+the temporary folders of builds whose process is gone (a killed build leaves 90-220 MB).
+Registering and calling a
 ``FunctionDef`` goes through TensorFlow's eager context (``add_function_def``,
 ``call_function``), the calls ``tf.function`` itself makes; the test above pins them.
 """
@@ -27,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from covfeat.core.fingerprint import fingerprint, keras_settings, keras_versions, sha256_bytes
-from covfeat.core.fsutil import AtomicDir, user_cache
+from covfeat.core.fsutil import AtomicDir, private_dir, remove_stale, user_cache
 from covfeat.extraction.backbones import build_backbone
+from covfeat.extraction.graphops import check_ops, unlisted
 from covfeat.imaging.decode import INPUT_SIZE
 
 FORMAT = 1
@@ -46,8 +57,14 @@ LAYOUT = "layout.json"
 ALIGN = 64  # each variable's bytes start on a cache line
 
 
+ENV = "COVFEAT_GRAPH_CACHE"
+
+
+WHAT = "backbone graph cache"
+
+
 def cache_root() -> Path:
-    return user_cache("COVFEAT_GRAPH_CACHE", "backbones")
+    return user_cache(ENV, "backbones")
 
 
 def graph_key(backbone, spec, seed: int) -> tuple[str, dict]:
@@ -89,23 +106,32 @@ def backbone_forward(backbone, spec, seed: int = 0) -> Forward:
 
     key, what = graph_key(backbone, spec, seed)
     folder = cache_root() / key
-    if folder.is_dir():
-        try:
-            return Forward(_load(folder, what), "cache", folder)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            discard(Forward(None, "cache", folder), exc)
+    try:
+        private_dir(folder.parent, WHAT, ENV)  # before anything in it is read (UnsafeFolder stops the run)
+    except OSError as exc:
+        folder = None  # it cannot be made: nothing to read, and nowhere to keep the graph
+        unkept = exc
+    if folder is not None:
+        remove_stale(folder.parent)  # the builds of killed runs, which no later build of theirs may sweep
+        if folder.is_dir():
+            try:
+                return Forward(_load(folder, what), "cache", folder)
+            except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+                discard(Forward(None, "cache", folder), exc)
     model = build_backbone(backbone, spec, seed=seed)
     fn = tf.function(lambda x: model(x, training=False),
                      input_signature=[tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)])
     concrete = fn.get_concrete_function()
     try:
+        if folder is None:
+            raise unkept
         _save(folder, concrete, model, what)
     except Uncacheable as exc:
         print(f"note: the traced graph of {backbone.name} is not kept ({exc}); every extraction builds it with "
               "Keras.", file=sys.stderr, flush=True)
     except OSError as exc:
-        print(f"note: cannot keep the backbone graph in {folder.parent} ({exc.strerror or exc}); the next "
-              "extraction builds it with Keras again (set COVFEAT_GRAPH_CACHE to a writable folder).",
+        print(f"note: cannot keep the backbone graph in {cache_root()} ({exc.strerror or exc}); the next "
+              f"extraction builds it with Keras again (set {ENV} to a writable folder).",
               file=sys.stderr, flush=True)
     return Forward(fn, "keras", None)
 
@@ -143,6 +169,9 @@ def _save(folder: Path, concrete, model, what: dict) -> None:
         raise Uncacheable(f"it reads {len(missing)} tensor(s) that are not the model's variables")
     if concrete.graph.as_graph_def().library.function:
         raise Uncacheable("it calls other functions")
+    bad = unlisted(concrete.function_def)
+    if bad:  # a load would refuse it: a TensorFlow or Keras that traces to ops the allow-list lacks
+        raise Uncacheable(f"it holds {bad}, outside covfeat.extraction.graphops.ALLOWED_OPS")
     values = [np.ascontiguousarray(by_handle[id(h)].numpy()) for h in captured]
     variables, offset = [], 0
     for v in values:
@@ -154,6 +183,7 @@ def _save(folder: Path, concrete, model, what: dict) -> None:
     graph = concrete.function_def.SerializeToString(deterministic=True)
     with AtomicDir(folder.parent, folder.name, taken="keep") as entry:
         tmp = entry.path
+        tmp.chmod(0o700)  # the entry is checked as private on every load (fsutil.private_dir)
         (tmp / GRAPH).write_bytes(graph)
         blob.tofile(tmp / WEIGHTS)
         layout = {"what": what, "variables": variables, "graph_sha256": sha256_bytes(graph),
@@ -170,6 +200,7 @@ def _load(folder: Path, what: dict):
     from tensorflow.core.framework import function_pb2
     from tensorflow.python.eager import context
 
+    private_dir(folder, WHAT, ENV)
     layout = json.loads((folder / LAYOUT).read_text())
     if layout.get("layout_sha256") != _layout_digest(layout):
         raise ValueError("layout checksum differs")
@@ -181,6 +212,7 @@ def _load(folder: Path, what: dict):
         raise ValueError("checksum differs")
     fdef = function_pb2.FunctionDef()
     fdef.ParseFromString(graph)
+    check_ops(fdef, folder / GRAPH)  # before TensorFlow sees it: an UntrustedGraph stops the run
     if len(fdef.signature.input_arg) != 1 + len(layout["variables"]) or len(fdef.signature.output_arg) != 1:
         raise ValueError("graph and weights do not match")
     handles = []
