@@ -248,3 +248,21 @@ def test_a_group_writable_template_cache_is_refused(mini_cache, tmp_path, monkey
         f"error: the head-template cache {tmp_path / 'templates'} is writable by its group (mode 0o770): they can "
         f"make covfeat run what they write there; chmod go-w {tmp_path / 'templates'}, or set COVFEAT_HEAD_CACHE "
         "to a private folder.")
+
+
+def test_a_traced_graph_outside_the_allow_list_is_not_kept(tmp_path, monkeypatch, capsys):
+    """A TensorFlow that traces to an op the list lacks: a note and Keras each run, not an entry
+    that every later run would refuse."""
+    from test_backbones import _tiny_build
+
+    import covfeat.extraction.graphops as graphops
+    from covfeat.extraction.backbones import Backbone, Scaling
+
+    monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "graphs"))
+    monkeypatch.setattr(graphops, "ALLOWED_OPS", graphops.ALLOWED_OPS - {"Conv2D"})
+    bb = Backbone("tiny", _tiny_build, Scaling("tiny", 255.0), (7, 7, 8), 0.3)
+    assert graphfile.backbone_forward(bb, resolve_weights(bb, "none"), seed=0).source == "keras"
+    assert ("note: the traced graph of tiny is not kept (it holds op Conv2D (not an op of covfeat's backbones), "
+            "outside covfeat.extraction.graphops.ALLOWED_OPS); every extraction builds it with Keras.") \
+        in capsys.readouterr().err
+    assert list((tmp_path / "graphs").iterdir()) == []
