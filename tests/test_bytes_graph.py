@@ -52,8 +52,8 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("where", ["group-writable", "other-writable", "ancestor", "owner"])
-def test_a_graph_cache_others_can_change_is_refused(where, mini, graphs, tmp_path):
+@pytest.mark.parametrize("where", ["group-writable", "other-writable", "ancestor", "symlink", "link-in-shared-folder", "owner"])
+def test_a_graph_cache_others_can_change_is_refused(where, mini, graphs, tmp_path, monkeypatch):
     folder, _ = graphs
     if where == "group-writable":
         folder.chmod(0o770)
@@ -69,9 +69,21 @@ def test_a_graph_cache_others_can_change_is_refused(where, mini, graphs, tmp_pat
         for entry in list(folder.iterdir()):
             if entry != inner:
                 entry.rename(inner / entry.name)
-        os.environ["COVFEAT_GRAPH_CACHE"] = str(inner)  # monkeypatched by the fixture: restored after
+        monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(inner))
         folder.chmod(0o777)
         want = f"{inner} is inside {folder}, which is writable by its group and all users (mode 0o777)"
+    elif where == "symlink":  # a private-looking name for a folder others can write: checked where it leads
+        (tmp_path / "mine").symlink_to(folder)
+        monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "mine"))
+        folder.chmod(0o775)
+        want = f"error: the backbone graph cache {folder} is writable by its group (mode 0o775)"
+    elif where == "link-in-shared-folder":  # a private folder, named by a link that others can replace
+        (tmp_path / "shared").mkdir(mode=0o777)
+        (tmp_path / "shared").chmod(0o777)
+        (tmp_path / "shared" / "graphs").symlink_to(folder)
+        monkeypatch.setenv("COVFEAT_GRAPH_CACHE", str(tmp_path / "shared" / "graphs"))
+        want = f"{tmp_path / 'shared' / 'graphs'} is inside {tmp_path / 'shared'}, which is writable by its group " \
+               "and all users (mode 0o777)"
     else:
         if os.getuid() != 0:
             pytest.skip("giving a folder to another user needs root")

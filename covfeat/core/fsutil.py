@@ -249,7 +249,7 @@ def private_dir(path: str | Path, what: str, env: str) -> Path:
     home = {os.path.abspath(Path.home()), os.path.realpath(Path.home())}
     uid = os.getuid()
     real = Path(os.path.realpath(path))
-    for leaf in dict.fromkeys([path, real]):
+    for leaf in dict.fromkeys([real, path]):  # where it leads first, so that a message names that folder
         for p in [leaf, *leaf.parents]:
             st = os.stat(p)
             if st.st_uid not in (uid, 0):
