@@ -135,6 +135,18 @@ def test_every_format_is_measured_before_decoding_and_only_regular_files_are_ope
     assert "IM-9503-0001.png" not in info_sections(last(r))
 
 
+@pytest.mark.parametrize("ext", [".tiff", ".bmp", ".webp", ".jp2", ".ppm", ".ras", ".avif", ".png", ".jpg"])
+def test_each_format_opencv_writes_is_measured_from_its_header(ext):
+    from covfeat.imaging.measure import measure
+
+    try:
+        ok, buf = cv2.imencode(ext, np.zeros((70, 90, 3), np.uint8))
+    except cv2.error:
+        pytest.skip(f"this OpenCV cannot write {ext}")
+    size, _ = measure(buf.tobytes())
+    assert (size.height, size.width) == (70, 90)
+
+
 def test_a_jpeg_with_a_junk_byte_before_its_frame_header_is_measured():
     from covfeat.imaging.measure import measure
 

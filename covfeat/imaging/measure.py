@@ -149,7 +149,8 @@ def _pillow_size(data: bytes, fmt: str) -> Size | None:
             return None
         im = factory(BytesIO(data))
         w, h = im.size
-        return Size(int(h), int(w), 1, fmt, len(im.getbands()), 16 if im.mode.startswith("I;16") else 8)
+        depth = 16 if im.mode.startswith("I;16") else 32 if im.mode in ("I", "F") else 1 if im.mode == "1" else 8
+        return Size(int(h), int(w), 1, fmt, len(im.getbands()), depth)
     except Exception:  # Pillow without that plugin, or a header it cannot parse: not measured
         return None
 
