@@ -43,3 +43,14 @@ class ConfigError(CovfeatError, ValueError):
 class FileUnavailable(CovfeatError, OSError):
     """A listed file cannot be read now (permissions, an unmounted share): not a bad image, so
     extraction stops instead of recording a skip that would last in an immutable shard."""
+
+
+class FileChanged(CovfeatError, OSError):
+    """A listed file's bytes are not the ones hashed when it was listed (replaced, another copy
+    on a Ray node, a Git LFS pointer): features computed from them would be stored under the
+    old file's hash, so extraction stops instead."""
+
+
+class OutOfMemory(CovfeatError, MemoryError):
+    """Memory ran out while decoding a file: a passing state of the machine, not a property of
+    the file, so extraction stops instead of recording a skip that would last."""

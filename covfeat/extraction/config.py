@@ -151,8 +151,9 @@ class ExtractConfig(Checked):
     scaled_decode: bool = setting(True, BOOL, flag="--full-decode",  # the flag says the opposite: the CLI inverts it
                                   help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 "
                                   "px, then the same resize).")
-    max_pixels: int = setting(64_000_000, integer(1), flag="--max-pixels",
-                              help="Skip images with more pixels (read from the header, before decoding).")
+    max_pixels: int = setting(64_000_000, integer(0), flag="--max-pixels",
+                              help="Skip images with more pixels (read from the header, before decoding); 0: no "
+                              "limit, and images whose size cannot be read first are decoded too.")
     max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb",
                                  help="Skip larger files, before reading them.")
     min_side: int = setting(64, integer(1), flag="--min-side", help="Skip images whose shorter side is smaller.")

@@ -23,7 +23,7 @@ import numpy as np
 
 from covfeat.extraction.backbones import Scaling, get_backbone
 from covfeat.extraction.config import ExtractConfig, JitterConfig, LungsConfig, OcclusionConfig, lungs_folders
-from covfeat.imaging.decode import SCALED_DECODE_MIN_SIDE, ImageLimits, UnreadableImage, decode, load, resize
+from covfeat.imaging.decode import SCALED_DECODE_MIN_SIDE, ImageLimits, UnreadableImage, decode, load, read_file, resize
 from covfeat.lungs.apply import blank_lungs, blank_outside, crop
 from covfeat.lungs.segment import Segmenter, load_segmenter
 
@@ -145,27 +145,35 @@ class InputPipeline:
         """224 x 224 RGB in [0, 255], the input of an exported model (and of the jitter):
         restricted to the lung fields in a lungs run, occluded unless ``occluded`` is False.
 
-        The file's size and its header's dimensions are checked against the limits first."""
+        The file is read once; its size and its image's dimensions are checked against the
+        limits before anything decodes it."""
         return self.prepare(path, occluded)[1]
 
-    def prepare(self, path: str | Path, occluded: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def prepare(self, path: str | Path, occluded: bool = True,
+                sha256: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(whole, model): the image as decoded and resized to 224, and what the model sees of it
         (:meth:`decode`).  The whole image is what near-duplicates are found on, so a lungs
         cache pairs exactly the images a full-image cache of the same files pairs, and its
         patient groups (hence its splits) are the same.
 
-        With lungs, the file is decoded a second time at its own size (libjpeg's scaled size
-        when scaled decoding is on), segmented there, restricted, and only then resized: a crop
-        taken at 224 would throw away most of the lungs' resolution.  Decoding twice keeps the
-        whole image bit for bit the one a full-image cache fingerprints."""
-        self.limits.check_file(Path(path))
-        whole = load(path, min_side=self.min_side, limits=self.limits)
-        img = whole if self.lungs.model is None else self.restrict(path)
+        The file is read once, and everything is decoded from those bytes; given ``sha256``
+        (an extraction's, hashed when the file was listed) they must hash to it, or
+        :class:`covfeat.core.errors.FileChanged` stops the caller: features are stored under
+        that hash, so they must be of those very bytes, on whichever node decodes them.
+
+        With lungs, the bytes are decoded a second time at the image's own size (libjpeg's
+        scaled size when scaled decoding is on), segmented there, restricted, and only then
+        resized: a crop taken at 224 would throw away most of the lungs' resolution.  Decoding
+        twice keeps the whole image bit for bit the one a full-image cache fingerprints."""
+        data = read_file(path, self.limits, sha256)
+        whole = load(path, min_side=self.min_side, limits=self.limits, data=data)
+        img = whole if self.lungs.model is None else self.restrict(path, data)
         return whole, (self.occlude(img, path) if occluded else img)
 
-    def restrict(self, path: str | Path) -> np.ndarray:
-        """The file restricted to its lung fields as --outside says, resized to 224."""
-        native = decode(path, min_side=self.min_side, limits=self.limits)
+    def restrict(self, path: str | Path, data: bytes | None = None) -> np.ndarray:
+        """The file (or its bytes ``data``, already read) restricted to its lung fields as
+        --outside says, resized to 224."""
+        native = decode(path, min_side=self.min_side, limits=self.limits, data=data)
         mask = lung_mask(native, self.segmenters[self.lungs.model])
         return resize(blank_outside(native, mask) if self.lungs.outside == "blank" else crop(native, mask))
 

@@ -112,7 +112,7 @@ def plan(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | 
     if not sources:
         sources = sample_sources()
         log(f"No --data given: using the bundled sample in {SAMPLE_DIR}")
-    manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict)
+    manifest = load_sources(sources, views=cfg.views, on_conflict=cfg.on_conflict, max_file_mb=cfg.max_file_mb)
     log(f"Data: {manifest.summary()}")
     if cfg.lungs.model:
         log(f"Lungs: every image restricted to the lung fields the model in {cfg.lungs.model} finds "

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable
 
 from covfeat.core.errors import DataError, FileUnavailable, SourceNotFound
-from covfeat.core.fsutil import sha256_file
 from covfeat.core.registry import Registry
-from covfeat.imaging.decode import IMAGE_SUFFIXES
+from covfeat.imaging.decode import IMAGE_SUFFIXES, ImageLimits
+from covfeat.imaging.inputs import NotOpened, sha256_regular
 
 COVID, NORMAL = 1, 0
+NOT_AN_IMAGE_NAME = "not an image or DICOM file name"
 
 
 LABEL_NAMES = {COVID: "COVID-19", NORMAL: "NORMAL"}
@@ -66,7 +67,8 @@ class Manifest:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, kept)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed but not there
     broken_links: list[tuple[str, str]] = field(default_factory=list)  # (link, target)
-    not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never opened
+    not_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): never opened (not an image
+    # file name, not a regular file, over --max-file-mb)
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, other path): same bytes, two labels
     outside: int = 0  # manifest paths outside the manifest's folder
     ignored: dict[str, int] = field(default_factory=dict)  # reason -> count
@@ -81,10 +83,12 @@ class Manifest:
         c = self.counts()
         parts = [f"{n} {k}" for k, n in c.items()]
         s = f"{len(self.records)} images ({', '.join(parts)})"
+        names = sum(NOT_AN_IMAGE_NAME in why for _, why in self.not_images)
         for n, what in ((len(self.duplicates), "byte-identical duplicates dropped"),
                         (len(self.missing), "listed files missing"),
                         (len(self.broken_links), "broken links"),
-                        (len(self.not_images), "non-image files not opened"),
+                        (names, "non-image files not opened"),
+                        (len(self.not_images) - names, "files not opened (not regular, or over --max-file-mb)"),
                         (len(self.conflicts), "listings dropped for conflicting labels"),
                         (self.outside, "manifest paths outside its folder")):
             if n:
@@ -92,16 +96,21 @@ class Manifest:
         return s
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, max_file_mb: float | None) -> str:
+    """The file's SHA-256, if it is a regular file within --max-file-mb (checked from ``stat``
+    before it is opened: a FIFO would block planning, a device stream forever, a huge sparse
+    file be hashed on every plan); else NotOpened with the reason."""
     try:
-        return sha256_file(path)
+        return sha256_regular(path, max_file_mb)
     except OSError as exc:
         raise FileUnavailable(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); make it readable or "
                               "leave it out of the data.") from None
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    """An image file name (any kind of file but a folder: a FIFO or device under an image's
+    name is listed, and then not opened, with the reason, by :func:`load_sources`)."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.exists() and not p.is_dir()
 
 
 def _broken_link(p: Path) -> bool:
@@ -184,7 +193,7 @@ def _load_cohen(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
         if _broken_link(path):
             m.broken_links.append((str(path), os.readlink(path)))
             continue
-        if not path.is_file():
+        if not path.exists():
             m.missing.append((str(path), "listed in metadata.csv but not on disk"))
             continue
         out.append(Record(str(path), COVID, f"cohen:{row['patientid']}", "cohen", row["view"].strip().upper()))
@@ -238,12 +247,12 @@ def _load_csv(src: Path, m: Manifest, views: tuple[str, ...]) -> list[Record]:
         if not path.is_absolute():
             path = src.parent / path
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            m.not_images.append((str(path), f"{src.name}, line {i}: not an image or DICOM file name; not opened"))
+            m.not_images.append((str(path), f"{src.name}, line {i}: {NOT_AN_IMAGE_NAME}; not opened"))
             continue
         if _broken_link(path):
             m.broken_links.append((str(path), os.readlink(path)))
             continue
-        if not path.is_file():
+        if not path.exists():
             m.missing.append((str(path), f"listed in {src.name} but not on disk"))
             continue
         if not path.resolve().is_relative_to(base):
@@ -365,8 +374,12 @@ def _sha_of(path: str, listings: dict) -> str | None:
     return next((h for h, rs in listings.items() if any(r.path == path for r in rs)), None)
 
 
-def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on_conflict: str = "error") -> Manifest:
+def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on_conflict: str = "error",
+                 max_file_mb: float | None = None) -> Manifest:
     """Read every source, hash every file, and merge into one de-duplicated manifest.
+
+    Only regular files within ``max_file_mb`` (--max-file-mb) are opened and hashed; the others
+    are listed as not opened, with the reason (``not_images``), from ``stat`` alone.
 
     The same bytes under two labels is an error listing the files (``on_conflict="skip"``
     drops every copy of them instead, and counts them).
@@ -390,7 +403,11 @@ def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on
     listings: dict[str, list[Record]] = {}
     for r in found:
         r.path = str(Path(r.path).resolve())
-        r.sha256 = _sha256(Path(r.path))
+        try:
+            r.sha256 = _sha256(Path(r.path), max_file_mb)
+        except NotOpened as exc:
+            m.not_images.append((r.path, str(exc)))
+            continue
         listings.setdefault(r.sha256, []).append(r)
         first = seen.get(r.sha256)
         if first is None:
@@ -414,7 +431,9 @@ def load_sources(sources: list[str | Path], views: tuple[str, ...] = ("PA",), on
     return m
 
 
-def content_hashes(sources: list[str | Path]):
+def content_hashes(sources: list[str | Path], max_file_mb: float | None = ImageLimits.max_file_mb):
     """The SHA-256 of every image of ``sources``, as a function of the radiographic views
-    kept (what :func:`covfeat.store.catalog.choose_cache` compares a cache's images with)."""
-    return lambda views: {r.sha256 for r in load_sources(sources, views=views, on_conflict="skip").records}
+    kept (what :func:`covfeat.store.catalog.choose_cache` compares a cache's images with);
+    files over ``max_file_mb`` (the default --max-file-mb) are not opened, as extraction does not."""
+    return lambda views: {r.sha256 for r in load_sources(sources, views=views, on_conflict="skip",
+                                                         max_file_mb=max_file_mb).records}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covfeat.core.errors import ConfigError, FileUnavailable
+from covfeat.core.errors import ConfigError, FileChanged, FileUnavailable, OutOfMemory
 from covfeat.extraction.backbones import Backbone, WeightsSpec
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.graphfile import backbone_forward, discard
@@ -34,7 +34,7 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPip
     params : (augment + 1, 4) float32, (angle, tx, ty, zoom); zeros for view 0
     fingerprint : (hashes, thumbnails), see :mod:`covfeat.trust.neardup`
     """
-    whole, base = pipeline.prepare(path)
+    whole, base = pipeline.prepare(path, sha256=sha256)
     fp = fingerprint(whole)
     inputs = np.empty((cfg.augment + 1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
     params = np.zeros((cfg.augment + 1, 4), np.float32)
@@ -46,13 +46,20 @@ def prepare_image(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPip
 
 
 def decode_job(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeline):
-    """prepare_image, with every failure turned into a skip reason (a string)."""
+    """prepare_image, with every failure of the image turned into a skip reason (a string).
+
+    What is not the image's fault stops the run instead, and nothing is recorded for the file
+    (a skip would last in an immutable shard): a file that cannot be read now, a file whose
+    bytes are not the listed ones (:class:`FileChanged`), and memory running out."""
     try:
         return prepare_image(path, sha256, cfg, pipeline)
     except UnreadableImage as exc:
         return str(exc)
-    except FileUnavailable:
-        raise  # not the image's fault: stop, and do not record a lasting skip
+    except (FileUnavailable, FileChanged):
+        raise
+    except MemoryError:
+        raise OutOfMemory(f"{path}: memory ran out while decoding it; nothing was recorded for it. Free memory (or "
+                          "use fewer --workers) and run again: finished shards are kept.") from None
     except Exception as exc:  # an unexpected decoder failure is still a per-file skip
         return f"unreadable ({type(exc).__name__}: {exc})"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from covfeat.core.errors import FileChanged
 from covfeat.head.split import patient_groups
 from covfeat.imaging.decode import UnreadableImage, file_metadata
 from covfeat.probes.common import (
@@ -71,26 +72,36 @@ def metadata_verdict(X, y, groups, margin: float = MARGIN, seed: int = 0) -> dic
 
 
 def metadata_probe(fc, seed: int = 0, margin: float = MARGIN) -> dict:
-    """Patient-grouped cross-validated logistic regression from file metadata to the class."""
+    """Patient-grouped cross-validated logistic regression from file metadata to the class.
+
+    Each file is read again, and measured only if its bytes are still the cached ones (the
+    SHA-256 the cache holds): a file changed since extraction is counted as changed, never
+    measured in the place of the one whose features were cached."""
     rows = np.flatnonzero(fc.usable())  # as fit-head's split: no label-conflicted copies
-    meta, keep, unreadable = [], [], 0
+    meta, keep, unreadable, changed = [], [], 0, 0
     for r in rows:
         try:
-            meta.append(file_metadata(fc.manifest["path"][r]))
+            meta.append(file_metadata(fc.manifest["path"][r], sha256=fc.manifest["sha256"][r]))
             keep.append(r)
+        except FileChanged:
+            changed += 1
         except UnreadableImage:
             unreadable += 1
     rows = np.array(keep, np.int64)
     y = fc.manifest["label"][rows]
     if len(np.unique(y)) < 2:
         return {"status": INCONCLUSIVE, "verdict3": INCONCLUSIVE, "margin": margin, "unreadable": unreadable,
+                "changed": changed,
                 "verdict": f"INCONCLUSIVE: the files of both classes are needed ({len(rows)} readable, of one class; "
-                           f"{unreadable} gone since extraction)."}
+                           f"{unreadable} unreadable or gone since extraction, {changed} changed since extraction)."}
     X, cols = metadata_features(meta)
     out = metadata_verdict(X, y, patient_groups(fc, rows), margin, seed)
     formats = {name: sorted({f"{m['format']} {m['bit_depth']}-bit {m['channels']}ch" for m, lab in zip(meta, y)
                              if lab == c}) for c, name in ((1, "COVID-19"), (0, "NORMAL"))}
-    return {**out, "features": cols, "unreadable": unreadable, "kinds_by_class": formats}
+    if changed:
+        out["verdict"] += (f" {changed} file(s) changed since extraction (their bytes no longer hash to the cached "
+                           "SHA-256) were left out, not measured.")
+    return {**out, "features": cols, "unreadable": unreadable, "changed": changed, "kinds_by_class": formats}
 
 
 PROBES.register(Probe("metadata", lambda a: metadata_probe(a.fc, seed=a.seed, margin=a.margin)))
