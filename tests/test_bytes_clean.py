@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest import make_mini
 from typer.testing import CliRunner
 
 import covfeat.store.shards
@@ -27,8 +28,13 @@ EX = ["extract", "-b", "inception_v3", "--weights", "none", "--augment", "0"]
 
 @pytest.fixture(autouse=True)
 def small_shards(monkeypatch):
-    """Shards of 4 images: the 16 images of ``mini`` make 4 shards (in-process runs only)."""
-    monkeypatch.setattr(covfeat.store.shards, "SHARD_IMAGES", 4)
+    """Shards of 2 images: the 8 images of ``mini`` make 4 shards (in-process runs only)."""
+    monkeypatch.setattr(covfeat.store.shards, "SHARD_IMAGES", 2)
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    return make_mini(tmp_path_factory.mktemp("bytes_clean"), n_covid=4, n_normal=4)
 
 
 def _ex(mini, c, *more):
