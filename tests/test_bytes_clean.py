@@ -256,3 +256,21 @@ def test_a_second_run_computes_only_unclaimed_shards_and_waits_for_the_others(mi
     assert r.exit_code == 0, r.output
     assert "Waiting for the other run's shards" in r.stderr and all(p.exists() for p in shards)
     assert runner.invoke(app, ["verify", r.stdout.strip().splitlines()[-1]]).exit_code == 0
+
+
+def test_array_tasks_that_see_different_data_are_warned(mini, tmp_path):
+    """Two --shard tasks of N slices that planned different caches of one backbone: the second
+    names both caches (one array job whose tasks saw different files), and neither exits silently."""
+    c = tmp_path / "c"
+    other = make_mini(tmp_path / "other", n_covid=3, n_normal=3)  # as if a node saw other files
+    r = _ex(mini, c, "--shard", "0/2")
+    assert r.exit_code == 0 and "WARNING" not in r.stderr, r.output
+    first = _target(mini, c).name
+    r = runner.invoke(app, EX + ["--data", str(other["cohen"]), "--data", str(other["normal"]), "--cache-dir", str(c),
+                                 "--shard", "1/2"])
+    assert r.exit_code == 0, r.output
+    second = _target(other, c).name
+    assert first != second
+    assert (f"WARNING: another cache of inception_v3-none got --shard slices of 2 in the last hours: {first} ("
+            in r.stderr)
+    assert f"this one is {second}. If they are one array job, its tasks saw different data" in r.stderr

@@ -20,12 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from covfeat.core.errors import CacheError, CacheLocked, ConfigError, DataError
+from covfeat.core.fsutil import HOST
 from covfeat.extraction.config import DriverConfig, ExtractConfig
 from covfeat.extraction.plan import Plan, log, plan
 from covfeat.extraction.sources import LABEL_NAMES
 from covfeat.extraction.work import ShardComputer, compute_shard, decode_job
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
-from covfeat.store.catalog import aside, move_aside, verify_cache
+from covfeat.store.catalog import SLICES, aside, move_aside, verify_cache
 from covfeat.store.claims import Claims, wait_for
 from covfeat.store.index import assemble
 from covfeat.store.lock import CacheLock
@@ -92,6 +93,8 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
 
     store = ShardStore(target, p.key)
     store.remove_stale_tmp()
+    if driver.shard is not None:
+        _check_slices(store, driver.shard[1])
     todo = store.missing(_own(p.shards, driver))
     done = len(p.shards) - len(store.missing(p.shards))
     if done:
@@ -143,6 +146,38 @@ def _own(specs: list[ShardSpec], driver: DriverConfig) -> list[ShardSpec]:
         return list(specs)
     i, n_slices = driver.shard
     return [s for s in specs if s.index % n_slices == i]
+
+
+SLICES_RECENT_S = 6 * 3600
+
+
+def _check_slices(store: ShardStore, n_slices: int) -> None:
+    """Record that ``--shard i/N`` tasks work on this cache, and warn when another cache of the
+    same backbone and weights got slices of the same N in the last hours: the tasks of one
+    array job that see different data (a file changed between their plans, a node that sees
+    another copy) plan different caches, each of which waits forever for its other slices."""
+    import json
+
+    from covfeat.core.fsutil import atomic_file
+
+    prefix = store.target.name.rsplit("-", 1)[0]
+    now = time.time()
+    for other in sorted(store.target.parent.glob(f"{prefix}-*.h5.shards/{SLICES}")):
+        if other.parent == store.dir:
+            continue
+        try:
+            rec = json.loads(other.read_text())
+            recent = now - other.stat().st_mtime < SLICES_RECENT_S
+        except (OSError, ValueError):
+            continue
+        if recent and rec.get("n") == n_slices:
+            log(f"WARNING: another cache of {prefix} got --shard slices of {n_slices} in the last hours: "
+                f"{other.parent.name[:-len('.shards')]} ({time.ctime(other.stat().st_mtime)}, {rec.get('host')}), "
+                f"this one is {store.target.name}. If they are one array job, its tasks saw different data (a file "
+                "changed, or a node sees another copy) and neither cache will be complete; check with `covfeat info` "
+                "once one is, and make every task see the same files.")
+    with atomic_file(store.dir / SLICES) as tmp:
+        tmp.write_text(json.dumps({"n": n_slices, "host": HOST}))
 
 
 def _rebuild(p: Plan, mode: str, driver: DriverConfig) -> None:

@@ -171,6 +171,7 @@ def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
     return choose_cache(None, backbone, cache_dir)
 
 
+SLICES = "slices.json"  # in a shard folder: how many slices its --shard tasks cut it into (extraction.run)
 LEFT_ALONE = "left alone: not covfeat's or not provably stale; delete it yourself if you know it is not needed"
 
 
@@ -233,6 +234,7 @@ def _remove_locked(target: Path, remove: Path, r: CleanReport) -> None:
     gone = [target.with_name(target.name + ".lock")]
     try:
         if remove.is_dir():
+            (remove / SLICES).unlink(missing_ok=True)
             os.rmdir(remove)  # only if still empty
             gone.insert(0, remove)
     except OSError:
@@ -256,7 +258,7 @@ def _clean_shards(folder: Path, r: CleanReport) -> None:
         lock.release(remove=True)
         r.removed.append(claim)
     target = folder.with_name(folder.name[:-len(".shards")])
-    entries = list(folder.iterdir())
+    entries = [p for p in folder.iterdir() if p.name != SLICES]
     if not entries:
         if not target.exists():
             _remove_locked(target, folder, r)
