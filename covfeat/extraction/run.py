@@ -130,7 +130,7 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
 
 def rebuild_mode(rebuild: bool | str | None, driver: DriverConfig) -> str | None:
     """None, "damaged" or "all" from ``rebuild`` (True is "damaged"); "all" with ``--shard`` is refused."""
-    mode = {False: None, None: None, True: "damaged"}.get(rebuild, rebuild) if not isinstance(rebuild, str) else rebuild
+    mode = "damaged" if rebuild is True else None if rebuild in (False, None) else rebuild
     if mode not in (None, "damaged", "all"):
         raise ConfigError(f"--rebuild: expected nothing, 'damaged' or 'all', got {rebuild!r}.")
     if mode == "all" and driver.shard is not None:

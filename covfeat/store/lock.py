@@ -114,7 +114,7 @@ def describe_holder(holder: str) -> str:
     host, _, pid = holder.partition(" ")
     if host and pid.isdigit():
         return f"pid {pid} on {host}"
-    return "a process adding shards (--shard or Ray), or one of an earlier covfeat"
+    return "a run adding shards; its shard claims name it"
 
 
 class CacheLock:
