@@ -11,6 +11,7 @@ assembled.  No split is made here: it is a stage-two setting of ``fit-head``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from covfeat.core.errors import CacheError, CacheLocked, ConfigError, DataError
-from covfeat.core.fsutil import HOST
+from covfeat.core.fsutil import HOST, atomic_file
 from covfeat.extraction.config import DriverConfig, ExtractConfig
 from covfeat.extraction.plan import Plan, log, plan
 from covfeat.extraction.sources import LABEL_NAMES
@@ -156,10 +157,6 @@ def _check_slices(store: ShardStore, n_slices: int) -> None:
     same backbone and weights got slices of the same N in the last hours: the tasks of one
     array job that see different data (a file changed between their plans, a node that sees
     another copy) plan different caches, each of which waits forever for its other slices."""
-    import json
-
-    from covfeat.core.fsutil import atomic_file
-
     prefix = store.target.name.rsplit("-", 1)[0]
     now = time.time()
     for other in sorted(store.target.parent.glob(f"{prefix}-*.h5.shards/{SLICES}")):
