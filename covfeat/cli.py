@@ -148,11 +148,29 @@ CACHE_DIR = _option("cache_dir", CacheDir, Path("cache"))
 RUNS_DIR = _option("runs_dir", RunsDir, Path("runs"))
 
 
-@app.command()
+class RebuildFlag(typer.core.TyperCommand):
+    """``--rebuild`` alone means ``--rebuild damaged``; ``--rebuild all`` and ``--rebuild damaged``
+    take their word (click has no option whose value may be left out)."""
+
+    def parse_args(self, ctx, args):
+        out, i = [], 0
+        while i < len(args):
+            if args[i] == "--rebuild":
+                word = args[i + 1] if i + 1 < len(args) and args[i + 1] in ("all", "damaged") else None
+                out.append(f"--rebuild={word or 'damaged'}")
+                i += 2 if word else 1
+                continue
+            out.append(args[i])
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@app.command(cls=RebuildFlag)
 @options(*declared(ExtractConfig, only=("backbone",)), DATA,
          *declared(ExtractConfig, EXTRACT_CONVERSIONS, skip=("backbone",)),
-         _option("rebuild", Annotated[bool, typer.Option(
-             help="Move a damaged or unwanted cache (and its shards) aside and extract again.")], False),
+         _option("rebuild", Annotated[Optional[str], typer.Option(metavar="[all]", help=(
+             "Alone: recompute the damaged shards (moved aside, never deleted) and rewrite the index. 'all': move the whole "
+             "cache aside and extract again."))], None),
          *declared(DriverConfig, EXTRACT_CONVERSIONS), CACHE_DIR)
 def extract(**opts):
     """Run one frozen backbone over the radiographs and cache the pre-pool feature maps (HDF5).
@@ -377,20 +395,17 @@ def clean(
     cache_dir: CacheDir = Path("cache"),
     runs_dir: RunsDir = Path("runs"),
 ):
-    """Remove covfeat's leftovers of killed runs: shard folders and temporary files no live process holds.
+    """Remove covfeat's leftovers of killed runs: temporary files whose writer is gone, unheld claims and locks.
 
-    Interrupted extractions lose their resumable shards; moved-aside damaged caches are listed, not removed.
+    Finished shards are never removed, even before their index exists; moved-aside caches and files covfeat cannot
+    prove its own are listed, not removed.
     """
     from covfeat.head.runs import remove_stale_tmp
     from covfeat.store.catalog import clean_cache_dir
 
-    removed, kept = guard(clean_cache_dir, cache_dir)
-    removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
-    for p in removed:
-        typer.echo(f"removed {p}")
-    for p in kept:
-        typer.echo(f"kept {p} (moved aside by --rebuild; delete it yourself when you no longer need it)")
-    typer.echo(f"{len(removed)} leftover(s) removed")
+    report = guard(clean_cache_dir, cache_dir)
+    report.removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
+    typer.echo(report.text())
 
 
 app.add_typer(lungs_app, name="lungs")

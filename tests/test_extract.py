@@ -16,6 +16,7 @@ from conftest import make_mini
 from typer.testing import CliRunner
 
 from covfeat.cli import app
+from covfeat.core.fsutil import HOST
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.plan import plan
 from covfeat.store.lock import CacheLock
@@ -161,7 +162,7 @@ def test_lock_refuses_a_second_writer(mini, tmp_path):
     with CacheLock(target):
         r2 = run_cli(BASE + data_args(mini) + ["--cache-dir", str(tmp_path / "b")])
     assert r2.exit_code == 1
-    assert f"error: Another covfeat process (pid {os.getpid()}) is writing {name}" in r2.stderr
+    assert f"error: Another covfeat process (pid {os.getpid()} on {HOST}) is writing {name}" in r2.stderr
     assert not target.exists()
 
 

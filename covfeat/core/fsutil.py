@@ -133,13 +133,21 @@ def remove_stale(folder: str | Path) -> list[Path]:
     return removed
 
 
+def create_new(path: Path) -> None:
+    """Create an empty file that did not exist: O_EXCL and O_NOFOLLOW, so nothing planted at the
+    name (a symlink to a file the writer can write) is ever opened in its place."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path):
     """``with atomic_file(path) as tmp:`` write ``tmp``; when the body returns, ``tmp`` is
     fsynced and renamed to ``path`` (replacing it) and the folder fsynced; on an exception it
-    is removed and ``path`` is untouched."""
+    is removed and ``path`` is untouched.  ``tmp`` exists (empty) when the body starts: it is
+    created exclusively, so a symlink planted at its name is never followed."""
     path = Path(path)
     tmp = temp_path(path)
+    create_new(tmp)
     try:
         yield tmp
         fsync_file(tmp)

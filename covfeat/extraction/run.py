@@ -11,6 +11,7 @@ assembled.  No split is made here: it is a stage-two setting of ``fit-head``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -19,13 +20,15 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from covfeat.core.errors import CacheLocked, DataError
+from covfeat.core.errors import CacheError, CacheLocked, ConfigError, DataError
+from covfeat.core.fsutil import HOST, atomic_file
 from covfeat.extraction.config import DriverConfig, ExtractConfig
 from covfeat.extraction.plan import Plan, log, plan
 from covfeat.extraction.sources import LABEL_NAMES
 from covfeat.extraction.work import ShardComputer, compute_shard, decode_job
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
-from covfeat.store.catalog import move_aside, verify_cache
+from covfeat.store.catalog import SLICES, aside, move_aside, verify_cache
+from covfeat.store.claims import Claims, wait_for
 from covfeat.store.index import assemble
 from covfeat.store.lock import CacheLock
 from covfeat.store.shards import SHARD_IMAGES, ShardSpec, ShardStore, shard_fingerprints, shard_skips
@@ -52,7 +55,8 @@ def _probe_classes(p: Plan) -> None:
 
 
 def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str | Path = "cache",
-            progress: bool = True, rebuild: bool = False, driver: DriverConfig | None = None) -> Path | None:
+            progress: bool = True, rebuild: bool | str | None = False,
+            driver: DriverConfig | None = None) -> Path | None:
     """Extract (or resume, or reuse) the feature cache for ``sources`` and return its path.
 
     The work is a set of immutable shards (:class:`covfeat.store.shards.ShardSpec`); a run computes
@@ -61,20 +65,28 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     written once every shard is present and verified.  With ``--shard`` the return value is
     None while other slices are still missing.
 
+    Runs of one cache may work at once: each holds the cache's lock shared and claims the
+    shards it computes (:mod:`covfeat.store.claims`), so a second run computes only what is
+    unclaimed and names what it left to the other.  A run without ``--shard`` then waits for
+    the other's shards (computing those whose run died) and for its index; a ``--shard`` slice
+    leaves them, and the index, to the other.  The local driver used to hold the lock alone;
+    with claims that is needless, and a second run no longer fails or repeats the work.
+
     A cache already at the target is verified (every checksum) before it is reused; a damaged
-    one is an error that names ``--rebuild``, which moves it (and its shards) aside.
+    one is an error that names ``--rebuild``.  ``rebuild`` (True or "damaged") moves aside the
+    shards that fail verification (with ``--shard``, only the slice's own) and the index, then
+    recomputes those shards and rewrites the index; "all" moves the whole cache aside.
 
     Raises
     ------
     WeightsUnavailable, SourceNotFound, DataError, ConfigError, CacheLocked, CacheError
     """
     driver = driver or DriverConfig()
+    mode = rebuild_mode(rebuild, driver)
     p = plan(sources, cfg, cache_dir)  # the backbone, weights and input pipeline, resolved once, for every driver
     target = p.target
-    if rebuild:
-        with CacheLock(target):
-            for m in move_aside(target):
-                log(f"Moved aside: {m}")
+    if mode:
+        _rebuild(p, mode, driver)
     elif target.exists():
         verify_cache(target)  # raises, naming --rebuild, if anything is damaged
         log(f"Cache is complete and verified; nothing to do ({p.weights.label}).")
@@ -82,45 +94,150 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
 
     store = ShardStore(target, p.key)
     store.remove_stale_tmp()
-    todo = store.missing(p.shards)
     if driver.shard is not None:
-        i, n_slices = driver.shard
-        todo = [s for s in todo if s.index % n_slices == i]
+        _check_slices(store, driver.shard[1])
+    todo = store.missing(_own(p.shards, driver))
     done = len(p.shards) - len(store.missing(p.shards))
     if done:
         log(f"Resuming: {done} of {len(p.shards)} shards already extracted; computing {len(todo)}.")
-    timings = {}
-    if todo:
-        _probe_classes(p)
-        if driver.engine == "ray":
-            from covfeat.extraction.ray_driver import run_ray
-
-            with CacheLock(target, shared=True):  # adds shards beside others; clean and --rebuild wait
-                timings = run_ray(todo, p, driver, progress)
-        elif driver.shard is None:
-            with CacheLock(target):  # one local driver per cache: a second would only repeat the work
-                timings = _run(todo, p, store, progress)
-        else:
-            with CacheLock(target, shared=True):
-                timings = _run(todo, p, store, progress)
+    timings = _compute(todo, p, store, driver, progress) if todo else {}
     still = store.missing(p.shards)
     if still:
         log(f"{len(p.shards) - len(still)} of {len(p.shards)} shards present; the index is written when all are "
              "(run the same command without --shard, or let the other slices finish).")
         return None
     try:
-        with CacheLock(target):
-            if not target.exists():
-                _merge(p, store, timings)
+        lock = CacheLock(target)
+        try:
+            lock.__enter__()
+        except CacheLocked:
+            if driver.shard is not None:
+                raise
+            log(f"Another covfeat process holds {target.name} (writing its index, or adding shards); waiting for it.")
+            lock = CacheLock(target, wait=True).__enter__()
     except CacheLocked:
-        if driver.shard is None:
-            raise
         log("Another process holds this cache (computing shards or writing the index); the index is written by "
              "the last one to finish, or by a run without --shard.")
         return None
+    try:
+        if not target.exists():
+            _merge(p, store, timings)
+    finally:
+        lock.release()
     if not p.weights.pretrained:
         log("NOTE: features come from a NOT PRETRAINED (random-init) backbone; they say nothing about ImageNet transfer.")
     return target
+
+
+def rebuild_mode(rebuild: bool | str | None, driver: DriverConfig) -> str | None:
+    """None, "damaged" or "all" from ``rebuild`` (True is "damaged"); "all" with ``--shard`` is refused."""
+    mode = "damaged" if rebuild is True else None if rebuild in (False, None) else rebuild
+    if mode not in (None, "damaged", "all"):
+        raise ConfigError(f"--rebuild: expected nothing, 'damaged' or 'all', got {rebuild!r}.")
+    if mode == "all" and driver.shard is not None:
+        raise ConfigError("--rebuild all cannot go with --shard i/N: each array task would move the others' shards "
+                          "aside. Run `covfeat extract --rebuild all` once without --shard, or --rebuild alone (it "
+                          "redoes only the damaged shards of this slice).")
+    return mode
+
+
+def _own(specs: list[ShardSpec], driver: DriverConfig) -> list[ShardSpec]:
+    """The shards this run computes: all, or its slice's with ``--shard i/N``."""
+    if driver.shard is None:
+        return list(specs)
+    i, n_slices = driver.shard
+    return [s for s in specs if s.index % n_slices == i]
+
+
+SLICES_RECENT_S = 6 * 3600
+
+
+def _check_slices(store: ShardStore, n_slices: int) -> None:
+    """Record that ``--shard i/N`` tasks work on this cache, and warn when another cache of the
+    same backbone and weights got slices of the same N in the last hours: the tasks of one
+    array job that see different data (a file changed between their plans, a node that sees
+    another copy) plan different caches, each of which waits forever for its other slices."""
+    prefix = store.target.name.rsplit("-", 1)[0]
+    now = time.time()
+    for other in sorted(store.target.parent.glob(f"{prefix}-*.h5.shards/{SLICES}")):
+        if other.parent == store.dir:
+            continue
+        try:
+            rec = json.loads(other.read_text())
+            recent = now - other.stat().st_mtime < SLICES_RECENT_S
+        except (OSError, ValueError):
+            continue
+        if recent and rec.get("n") == n_slices:
+            log(f"WARNING: another cache of {prefix} got --shard slices of {n_slices} in the last hours: "
+                f"{other.parent.name[:-len('.shards')]} ({time.ctime(other.stat().st_mtime)}, {rec.get('host')}), "
+                f"this one is {store.target.name}. If they are one array job, its tasks saw different data (a file "
+                "changed, or a node sees another copy) and neither cache will be complete; check with `covfeat info` "
+                "once one is, and make every task see the same files.")
+    with atomic_file(store.dir / SLICES) as tmp:
+        tmp.write_text(json.dumps({"n": n_slices, "host": HOST}))
+
+
+def _rebuild(p: Plan, mode: str, driver: DriverConfig) -> None:
+    """Move aside what --rebuild redoes: the whole cache ("all"), or the shards (this slice's,
+    with --shard) that fail verification, and the index ("damaged").  Nothing is deleted."""
+    target = p.target
+    with CacheLock(target, shared=driver.shard is not None):  # slices touch only their own shards; claims below
+        if mode == "all":
+            for m in move_aside(target):
+                log(f"Moved aside: {m}")
+            return
+        store = ShardStore(target, p.key)
+        with Claims() as claims:
+            specs = store.present(_own(p.shards, driver))
+            mine, others = claims.take([store.path(s) for s in specs])
+            if others:
+                raise CacheLocked(f"Another covfeat run ({next(iter(others.values()))}) is computing shards of "
+                                  f"{target.name}; let it finish, then run --rebuild again.")
+            for spec in specs:
+                try:
+                    store.verify(spec, p.rows)
+                except CacheError as exc:
+                    log(f"Moved aside: {aside(store.path(spec))} (a damaged shard, computed again: {exc})")
+        for m in move_aside(target, shards=False):
+            log(f"Moved aside: {m} (the index, written again)")
+
+
+def _compute(todo: list[ShardSpec], p: Plan, store: ShardStore, driver: DriverConfig, progress: bool) -> dict:
+    """Compute the shards of ``todo`` that no other run claims; without ``--shard``, then wait
+    for those others and compute any their run left undone.  Returns timings, summed."""
+    timings: dict = {}
+    probed = False
+    with CacheLock(p.target, shared=True):  # beside other shard writers; clean and --rebuild wait
+        while True:
+            todo = store.missing(todo)
+            if not todo:
+                return timings
+            with Claims() as claims:
+                spec_of = {store.path(s): s for s in todo}
+                mine, others = claims.take(list(spec_of))
+                if others:
+                    log(f"{len(others)} shard(s) are being computed by another run ({next(iter(others.values()))}); "
+                        f"left to it: {', '.join(x.name for x in others)}")
+                if mine:
+                    if not probed:
+                        _probe_classes(p)
+                        probed = True
+                    got = _drive([spec_of[x] for x in mine], p, store, driver, progress)
+                    timings = {k: timings[k] + v if isinstance(v, (int, float)) and k in timings else v
+                               for k, v in got.items()}
+            if driver.shard is not None or not others:
+                return timings
+            log("Waiting for the other run's shards (any it leaves undone are computed here).")
+            for x in others:
+                wait_for(x)
+
+
+def _drive(specs: list[ShardSpec], p: Plan, store: ShardStore, driver: DriverConfig, progress: bool) -> dict:
+    if driver.engine == "ray":
+        from covfeat.extraction.ray_driver import run_ray
+
+        return run_ray(specs, p, driver, progress)
+    return _run(specs, p, store, progress)
 
 
 def _merge(p: Plan, store: ShardStore, timings: dict) -> None:

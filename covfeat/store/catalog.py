@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import h5py
@@ -12,6 +11,7 @@ import h5py
 from covfeat.core.errors import CacheError, CacheLocked
 from covfeat.core.fsutil import remove_stale
 from covfeat.store.index import damaged
+from covfeat.store.key import key_in_name
 from covfeat.store.lock import CacheLock
 from covfeat.store.reader import open_cache
 from covfeat.store.shards import data_sha256
@@ -54,18 +54,28 @@ def verify_cache(path: str | Path, progress=None) -> dict:
     return {"path": str(path), "samples": int(len(fc.labels)), "images": int(fc.n_rows), "chunks": n_chunks}
 
 
-def move_aside(target: Path) -> list[Path]:
-    """Rename a (damaged or unwanted) cache and its shard folder out of the way; never delete."""
+def move_aside(target: Path, *, shards: bool = True) -> list[Path]:
+    """Rename a (damaged or unwanted) cache, and its shard folder unless ``shards`` is False,
+    out of the way; never delete.  The new name carries the time and a random part, so two
+    moves in one second never overwrite each other."""
+    moved = []
+    for p in (target, target.with_name(target.name + ".shards")) if shards else (target,):
+        if p.exists():
+            moved.append(aside(p))
+    return moved
+
+
+def aside(p: Path) -> Path:
+    """Rename one file or folder to ``NAME.damaged-TIME-RANDOM`` beside it (never onto another)."""
+    import secrets
     import time
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for p in (target, target.with_name(target.name + ".shards")):
-        if p.exists():
-            dest = p.with_name(f"{p.name}.damaged-{stamp}")
-            os.replace(p, dest)
-            moved.append(dest)
-    return moved
+    while True:
+        dest = p.with_name(f"{p.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}")
+        if not dest.exists() and not dest.is_symlink():
+            break
+    os.rename(p, dest)
+    return dest
 
 
 def choose_cache(cache: str | Path | None, backbone: str | None, cache_dir: str | Path,
@@ -161,29 +171,114 @@ def find_latest_cache(cache_dir: str | Path, backbone: str) -> Path:
     return choose_cache(None, backbone, cache_dir)
 
 
-def clean_cache_dir(cache_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """Remove shard folders of caches no live process is writing (the lock tells), and the
-    temporary files of indexes and shards whose writer is gone (:func:`remove_stale`);
-    return (removed, moved-aside caches left for the user)."""
-    removed, kept = [], []
+SLICES = "slices.json"  # in a shard folder: how many slices its --shard tasks cut it into (extraction.run)
+LEFT_ALONE = "left alone: not covfeat's or not provably stale; delete it yourself if you know it is not needed"
+
+
+class CleanReport:
+    """What ``covfeat clean`` removed and what it kept, each with its reason."""
+
+    def __init__(self):
+        self.removed: list[Path] = []
+        self.kept: list[tuple[Path, str]] = []
+
+    def text(self) -> str:
+        lines = [f"removed {p}" for p in self.removed] + [f"kept {p} ({why})" for p, why in self.kept]
+        return "\n".join(lines + [f"{len(self.removed)} leftover(s) removed"])
+
+
+def clean_cache_dir(cache_dir: str | Path) -> CleanReport:
+    """Remove what covfeat left behind and provably no longer needs, by covfeat's own markers,
+    never by name alone: temporary files and folders whose writer (host and pid in the name)
+    is gone, claims no process holds, empty shard folders of caches never finished, and the
+    lock files of caches that no longer exist (each removed while holding it).  A finished
+    shard is work, not a leftover, even without an index (queued ``--shard`` tasks, a Ray run
+    whose driver died, a local run between computing and merging): it is kept and listed, as
+    are caches moved aside and anything covfeat cannot prove its own."""
+    r = CleanReport()
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        return removed, kept
-    removed += remove_stale(cache_dir)
+        return r
+    r.removed += remove_stale(cache_dir)
     for p in sorted(cache_dir.iterdir()):
         if ".damaged-" in p.name:
-            kept.append(p)
-            continue
-        # (.partial and .h5.tmp: the unfinished files of earlier covfeat versions)
-        if p.name.endswith(".shards") and not p.with_name(p.name[:-len(".shards")]).exists() \
-                or p.name.endswith(".partial") or p.name.endswith(".h5.tmp"):
-            target = p.with_name(p.name.rsplit(".", 1)[0])
-            try:
-                with CacheLock(target):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-                    removed.append(p)
-            except CacheLocked:
-                continue
-    for shards in sorted(cache_dir.glob("*.shards")):
-        removed += remove_stale(shards)
-    return removed, kept
+            r.kept.append((p, "moved aside by --rebuild; delete it yourself when you no longer need it"))
+        elif p.name.endswith(".shards") and p.is_dir() and not p.is_symlink():
+            _clean_shards(p, r)
+        elif p.name.endswith((".partial", ".h5.tmp")):  # unfinished files of earlier covfeat versions, or not covfeat's
+            r.kept.append((p, LEFT_ALONE))
+    for lock in sorted(cache_dir.glob("*.h5.lock")):
+        target = lock.with_name(lock.name[:-len(".lock")])
+        if not target.exists() and not target.with_name(target.name + ".shards").exists() and _covfeat_lock(lock):
+            _remove_locked(target, lock, r)
+    return r
+
+
+def _covfeat_lock(lock: Path) -> bool:
+    """A lock file covfeat wrote: a regular file, empty or holding "host pid"."""
+    if lock.is_symlink() or not lock.is_file() or lock.stat().st_size > 200:
+        return False
+    text = lock.read_text(errors="replace").split()
+    return not text or len(text) == 2 and text[1].isdigit() or len(text) == 1 and text[0].isdigit()
+
+
+def _remove_locked(target: Path, remove: Path, r: CleanReport) -> None:
+    """Remove ``remove`` (an empty shard folder or a lock file) holding the cache's lock, and
+    the lock file with it; a busy lock keeps both."""
+    lock = CacheLock(target)
+    try:
+        lock.__enter__()
+    except CacheLocked as exc:
+        r.kept.append((remove, f"in use: {exc}"))
+        return
+    gone = [target.with_name(target.name + ".lock")]
+    try:
+        if remove.is_dir():
+            (remove / SLICES).unlink(missing_ok=True)
+            os.rmdir(remove)  # only if still empty
+            gone.insert(0, remove)
+    except OSError:
+        lock.release()
+        r.kept.append((remove, "no longer empty: another run is adding shards to it"))
+        return
+    lock.release(remove=True)
+    r.removed += gone
+
+
+def _clean_shards(folder: Path, r: CleanReport) -> None:
+    from covfeat.store.lock import Busy, FileLock
+
+    r.removed += remove_stale(folder)
+    for claim in sorted(folder.glob(".*.claim")):
+        lock = FileLock(claim)
+        try:
+            lock.acquire()
+        except (Busy, CacheError):
+            continue  # held: its run is computing that shard
+        lock.release(remove=True)
+        r.removed.append(claim)
+    target = folder.with_name(folder.name[:-len(".shards")])
+    entries = [p for p in folder.iterdir() if p.name != SLICES]
+    if not entries:
+        if not target.exists():
+            _remove_locked(target, folder, r)
+        return
+    if target.exists():
+        return  # a cache's own shards
+    mine = [p for p in entries if p.name.startswith("shard-") and p.name.endswith(".h5") and _shard_of(p, target)]
+    if mine:
+        r.kept.append((folder, f"{len(mine)} finished shard(s) of an extraction whose index is not written yet "
+                               "(queued --shard tasks, a Ray run or an interrupted run may still add to it): run the "
+                               "same `covfeat extract` to finish it, or delete it yourself if you do not want it"))
+    else:
+        r.kept.append((folder, LEFT_ALONE))
+
+
+def _shard_of(shard: Path, target: Path) -> bool:
+    """A shard file covfeat wrote for ``target``: its ``key`` is the key the cache's name holds."""
+    key = key_in_name(target)
+    try:
+        with h5py.File(shard, "r") as h:
+            return key is not None and h.attrs.get("key") == key
+    except OSError:
+        return False
