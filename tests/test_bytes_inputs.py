@@ -119,7 +119,8 @@ def test_every_format_is_measured_before_decoding_and_only_regular_files_are_ope
     assert r.exit_code == 0, r.output
     assert "3 files not opened (not regular, or over --max-file-mb)" in r.stderr
     got = info_sections(last(r))
-    skipped, not_opened = "skipped at extraction", "not opened (not an image file name)"
+    skipped = "skipped at extraction"
+    not_opened = "not opened (not an image file name, not a regular file, or over --max-file-mb)"
     assert got["IM-9500-0001.png"] == (skipped, "30000 x 30000 = 900 Mpx exceeds --max-pixels 64000000")
     assert got["IM-9501-0001.jpeg"] == (skipped, "30000 x 30000 = 900 Mpx exceeds --max-pixels 64000000")
     assert got["IM-9502-0001.dcm"] == (skipped, "9000 x 9000 = 81 Mpx exceeds --max-pixels 64000000")

@@ -156,7 +156,8 @@ def info(path: str | Path) -> str:
     for g in nd.get("conflicts", []):
         lines.append("  " + " ~ ".join(f"{fc.manifest['path'][k]} (label {fc.manifest['label'][k]})" for k in g))
     for key, title in (("missing", "listed but missing"), ("broken_links", "broken links"),
-                       ("not_images", "not opened (not an image file name)"), ("conflicts", "conflicting labels"),
+                       ("not_images", "not opened (not an image file name, not a regular file, or over --max-file-mb)"),
+                       ("conflicts", "conflicting labels"),
                        ("duplicates", "byte-identical duplicates dropped")):
         items = json.loads(a.get(key, "[]"))
         lines.append(f"{title}: {len(items)}")
