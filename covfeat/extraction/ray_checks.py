@@ -139,17 +139,21 @@ def died(exc: BaseException, ray) -> bool:
 
 
 def last_error(exc: BaseException) -> str:
-    """Ray's last error, one line: the innermost cause's first line (an actor's death says why,
-    for example its exit code or that the node ran out of memory)."""
+    """Ray's last error, one line: the innermost death's first line and, when Ray gives it, the
+    worker's exit type and detail (a kill for memory, a crash), without Ray's list of causes."""
     lines = [ln.strip() for e in reversed(_chain(exc)) for ln in str(e).splitlines() if ln.strip()]
-    death = [ln for ln in lines if "died" in ln.lower() or "memory" in ln.lower() or "exit" in ln.lower()]
-    text = (death or lines or [type(exc).__name__])[0]
-    return text if len(text) <= 400 else text[:400] + "..."
+    died_line = next((ln for ln in lines if "died" in ln.lower()), None)
+    exit_line = next((ln for ln in lines if "exit type" in ln.lower() or "exit detail" in ln.lower()), None)
+    if exit_line:
+        exit_line = exit_line.split(" Some common causes")[0]
+    text = " ".join(x for x in (died_line, exit_line) if x) or (lines or [type(exc).__name__])[0]
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 def gave_up(exc: BaseException, missing: list[ShardSpec], retries: int) -> CacheError:
     """The one line for a Ray run that stopped with shards not computed."""
-    names = ", ".join(s.name for s in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    names = ", ".join(f"shard {s.index} ({s.name})" for s in missing[:5])
+    names += f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return CacheError(f"Ray stopped after at most {retries} retr{'y' if retries == 1 else 'ies'} (--max-retries) "
                       f"with {len(missing)} shard(s) not computed ({names or 'none missing'}); last error: "
                       f"{last_error(exc)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,13 +125,15 @@ def run_ray(todo: list[ShardSpec], p: Plan, driver: DriverConfig, progress: bool
     store = ShardStore(p.target, p.key)
     nodes = check_shared_folder(ray, store.dir)  # before any actor: a node writing elsewhere adds nothing
     ds = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
-    out = ds.map_batches(
-        _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
-        num_gpus=driver.gpus_per_worker or None,
-        fn_constructor_kwargs=actor_description(p, todo),
-        # Ray Data's defaults restart actors and retry their tasks without end (-1): a shard whose
-        # actor always dies would run forever.
-        max_restarts=driver.max_retries, max_task_retries=driver.max_retries)
+    with warnings.catch_warnings():  # Ray 2.60 warns that remote args by keyword are deprecated, yet has no other way
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = ds.map_batches(
+            _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
+            num_gpus=driver.gpus_per_worker or None,
+            fn_constructor_kwargs=actor_description(p, todo),
+            # Ray Data's defaults restart actors and retry their tasks without end (-1): a shard whose
+            # actor always dies would run forever.
+            max_restarts=driver.max_retries, max_task_retries=driver.max_retries)
     n = 0
     try:
         for _ in out.iter_rows():
