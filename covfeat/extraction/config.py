@@ -284,6 +284,9 @@ class DriverConfig(Checked):
                                      "small machines).")
     gpus_per_worker: float = setting(0.0, number(0), flag="--gpus-per-worker",
                                      help="GPUs each Ray actor reserves (1 on a GPU node).")
+    max_retries: int = setting(3, integer(0, 100), flag="--max-retries",
+                               help="Ray: restarts of a dead actor and retries of a shard before the run stops, "
+                               "naming the shard (Ray's own default: no end).")
     shard: tuple[int, int] | None = setting(None, Rule("i/N with 0 <= i < N", _shard_ok), flag="--shard",
                                             help="i/N: compute only slice i of N of the shards (Slurm array or "
                                             "Kubernetes indexed jobs); a run without it merges.")

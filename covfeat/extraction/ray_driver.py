@@ -3,8 +3,11 @@
 Ray Data's ``map_batches`` runs a pool of actors, each building the frozen backbone once
 and computing whole shards with :func:`covfeat.extraction.work.extract_shard`, the same function
 every driver uses, so a Ray cache equals a local one array for array.  Actors are
-restarted and shards retried by Ray; a shard exists only once complete, so a retry
-rewrites the same file.  Ray is optional (``pip install -e ".[ray]"``); without an
+restarted and shards retried by Ray, at most ``--max-retries`` times (Ray's default is
+without end); a shard exists only once complete, so a retry rewrites the same file.  Before
+any actor is built every node must see the cache folder, and each actor checks its node's
+weights, lungs model, library versions and graph-cache entry against the driver's
+(:mod:`covfeat.extraction.ray_checks`).  Ray is optional (``pip install -e ".[ray]"``); without an
 address an embedded local Ray starts, with one it joins the cluster (``ray start --head``
 or ``RAY_ADDRESS``).
 """
@@ -13,13 +16,23 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from covfeat.core.errors import ConfigError, CovfeatError, WeightsUnavailable
 from covfeat.core.settings import from_dict
 from covfeat.extraction.config import DriverConfig, ExtractConfig
+from covfeat.extraction.graphfile import graph_key
 from covfeat.extraction.plan import Plan, log, resolve
+from covfeat.extraction.ray_checks import (
+    check_all_present,
+    check_node,
+    check_shared_folder,
+    died,
+    gave_up,
+    node_versions,
+)
 from covfeat.extraction.work import ShardComputer, extract_shard
 from covfeat.store.shards import ShardSpec, ShardStore
 
@@ -31,14 +44,20 @@ def actor_description(p: Plan, todo: list[ShardSpec]) -> dict:
     return dict(target=str(p.target.resolve()), key=p.key, rows=p.rows,
                 shards={s.index: (list(s.rows), s.name) for s in todo},
                 cfg={**asdict(p.cfg), "weights": p.weights.path if p.weights.kind == "file" else p.cfg.weights},
-                identity=p.weights.identity, lungs=p.pipeline.lungs_hashes)
+                identity=p.weights.identity, lungs=p.pipeline.lungs_hashes, versions=node_versions(),
+                graph=graph_key(p.backbone, p.weights, p.cfg.seed))
+
+
+# Test hook, read only here: an actor given this shard index dies at once (as one killed for
+# memory does), every time, so tests can see --max-retries end the run.  Never set it otherwise.
+DIE_ON_SHARD = "COVFEAT_TEST_RAY_DIE_ON_SHARD"
 
 
 class _ShardActor:
     """Holds the backbone once; computes the shards it is given."""
 
     def __init__(self, target: str, key: str, rows: list[dict], shards: dict, cfg: dict, identity: str,
-                 lungs: dict | None = None):
+                 lungs: dict | None = None, versions: dict | None = None, graph: tuple | None = None):
         self.cfg = from_dict(ExtractConfig, cfg, "the driver's config")
         # Rebuilt here: the weights a node resolves are its own, and must be the planned ones.
         backbone, weights, self.pipeline = resolve(self.cfg)
@@ -50,6 +69,7 @@ class _ShardActor:
             if found != planned:
                 raise ConfigError(f"The lungs model at {folder} on this Ray node ({found}) is not the planned one "
                                   f"({planned}); put the same lungs folder at that path on every node.")
+        check_node(versions, graph, backbone, weights, self.cfg.seed)
         if os.environ.get("CUDA_VISIBLE_DEVICES"):
             import tensorflow as tf
 
@@ -64,6 +84,8 @@ class _ShardActor:
         done = []
         for k in batch["shard"]:
             spec = self.shards[int(k)]
+            if os.environ.get(DIE_ON_SHARD) == str(spec.index):  # test hook: an actor that dies on this shard
+                os._exit(137)
             if not self.store.path(spec).is_file():  # another attempt may have finished it
                 extract_shard(spec, self.rows, self.cfg, self.pipeline, self.store, self.computer)
             done.append(int(k))
@@ -100,11 +122,18 @@ def run_ray(todo: list[ShardSpec], p: Plan, driver: DriverConfig, progress: bool
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     ctx.verbose_stats_logs = False
+    store = ShardStore(p.target, p.key)
+    nodes = check_shared_folder(ray, store.dir)  # before any actor: a node writing elsewhere adds nothing
     ds = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
-    out = ds.map_batches(
-        _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
-        num_gpus=driver.gpus_per_worker or None,
-        fn_constructor_kwargs=actor_description(p, todo))  # Ray Data restarts its actors and retries by default
+    with warnings.catch_warnings():  # Ray 2.60 warns that remote args by keyword are deprecated, yet has no other way
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = ds.map_batches(
+            _ShardActor, batch_size=1, concurrency=driver.ray_workers, num_cpus=driver.cpus_per_worker,
+            num_gpus=driver.gpus_per_worker or None,
+            fn_constructor_kwargs=actor_description(p, todo),
+            # Ray Data's defaults restart actors and retry their tasks without end (-1): a shard whose
+            # actor always dies would run forever.
+            max_restarts=driver.max_retries, max_task_retries=driver.max_retries)
     n = 0
     try:
         for _ in out.iter_rows():
@@ -115,6 +144,10 @@ def run_ray(todo: list[ShardSpec], p: Plan, driver: DriverConfig, progress: bool
             cause = getattr(cause, "cause", None) or cause.__cause__
         if cause is not None:
             raise cause from None
-        raise
-    log(f"Ray: {n} shard(s) computed by {driver.ray_workers} worker(s) in {time.perf_counter() - t0:.1f} s.")
+        if not died(exc, ray):
+            raise  # not a worker's death: a bug, with its traceback
+        raise gave_up(exc, store.missing(todo), driver.max_retries) from None
+    check_all_present(store.missing(todo), store.dir, n)
+    log(f"Ray: {n} shard(s) computed by {driver.ray_workers} worker(s) on {nodes} node(s) in "
+        f"{time.perf_counter() - t0:.1f} s.")
     return {"ray_seconds": time.perf_counter() - t0, "ray_workers": driver.ray_workers, "shards_computed": n}

@@ -97,6 +97,44 @@ def write_cv(folder: Path, *, fit: FitConfig, fc, metrics: dict) -> None:
     (folder / "cache.json").write_text(json.dumps(cache_info(fc), indent=2))
 
 
+# What every reader of a run file relies on, checked once where the file is read, so a damaged
+# file is named in one line instead of failing later as a KeyError deep in a report.
+METRICS_NEEDS = {"backbone": str, "weights": dict}
+CONFIG_NEEDS = {"threshold": (float, int, type(None)), "extract": dict}
+CACHE_NEEDS = {"path": str, "key": str}
+
+
+def damaged(path: Path, what: str) -> RunError:
+    """The one-line error for a damaged run file: which file, what is wrong, what to do."""
+    return RunError(f"{path} is damaged ({what}); restore the run folder or fit the run again.")
+
+
+def read_run_json(path: Path, needs: dict[str, type | tuple]) -> dict:
+    """A run file read as a JSON object holding the keys ``needs`` names, with those types.
+
+    Raises
+    ------
+    RunError
+        The file is missing, unreadable, not JSON, not an object, or lacks a needed key; the
+        message names the file.
+    """
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise damaged(path, "the file is missing") from None
+    except (OSError, ValueError) as exc:
+        raise damaged(path, f"not readable as JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+    if not isinstance(obj, dict):
+        raise damaged(path, f"expected a JSON object, got {type(obj).__name__}")
+    for key, kind in needs.items():
+        if key not in obj:
+            raise damaged(path, f"no {key!r}")
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise damaged(path, f"{key!r} is a {type(obj[key]).__name__}")
+    return obj
+
+
 def is_finished(path: str | Path) -> bool:
     """True when ``path`` is a finished run folder (it exists only once complete)."""
     return (Path(path) / "metrics.json").is_file()
@@ -117,12 +155,13 @@ class Run:
             if not (self.path / f).is_file():
                 raise RunError(f"{self.path} is not a finished covfeat run (no {f}); pass a folder printed by "
                                "`covfeat fit-head`.")
-        try:
-            self.metrics = json.loads((self.path / "metrics.json").read_text())
-            self.config = json.loads((self.path / "config.json").read_text())
-            self.cache_info = json.loads((self.path / "cache.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{self.path}: a run file is damaged ({exc}).") from None
+        self.metrics = read_run_json(self.path / "metrics.json", METRICS_NEEDS)
+        if not isinstance(self.metrics.get("argmax", self.metrics.get("cv")), dict):
+            raise damaged(self.path / "metrics.json", "no 'argmax' or 'cv' table of metrics")
+        self.config = read_run_json(self.path / "config.json", CONFIG_NEEDS)
+        if not isinstance(self.config["extract"].get("backbone"), str):
+            raise damaged(self.path / "config.json", "no backbone in 'extract'")
+        self.cache_info = read_run_json(self.path / "cache.json", CACHE_NEEDS)
 
     @property
     def name(self) -> str:
@@ -160,26 +199,49 @@ class Run:
 
     @property
     def has_predictions(self) -> bool:
-        return not self.is_cv and (self.path / "predictions.csv").is_file()
+        """Every single-split run has test predictions (fit-head always writes them): a missing
+        ``predictions.csv`` is a damaged run, named by :meth:`predictions`, not a figure skipped."""
+        return not self.is_cv
 
     def history(self) -> list[dict]:
         f = self.path / "history.csv"
         if not f.is_file():
             return []
-        with open(f, newline="") as fh:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        try:
+            with open(f, newline="") as fh:
+                return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as exc:
+            raise damaged(f, f"not a table of numbers: {exc}") from None
 
     def predictions(self) -> dict[str, np.ndarray]:
         """The test rows: row, path, patient_id, source, label, p_covid, pred, and group (the
-        patient group) when the run recorded it."""
-        with open(self.path / "predictions.csv", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            have = reader.fieldnames or []
+        patient group) when the run recorded it.
+
+        Raises
+        ------
+        RunError
+            ``predictions.csv`` is missing, lacks a column, or holds a value that is not a number.
+        """
+        f = self.path / "predictions.csv"
+        try:
+            with open(f, newline="") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                have = reader.fieldnames or []
+        except FileNotFoundError:
+            raise damaged(f, "the file is missing") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise damaged(f, f"not readable as CSV: {exc}") from None
+        lacking = [k for k in PREDICTION_FIELDS if k != "group" and k not in have]
+        if lacking:
+            raise damaged(f, f"no column {', '.join(lacking)}")
         out = {k: np.array([r[k] for r in rows]) for k in PREDICTION_FIELDS if k in have}
-        for k in ("row", "label", "pred"):
-            out[k] = out[k].astype(int)
-        out["p_covid"] = out["p_covid"].astype(float)
+        try:
+            for k in ("row", "label", "pred"):
+                out[k] = out[k].astype(int)
+            out["p_covid"] = out["p_covid"].astype(float)
+        except (ValueError, TypeError) as exc:  # a truncated last line holds None or ''
+            raise damaged(f, f"a value is not a number: {exc}") from None
         return out
 
     def own_cache(self, needed_for: str):
@@ -202,16 +264,50 @@ class Run:
                            "cache back.")
         return fc
 
-    def split(self) -> np.ndarray:
-        return np.load(self.path / "split.npy")
+    def split(self, n_rows: int | None = None) -> np.ndarray:
+        """train/val/test per manifest row (-1 for skipped images), as fit-head wrote it;
+        ``n_rows``, when given, is the cache's row count it must match.
+
+        Raises
+        ------
+        RunError
+            ``split.npy`` is missing, not a .npy file, or not a 1-d integer array.
+        """
+        f = self.path / "split.npy"
+        try:
+            split = np.load(f, allow_pickle=False)
+        except FileNotFoundError:
+            raise damaged(f, "the file is missing") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise damaged(f, f"not a .npy file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+                from None
+        if split.ndim != 1 or split.dtype.kind not in "iu":
+            raise damaged(f, f"expected a 1-d integer array, got {split.dtype} of shape {split.shape}")
+        if n_rows is not None and len(split) != n_rows:
+            raise damaged(f, f"{len(split)} rows, but its cache has {n_rows}")
+        return split
 
     def load_head(self):
+        """The trained head, as Keras saved it.
+
+        Raises
+        ------
+        RunError
+            ``head.keras`` is missing or Keras cannot load it.
+        """
         import keras
 
         from covfeat.head.model import probability_bce
 
+        f = self.path / "head.keras"
+        if not f.is_file():
+            raise damaged(f, "the file is missing")
         probability_bce()  # registers the loss class the saved head refers to
-        return keras.models.load_model(self.path / "head.keras")
+        try:
+            return keras.models.load_model(f)
+        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... for one damaged file
+            raise damaged(f, f"Keras cannot load it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+                from None
 
     def folds(self) -> list["Run"]:
         return [Run(p) for p in sorted(self.path.iterdir()) if p.is_dir() and (p / "metrics.json").is_file()
@@ -220,7 +316,7 @@ class Run:
     @property
     def audit(self) -> dict | None:
         f = self.path / "audit.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        return read_run_json(f, {}) if f.is_file() else None
 
     def write_audit(self, result: dict) -> Path:
         write_json_atomic(self.path / "audit.json", result)

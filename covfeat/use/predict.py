@@ -27,7 +27,7 @@ from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_w
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.images import InputPipeline
 from covfeat.extraction.sources import IMAGE_SUFFIXES
-from covfeat.head.runs import Run, check_writable
+from covfeat.head.runs import Run, check_writable, damaged
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.use.card import warning, write_card
 from covfeat.use.prevalence import PriorCorrection, check_prevalence, prior_correction
@@ -57,6 +57,10 @@ class Predictor:
         self.threshold = self.run.threshold
         self.head = self.run.load_head()
         self.backbone = build_backbone(get_backbone(self.extract.backbone), self.spec, seed=self.extract.seed)
+        want, got = tuple(self.backbone.output_shape[1:]), tuple(self.head.input_shape[1:])
+        if want != got:  # a head.keras from another run or backbone would fail later inside Keras
+            raise damaged(self.run.path / "head.keras",
+                          f"it takes features of shape {got}, but {self.extract.backbone} gives {want}")
 
     def p_covid(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """P(COVID-19) of scaled model inputs (n, 224, 224, 3)."""

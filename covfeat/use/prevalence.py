@@ -92,7 +92,7 @@ def run_labels(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """
     fc = run.own_cache("covfeat reads the run's labels from it to know the prior its head was trained toward")
     path = run.cache_info["path"]
-    split = run.split()
+    split = run.split(fc.n_rows)
     used = (split >= 0) & fc.has_features()
     train = np.flatnonzero(used & (split == TRAIN))
     if len(train) != run.metrics.get("n_train_real"):
