@@ -149,17 +149,37 @@ def test_a_folder_every_node_sees_gives_the_index(data, two_nodes):
     assert not list(two_nodes["shared"].rglob(".*.tmp"))
 
 
+DIE_WHEN_OPENED = """
+import os, sys
+
+def _die(event, args):
+    # Only in Ray's worker processes, and only for the one file: the worker dies as one killed
+    # for memory does, every time it decodes it.
+    if event == "open" and isinstance(args[0], str) and args[0].endswith(os.environ["DIE_WHEN_OPENED"]) \\
+            and any("default_worker" in a for a in sys.argv):
+        os._exit(137)
+
+sys.addaudithook(_die)
+"""
+
+
 @pytest.mark.slow  # an embedded Ray whose actor dies, restarted once: about a minute
 def test_a_shard_whose_actor_always_dies_stops_after_max_retries_naming_it(data, tmp_path):
-    """The actor dies on shard 0 every time (the driver's test hook, as one killed for memory
-    would): with --max-retries 1 the run stops instead of retrying forever."""
+    """A worker dies every time it opens one image (a sitecustomize audit hook on Ray's worker
+    processes, as a worker killed for memory on that image would): with --max-retries 1 the run
+    stops instead of retrying forever, naming the shard that holds it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_WHEN_OPENED)
+    victim = sorted(Path(data["normal"]).iterdir())[0]
     t0 = time.time()
-    r = _extract(data, tmp_path / "c", "--max-retries", "1",
-                 env={"COVFEAT_TEST_RAY_DIE_ON_SHARD": "0", "RAY_ADDRESS": "local"}, timeout=600)
+    r = _extract(data, tmp_path / "c", "--max-retries", "1", timeout=600,
+                 env={"DIE_WHEN_OPENED": victim.name, "RAY_ADDRESS": "local",
+                      "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert re.match(r"error: Ray stopped after at most 1 retry \(--max-retries\) with 1 shard\(s\) not computed "
-                    r"\(shard 0 \(shard-\w+\.h5\)\); last error: The actor died unexpectedly before finishing this "
+                    r"\(shard \d+ \(shard-\w+\.h5\)\); last error: The actor died unexpectedly before finishing this "
                     r"task\. .*Worker exit type: SYSTEM_ERROR", line), r.stderr
     assert time.time() - t0 < 600
 

@@ -48,11 +48,6 @@ def actor_description(p: Plan, todo: list[ShardSpec]) -> dict:
                 graph=graph_key(p.backbone, p.weights, p.cfg.seed))
 
 
-# Test hook, read only here: an actor given this shard index dies at once (as one killed for
-# memory does), every time, so tests can see --max-retries end the run.  Never set it otherwise.
-DIE_ON_SHARD = "COVFEAT_TEST_RAY_DIE_ON_SHARD"
-
-
 class _ShardActor:
     """Holds the backbone once; computes the shards it is given."""
 
@@ -84,8 +79,6 @@ class _ShardActor:
         done = []
         for k in batch["shard"]:
             spec = self.shards[int(k)]
-            if os.environ.get(DIE_ON_SHARD) == str(spec.index):  # test hook: an actor that dies on this shard
-                os._exit(137)
             if not self.store.path(spec).is_file():  # another attempt may have finished it
                 extract_shard(spec, self.rows, self.cfg, self.pipeline, self.store, self.computer)
             done.append(int(k))

@@ -63,7 +63,7 @@ def _manifest_csv(fc, rows, path: Path) -> Path:
 def _retrain(run: Run, fc, fit: FitConfig, cfg: ExtractConfig, cache_dir, name: str, progress: bool):
     """Extract the run's own images with ``cfg`` and train the run's head on the run's split;
     returns the new run and its cache (whose rows its predictions index)."""
-    split = run.split()
+    split = run.split(fc.n_rows)
     rows = np.flatnonzero(split >= 0)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     src = _manifest_csv(fc, rows, Path(cache_dir) / f"audit-{fc.content_hash()}.csv")

@@ -40,7 +40,7 @@ def validation_scores(run: str | Path | Run) -> tuple[np.ndarray, np.ndarray, np
     """
     run = (run if isinstance(run, Run) else Run(run)).require_single("selection on validation")
     fc = _cache(run)
-    rows = np.flatnonzero((run.split() == VAL) & fc.has_features())
+    rows = np.flatnonzero((run.split(fc.n_rows) == VAL) & fc.has_features())
     y = np.asarray(fc.manifest["label"][rows], int)
     if len(set(y.tolist())) < 2:
         raise DataError(f"{run.path} has {int(y.sum())} COVID-19 and {int((1 - y).sum())} NORMAL validation images; "
