@@ -2,7 +2,9 @@
 (issue 18, items 3 and 6, Fletcher-32's blind spot, HDF5_VDS_PREFIX and a symlinked index).
 
 The caches here are cut into shards of 4 images (the CLI runs with that shard size, see
-``CLI``), so one cache has shards of different sizes to swap."""
+``CLI``), so one cache has shards of different sizes to swap.  Those tests start covfeat several
+times and are behind ``-m slow``; the default suite keeps the key test and one reading through a
+symlinked index with a decoy HDF5_VDS_PREFIX on the session's cache."""
 
 import json
 import os
@@ -64,7 +66,7 @@ def copy_cache(index: Path, dest: Path) -> Path:
 
 def shard_files(index: Path) -> list[Path]:
     with h5py.File(index, "r") as h:
-        return [index.parent / n.decode() for n in h["shard_table"]["name"][:]]
+        return [index.parent / rel for rel, _ in json.loads(h.attrs["shards"])]
 
 
 def samples(shard: Path) -> int:
@@ -86,6 +88,7 @@ def fit_head(cache, runs, env=None):
                    "--runs-dir", runs, env=env)
 
 
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
 @pytest.mark.parametrize("source", ["same cache", "other cache"])
 def test_a_shard_swapped_for_one_with_more_rows_is_refused_by_verify_and_fit_head(caches, tmp_path, source):
     """Item 3: a shard overwritten by a bigger shard, of the same cache or of another one,
@@ -113,6 +116,7 @@ def forge_features(shard: Path, change) -> None:
         f.write(b"\xff\xff")
 
 
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
 def test_fletcher32_blind_spot_in_a_float32_shard_is_caught_by_the_shard_sha256(caches, tmp_path):
     """Low: in float32, a 16-bit word 0x0000 turned 0xFFFF is invisible to Fletcher-32 (and
     makes a finite denormal, so the NaN check cannot see it either); reading the whole shard
@@ -132,6 +136,7 @@ def test_fletcher32_blind_spot_in_a_float32_shard_is_caught_by_the_shard_sha256(
     refused(covfeat("verify", index), shard)
 
 
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
 def test_a_symlinked_index_and_hdf5_vds_prefix_read_the_real_shards(caches, tmp_path):
     """Low: covfeat reads each shard beside the index's real file, never through the virtual
     dataset: a symlinked index elsewhere, with HDF5_VDS_PREFIX pointing at a decoy folder whose
@@ -154,6 +159,23 @@ def test_a_symlinked_index_and_hdf5_vds_prefix_read_the_real_shards(caches, tmp_
     assert r.returncode == 0, r.stderr
 
 
+def test_verify_reads_the_shards_beside_the_real_index_not_through_the_vds(mini_cache, tmp_path):
+    """The default suite's share of the symlink and HDF5_VDS_PREFIX test above, on the
+    session's cache: `covfeat verify` through a symlink, with a prefix of junk shards, checks
+    (and passes on) the real ones."""
+    real = copy_cache(mini_cache, tmp_path / "real")
+    link = tmp_path / "elsewhere" / real.name
+    link.parent.mkdir()
+    link.symlink_to(real)
+    decoy = tmp_path / "decoy" / (real.name + ".shards")
+    decoy.mkdir(parents=True)
+    for s in shard_files(real):
+        (decoy / s.name).write_bytes(b"junk" * 100)
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "verify", str(link)], capture_output=True, text=True,
+                       env=dict(os.environ, HDF5_VDS_PREFIX=str(decoy.parent)))
+    assert r.returncode == 0, r.stderr
+
+
 def set_versions(h5: Path, change: dict, *, redigest) -> None:
     with h5py.File(h5, "r+") as h:
         v = json.loads(h.attrs["versions"])
@@ -161,6 +183,7 @@ def set_versions(h5: Path, change: dict, *, redigest) -> None:
         h.attrs["digest"] = redigest(h)
 
 
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
 def test_shards_of_different_library_versions_are_not_merged(caches, tmp_path, small):
     """Item 6: a shard recording other versions (forged and re-digested, as an attacker would,
     or made on a node with another numpy) is refused at merge, naming a shard of each and the
@@ -180,6 +203,7 @@ def test_shards_of_different_library_versions_are_not_merged(caches, tmp_path, s
     assert not index.exists()
 
 
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
 def test_a_finished_cache_of_other_versions_is_reused_with_a_note_naming_rebuild_all(caches, tmp_path, small):
     """Item 6: the cache's features are the user's numbers, so a finished cache is reused, but
     never silently: the run names the versions and --rebuild all; `covfeat info` shows them."""
@@ -196,6 +220,23 @@ def test_a_finished_cache_of_other_versions_is_reused_with_a_note_naming_rebuild
     copy_cache(caches["float16"], tmp_path / "c2")
     r = covfeat(*extract_args(small, tmp_path / "c2"))  # the same versions: no note
     assert r.returncode == 0 and "NOTE: this cache was made" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow  # caches of 4-image shards and covfeat started several times: about a minute
+def test_an_index_of_an_earlier_covfeat_is_refused_then_reindexed_from_its_shards(caches, tmp_path, small):
+    """An index without the record of its shards (every index before this covfeat) is not read
+    blind: reading refuses it with the way out, and the same extract re-indexes it from its
+    verified shards, computing nothing."""
+    from covfeat.store.index import index_digest
+
+    index = copy_cache(caches["float16"], tmp_path / "c")
+    with h5py.File(index, "r+") as h:
+        del h["shard_table"]
+        h.attrs["digest"] = index_digest(h)
+    refused(covfeat("verify", index), "earlier covfeat", "run the same `covfeat extract` again")
+    r = covfeat(*extract_args(small, tmp_path / "c"))
+    assert r.returncode == 0 and "Re-indexing" in r.stderr and "extract inception_v3" not in r.stderr, r.stderr
+    assert covfeat("verify", index).returncode == 0
 
 
 def test_occlusion_masks_enter_the_key_by_content_not_by_folder(tmp_path):

@@ -15,11 +15,11 @@ checks against the key its name claims, so a copy under another cache's name is 
 covfeat reads the features shard by shard, through the index's shard table
 (:class:`covfeat.store.index.ShardTable`), each file at its recorded name beside the index's
 real location, never through the virtual dataset: ``HDF5_VDS_PREFIX`` and a symlinked index
-do not change what covfeat reads.  Opening checks that every shard is the one recorded
-(attributes and shapes, no feature read); every read of a whole shard checks the SHA-256 of the
-bytes read against the index's record, and so does the first read of any part of a shard (it
-reads the shard whole, once per process): that catches what Fletcher-32 cannot (a 16-bit word
-0x0000 turned 0xFFFF) and a shard swapped along with its own attributes.
+do not change what covfeat reads.  Opening checks that every shard is at its recorded place
+with its recorded size (a stat each); the first read of a shard in a process compares its key,
+digest, features SHA-256 and sample count with the index's record, reads it whole and checks
+the SHA-256 of the bytes read against the record: that catches what Fletcher-32 cannot (a
+16-bit word 0x0000 turned 0xFFFF) and a shard swapped along with its own attributes.
 """
 
 from __future__ import annotations
@@ -160,7 +160,6 @@ class FeatureCache:
         return out
 
     def _read_features(self, idx, dtype, out):
-        from covfeat.store.reader import f16_rows_into
         from covfeat.store.shards import record_problem
 
         t = self.table
@@ -175,15 +174,16 @@ class FeatureCache:
         order = np.argsort(idx, kind="stable")
         s = idx[order]
         shard_of = np.searchsorted(t.bounds, s, side="right") - 1
+        place = _Placer(out)
         for grp in np.split(np.arange(len(s)), np.flatnonzero(np.diff(shard_of)) + 1):
             i = int(shard_of[grp[0]])
             local = s[grp] - t.start[i]
             with h5py.File(t.path(i), "r") as h:
-                problem = record_problem(h, t.key, t.record(i))  # the file now there is still the one recorded
-                if problem:
-                    raise damaged(self.path, f"shard {t.path(i)}: {problem}")
                 ds = h["features"]
                 if i not in self.checked:
+                    problem = record_problem(h, t.key, t.record(i))
+                    if problem:
+                        raise damaged(self.path, f"shard {t.path(i)}: {problem}")
                     # A shard's first read in this process reads it whole and checks its bytes against the
                     # index's record (what Fletcher-32 cannot see); later reads take only the rows asked for.
                     block = ds[:]
@@ -191,22 +191,43 @@ class FeatureCache:
                         raise damaged(self.path, f"shard {t.path(i)}: its features do not match the SHA-256 its "
                                       "index recorded")
                     self.checked.add(i)
-                    self._place(block if len(local) == len(block) and (local == np.arange(len(block))).all()
-                                else block[local], out, order[grp], f16_rows_into)
+                    place(block if len(local) == len(block) and (local == np.arange(len(block))).all()
+                          else block[local], order[grp])
                     continue
                 # h5py's fancy indexing is ~100x slower than slices: read sorted contiguous runs.
                 breaks = np.flatnonzero(np.diff(local) > 1) + 1
                 for run in np.split(np.arange(len(local)), breaks):
                     a, b = local[run[0]], local[run[-1]] + 1
-                    self._place(ds[a:b][local[run] - a], out, order[grp][run], f16_rows_into)
+                    place(ds[a:b][local[run] - a], order[grp][run])
+        place.flush()
         return out
 
-    @staticmethod
-    def _place(block, out, where, f16_rows_into):
-        if block.dtype == np.float16 and out.dtype == np.float32:
-            f16_rows_into(block, out, where)
-        else:
-            out[where] = block
+
+class _Placer:
+    """Puts blocks of rows read from shards into ``out``; float16 into float32 through the compiled
+    cast, gathered to at least PLACE_BYTES a call, since each call of the parallel kernel costs
+    milliseconds of thread start-up whatever its size (one call per small shard would dominate)."""
+
+    PLACE_BYTES = 32 * 2**20
+
+    def __init__(self, out: np.ndarray):
+        self.out, self.blocks, self.rows, self.nbytes = out, [], [], 0
+
+    def __call__(self, block: np.ndarray, where: np.ndarray) -> None:
+        if not (block.dtype == np.float16 and self.out.dtype == np.float32):
+            self.out[where] = block
+            return
+        self.blocks.append(block)
+        self.rows.append(where)
+        self.nbytes += block.nbytes
+        if self.nbytes >= self.PLACE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.blocks:
+            block = self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
+            f16_rows_into(block, self.out, np.concatenate(self.rows))
+            self.blocks, self.rows, self.nbytes = [], [], 0
 
 
 def open_cache(path: str | Path) -> FeatureCache:
