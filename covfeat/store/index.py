@@ -206,7 +206,7 @@ class ShardTable:
                 with h5py.File(path, "r") as h:
                     problem = record_problem(h, self.key, self.record(i), full)
             except OSError as exc:
-                problem = f"unreadable: {str(exc).splitlines()[0]}"
+                raise damaged(index, f"a checksum does not match in shard {path}: {str(exc).splitlines()[0]}") from None
             if problem:
                 raise damaged(index, f"shard {path}: {problem}")
 
