@@ -82,6 +82,18 @@ class OcclusionConfig(Checked):
             raise fail("--occlude", f"a lungs model folder exactly with kinds {' and '.join(LUNG_KINDS)}",
                        f"kind {self.kind} with model {self.model!r}")
 
+    def masks_identity(self) -> str:
+        """SHA-256 of the mask folder's content: every file's name and bytes, in name order.
+        What enters the cache key in place of the folder, so editing a mask changes the key and
+        moving the folder does not."""
+        import hashlib
+
+        d = hashlib.sha256()
+        for f in sorted(Path(self.masks).iterdir()):
+            if f.is_file():
+                d.update(f.name.encode() + b"\x00" + hashlib.sha256(f.read_bytes()).digest())
+        return d.hexdigest()
+
     @classmethod
     def parse(cls, text: str) -> "OcclusionConfig":
         """The --occlude flag: none, box, a lungs model folder (its lung fields blanked), or a
@@ -216,7 +228,8 @@ def key_config(cfg: ExtractConfig, weights_identity: str, lungs_hashes: dict[str
     """The part of an extraction config that the cache key is a hash of.
 
     A lungs model enters by its hash (``lungs_hashes``: folder -> :attr:`LungsModel.hash`, as
-    the plan resolved it), never by its folder: moving the folder keeps the key, retraining the
+    the plan resolved it), and a folder of occlusion masks by the hash of its files, never by its
+    folder: moving the folder keeps the key, retraining the
     model changes it.  Entries that only lungs bring are absent without them, so a cache made
     without lungs keeps the key it had before covfeat had lungs.
 
@@ -238,6 +251,8 @@ def key_config(cfg: ExtractConfig, weights_identity: str, lungs_hashes: dict[str
     model = occ.pop("model")
     if model:
         occ["model"] = identity(model)
+    if cfg.occlusion.kind == "masks":  # by content, never by folder (without masks the key is unchanged)
+        occ["masks"] = {"identity": cfg.occlusion.masks_identity()}
     if cfg.lungs.model:
         out["lungs"] = {"model": identity(cfg.lungs.model), "outside": cfg.lungs.outside}
     return out

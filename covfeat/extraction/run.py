@@ -29,9 +29,10 @@ from covfeat.extraction.work import ShardComputer, compute_shard, decode_job
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.store.catalog import SLICES, aside, move_aside, verify_cache
 from covfeat.store.claims import Claims, wait_for
-from covfeat.store.index import assemble
+from covfeat.store.index import assemble, indexed_shards, recorded_versions
+from covfeat.store.key import library_versions, version_difference
 from covfeat.store.lock import CacheLock
-from covfeat.store.shards import SHARD_IMAGES, ShardSpec, ShardStore, shard_fingerprints, shard_skips
+from covfeat.store.shards import SHARD_IMAGES, ShardSpec, ShardStore, common_versions, shard_fingerprints, shard_skips
 from covfeat.trust.neardup import MAX_BITS, MIN_CORR, describe, find_pairs, label_conflicts
 
 BUILD_LOOKAHEAD_BYTES = 512 * 2**20  # decoded model inputs held while the model builds (augment 4: 178 images)
@@ -88,8 +89,18 @@ def extract(sources: list[str | Path] | None, cfg: ExtractConfig, cache_dir: str
     if mode:
         _rebuild(p, mode, driver)
     elif target.exists():
+        if not indexed_shards(target):  # an index of an earlier covfeat: re-indexed from its verified shards
+            with CacheLock(target):
+                log(f"Re-indexing {target} (written by an earlier covfeat, without the record of its shards); "
+                    "no feature is computed.")
+                _merge(p, ShardStore(target, p.key), {}, reindex=True)
         verify_cache(target)  # raises, naming --rebuild, if anything is damaged
         log(f"Cache is complete and verified; nothing to do ({p.weights.label}).")
+        made = recorded_versions(target)
+        if made != library_versions():  # the user's numbers are kept, but not silently
+            log(f"NOTE: this cache was made with other library versions than this covfeat's "
+                f"({version_difference(made, library_versions())}); its features are reused as they are. Run the "
+                "same `covfeat extract` with --rebuild all to recompute them with these versions.")
         return target
 
     store = ShardStore(target, p.key)
@@ -240,11 +251,16 @@ def _drive(specs: list[ShardSpec], p: Plan, store: ShardStore, driver: DriverCon
     return _run(specs, p, store, progress)
 
 
-def _merge(p: Plan, store: ShardStore, timings: dict) -> None:
-    """The index over the shards: every shard verified, near-duplicates found, skips listed."""
+def _merge(p: Plan, store: ShardStore, timings: dict, reindex: bool = False) -> None:
+    """The index over the shards: every shard verified, near-duplicates found, skips listed.
+
+    Shards of different library versions are refused (naming one of each); a shard of other
+    versions than this process's counts as damaged, unless ``reindex`` (the finished cache of an
+    earlier covfeat, whose shards keep the versions they record, or none)."""
     rows, manifest, target = p.rows, p.manifest, p.target
+    versions = common_versions(store, p.shards)
     for spec in p.shards:  # every shard whole before anything is read from it
-        store.verify(spec, rows)
+        store.verify(spec, rows, versions if reindex else None)
     skipped = shard_skips(store, p.shards)
     if skipped:
         log(f"Skipped {len(skipped)} unreadable file(s):")

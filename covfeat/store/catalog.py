@@ -14,12 +14,12 @@ from covfeat.store.index import damaged
 from covfeat.store.key import key_in_name
 from covfeat.store.lock import CacheLock
 from covfeat.store.reader import open_cache
-from covfeat.store.shards import data_sha256
 
 
 def verify_cache(path: str | Path, progress=None) -> dict:
-    """Check a whole cache: complete, of this format, its digest, and every chunk of every
-    dataset against its Fletcher-32 checksum.  Returns counts; raises CacheError naming the
+    """Check a whole cache: complete, of this format, its digest, every chunk of every
+    dataset against its Fletcher-32 checksum, and every shard against the index's record of it
+    (its digest recomputed, the SHA-256 of all its features, the images it holds).  Returns counts; raises CacheError naming the
     cache and the way out.
 
     Raises
@@ -42,15 +42,14 @@ def verify_cache(path: str | Path, progress=None) -> dict:
             h.visititems(visit)
     except OSError as exc:
         raise damaged(path, f"a checksum does not match: {str(exc).splitlines()[0]}") from None
-    for rel, _ in json.loads(fc.attrs.get("shards", "[]")):
-        shard = path.parent / rel
-        try:
-            with h5py.File(shard, "r") as h:
-                ok = data_sha256(h["features"]) == h.attrs.get("features_sha256")
-        except OSError as exc:
-            raise damaged(path, f"a checksum does not match in shard {shard}: {str(exc).splitlines()[0]}") from None
-        if not ok:
-            raise damaged(path, f"shard {shard}: its features do not match their SHA-256")
+    # Every shard against the index's record: recomputed digest, every feature hashed, its images.
+    fc.table.check(path, full=True)
+    for i in range(len(fc.table)):
+        shard = fc.table.path(i)
+        with h5py.File(shard, "r") as h:
+            held = [v.decode() if isinstance(v, bytes) else str(v) for v in h["sha256"][:]]
+        if held != list(fc.manifest["sha256"][fc.table.rows(i)]):
+            raise damaged(path, f"shard {shard}: it holds other images than its index recorded")
     return {"path": str(path), "samples": int(len(fc.labels)), "images": int(fc.n_rows), "chunks": n_chunks}
 
 
@@ -147,7 +146,8 @@ def info(path: str | Path) -> str:
     not in it, with the reason."""
     fc = open_cache(path)
     a = fc.attrs
-    lines = [describe_cache(path), "config: " + json.dumps(fc.config, sort_keys=True)]
+    lines = [describe_cache(path), "config: " + json.dumps(fc.config, sort_keys=True),
+             "versions: " + a.get("versions", "{}")]
     nd = json.loads(a.get("near_duplicates", '{"pairs": []}'))
     lines.append(f"near-duplicate pairs: {len(nd['pairs'])}")
     for i, j, d, c in nd["pairs"]:

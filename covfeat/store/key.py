@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import platform
+import functools
 import re
 from pathlib import Path
-
-import h5py
-import numpy as np
 
 from covfeat.core.fingerprint import fingerprint
 from covfeat.trust.neardup import FINGERPRINT_VERSION
@@ -19,17 +16,44 @@ FORMAT_VERSION = 4  # 2: no split in the cache; 3: an index over immutable shard
 MANIFEST_FIELDS = ("path", "label", "patient_id", "source", "view", "sha256")
 
 
-def library_versions() -> dict[str, str]:
-    import cv2
-    import keras
-    import tensorflow as tf
+# The libraries whose version can change a feature value, each with the distributions that
+# provide it (the first installed one counts).  Not in the cache key (that would orphan every
+# cache made before it); recorded in every shard and index, compared at merge and reuse.
+FEATURE_LIBRARIES = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tf-nightly"),
+    "keras": ("keras",),
+    "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless", "opencv-contrib-python"),
+    "numpy": ("numpy",),
+    "pillow": ("pillow", "Pillow"),
+    "pydicom": ("pydicom",),
+}
+
+
+@functools.cache
+def library_versions() -> dict[str, str | None]:
+    """covfeat's version and those of :data:`FEATURE_LIBRARIES` (None: not installed), read from
+    the installed metadata, importing none of them (TensorFlow takes seconds to import)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from covfeat.core import __version__
 
-    return {
-        "covfeat": __version__, "python": platform.python_version(), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "opencv": cv2.__version__,
-    }
+    out: dict[str, str | None] = {"covfeat": __version__}
+    for name, dists in FEATURE_LIBRARIES.items():
+        out[name] = None
+        for d in dists:
+            try:
+                out[name] = version(d)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
+
+
+def version_difference(a: dict, b: dict) -> str:
+    """The libraries whose versions differ, as ``name a -> b`` ('unrecorded' where one has none)."""
+    names = sorted(set(a) | set(b))
+    return ", ".join(f"{k} {a.get(k, 'unrecorded')} vs {b.get(k, 'unrecorded')}"
+                     for k in names if a.get(k, "unrecorded") != b.get(k, "unrecorded"))
 
 
 def cache_key(config: dict, manifest_rows: list[dict]) -> str:

@@ -11,12 +11,22 @@ a virtual dataset over the shards (no feature data is copied); it is written und
 temporary name once every shard is present and verified, marked ``complete`` and renamed
 last: a file at the final path is always complete.  It holds its own key, which opening
 checks against the key its name claims, so a copy under another cache's name is refused.
+
+covfeat reads the features shard by shard, through the index's shard table
+(:class:`covfeat.store.index.ShardTable`), each file at its recorded name beside the index's
+real location, never through the virtual dataset: ``HDF5_VDS_PREFIX`` and a symlinked index
+do not change what covfeat reads.  Opening checks that every shard is at its recorded place
+with its recorded size (a stat each); the first read of a shard in a process compares its key,
+digest, features SHA-256 and sample count with the index's record, reads it whole and checks
+the SHA-256 of the bytes read against the record: that catches what Fletcher-32 cannot (a
+16-bit word 0x0000 turned 0xFFFF) and a shard swapped along with its own attributes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -24,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from covfeat.core.errors import CacheError
-from covfeat.store.index import damaged, index_digest
+from covfeat.store.index import TABLE, ShardTable, damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
 
 
@@ -40,6 +50,8 @@ class FeatureCache:
     manifest: dict[str, np.ndarray]
     skipped: list[tuple[str, str]]
     attrs: dict
+    table: ShardTable  # the shards, as the index recorded them: every read goes through it
+    checked: set = field(default_factory=set)  # shards whose bytes this process checked against the table
 
     @property
     def backbone(self) -> str:
@@ -148,27 +160,74 @@ class FeatureCache:
         return out
 
     def _read_features(self, idx, dtype, out):
-        from covfeat.store.reader import f16_rows_into
+        from covfeat.store.shards import record_problem
 
-        with h5py.File(self.path, "r") as h:
-            ds = h["features"]
-            idx = np.arange(ds.shape[0]) if idx is None else np.asarray(idx, np.int64)
-            if out is None:
-                out = np.empty((len(idx), *ds.shape[1:]), dtype=dtype)
-            if not len(idx):
-                return out
-            # h5py's fancy indexing is ~100x slower than slices: read sorted contiguous runs.
-            order = np.argsort(idx, kind="stable")
-            s = idx[order]
-            breaks = np.flatnonzero(np.diff(s) > 1) + 1
-            for run in np.split(np.arange(len(s)), breaks):
-                a, b = s[run[0]], s[run[-1]] + 1
-                block = ds[a:b][s[run] - a]
-                if block.dtype == np.float16 and out.dtype == np.float32:
-                    f16_rows_into(block, out, order[run])
-                else:
-                    out[order[run]] = block
+        t = self.table
+        n = int(t.bounds[-1])
+        idx = np.arange(n) if idx is None else np.asarray(idx, np.int64)
+        if out is None:
+            out = np.empty((len(idx), *self.feature_shape), dtype=dtype)
+        if not len(idx):
             return out
+        if idx.min() < 0 or idx.max() >= n:
+            raise IndexError(f"sample indices must lie in [0, {n}) for {self.path}")
+        order = np.argsort(idx, kind="stable")
+        s = idx[order]
+        shard_of = np.searchsorted(t.bounds, s, side="right") - 1
+        place = _Placer(out)
+        for grp in np.split(np.arange(len(s)), np.flatnonzero(np.diff(shard_of)) + 1):
+            i = int(shard_of[grp[0]])
+            local = s[grp] - t.start[i]
+            with h5py.File(t.path(i), "r") as h:
+                ds = h["features"]
+                if i not in self.checked:
+                    problem = record_problem(h, t.key, t.record(i))
+                    if problem:
+                        raise damaged(self.path, f"shard {t.path(i)}: {problem}")
+                    # A shard's first read in this process reads it whole and checks its bytes against the
+                    # index's record (what Fletcher-32 cannot see); later reads take only the rows asked for.
+                    block = ds[:]
+                    if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != t.features_sha256[i]:
+                        raise damaged(self.path, f"shard {t.path(i)}: its features do not match the SHA-256 its "
+                                      "index recorded")
+                    self.checked.add(i)
+                    place(block if len(local) == len(block) and (local == np.arange(len(block))).all()
+                          else block[local], order[grp])
+                    continue
+                # h5py's fancy indexing is ~100x slower than slices: read sorted contiguous runs.
+                breaks = np.flatnonzero(np.diff(local) > 1) + 1
+                for run in np.split(np.arange(len(local)), breaks):
+                    a, b = local[run[0]], local[run[-1]] + 1
+                    place(ds[a:b][local[run] - a], order[grp][run])
+        place.flush()
+        return out
+
+
+class _Placer:
+    """Puts blocks of rows read from shards into ``out``; float16 into float32 through the compiled
+    cast, gathered to at least PLACE_BYTES a call, since each call of the parallel kernel costs
+    milliseconds of thread start-up whatever its size (one call per small shard would dominate)."""
+
+    PLACE_BYTES = 32 * 2**20
+
+    def __init__(self, out: np.ndarray):
+        self.out, self.blocks, self.rows, self.nbytes = out, [], [], 0
+
+    def __call__(self, block: np.ndarray, where: np.ndarray) -> None:
+        if not (block.dtype == np.float16 and self.out.dtype == np.float32):
+            self.out[where] = block
+            return
+        self.blocks.append(block)
+        self.rows.append(where)
+        self.nbytes += block.nbytes
+        if self.nbytes >= self.PLACE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.blocks:
+            block = self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
+            f16_rows_into(block, self.out, np.concatenate(self.rows))
+            self.blocks, self.rows, self.nbytes = [], [], 0
 
 
 def open_cache(path: str | Path) -> FeatureCache:
@@ -199,9 +258,12 @@ def open_cache(path: str | Path) -> FeatureCache:
             named = key_in_name(path)
             if "key" in h.attrs and named is not None and h.attrs["key"] != named:
                 raise damaged(path, f"it is the cache of key {h.attrs['key']}, its name says {named}")
-            for rel, _ in json.loads(h.attrs.get("shards", "[]")):
-                if not (path.parent / rel).is_file():  # a missing source would read as fill values
-                    raise damaged(path, f"shard {path.parent / rel} is missing")
+            if TABLE not in h:
+                raise CacheError(f"{path} was written by an earlier covfeat, without the record of its shards that "
+                                 "reading needs; run the same `covfeat extract` again: it re-indexes the cache from "
+                                 "its verified shards, computing nothing.")
+            table = ShardTable(path, h)
+            table.check(path)  # each shard at its recorded place, and the one recorded
             config = json.loads(h.attrs["config"])
             man = {k: h["manifest"][k][:] for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
             for k in MANIFEST_FIELDS:
@@ -210,7 +272,7 @@ def open_cache(path: str | Path) -> FeatureCache:
             skipped = list(zip((p.decode() for p in h["skipped"]["path"][:]),
                                (r.decode() for r in h["skipped"]["reason"][:])))
             attrs = {k: h.attrs[k] for k in h.attrs}
-            return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs)
+            return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs, table)
     except CacheError:
         raise
     except (OSError, KeyError, ValueError) as exc:

@@ -9,6 +9,7 @@ fsynced, renamed), so a kill -9 or power loss loses at most the shards in flight
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from covfeat.core.errors import CacheError
 from covfeat.core.fsutil import atomic_file, remove_stale
+from covfeat.store.key import library_versions, version_difference
 
 SHARD_IMAGES = 32  # images per shard
 
@@ -61,7 +63,55 @@ def _shard_digest(h: h5py.File) -> str:
     for k in ("sha256", "skipped"):
         d.update(k.encode() + b"\x00".join(v if isinstance(v, bytes) else str(v).encode() for v in h[k][:]))
     d.update(str(h.attrs.get("key", "")).encode())
+    if "versions" in h.attrs:  # shards of covfeat before versions were recorded keep their digest
+        d.update(b"versions=" + str(h.attrs["versions"]).encode())
     return d.hexdigest()
+
+
+def stored_versions(h: h5py.File) -> dict:
+    """The library versions a shard or an index records ({} when it records none)."""
+    return json.loads(h.attrs["versions"]) if "versions" in h.attrs else {}
+
+
+def common_versions(store: "ShardStore", specs: list[ShardSpec]) -> dict:
+    """The library versions every shard of ``specs`` records.  Shards made with different
+    versions are never merged: their features would not be comparable.
+
+    Raises
+    ------
+    CacheError
+        Naming a shard of each versions, what differs, and --rebuild.
+    """
+    first, seen = None, {}
+    for spec in specs:
+        with h5py.File(store.path(spec), "r") as h:
+            v = stored_versions(h)
+        if first is None:
+            first, seen = store.path(spec), v
+        elif v != seen:
+            raise CacheError(f"shards made with different library versions: {first} and {store.path(spec)} "
+                             f"({version_difference(seen, v)}); run the same `covfeat extract` with --rebuild to "
+                             "recompute the shards of other versions than this covfeat's.")
+    return seen
+
+
+def record_problem(h: h5py.File, key: str, rec: dict, full: bool = False) -> str | None:
+    """What makes an open shard other than the one an index recorded (``rec``: its samples,
+    features SHA-256 and digest), or None.  The cheap part reads attributes and a shape; with
+    ``full``, the digest is recomputed and every feature read and hashed, so a shard whose
+    attributes were forged along with its bytes is caught too."""
+    if h.attrs.get("key") != key:
+        return f"it belongs to the cache of key {h.attrs.get('key')}, not {key}"
+    if h.attrs.get("digest") != rec["digest"] or h.attrs.get("features_sha256") != rec["features_sha256"]:
+        return "it is not the shard its index recorded (its digest or features SHA-256 differ)"
+    if h["features"].shape[0] != rec["samples"]:
+        return f"it holds {h['features'].shape[0]} samples, its index recorded {rec['samples']}"
+    if full:
+        if _shard_digest(h) != rec["digest"]:
+            return "its contents do not match the digest its index recorded"
+        if data_sha256(h["features"]) != rec["features_sha256"]:
+            return "its features do not match the SHA-256 its index recorded"
+    return None
 
 
 class ShardStore:
@@ -113,21 +163,31 @@ class ShardStore:
             h.create_dataset("phash", data=hashes, chunks=True, fletcher32=True, **kw)
             h.create_dataset("thumb", data=thumbs, chunks=(max(m, 1), *thumbs.shape[1:]), fletcher32=True, **kw)
             h.attrs["key"] = self.key
+            h.attrs["versions"] = json.dumps(library_versions(), sort_keys=True)  # this process's, on any node
             h.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()
             h.attrs["digest"] = _shard_digest(h)
         return final
 
-    def verify(self, spec: ShardSpec, rows: list[dict]) -> None:
-        """A shard is whole, of this cache, holds the images its name says, and its checksums hold.
+    def verify(self, spec: ShardSpec, rows: list[dict], versions: dict | None = None) -> None:
+        """A shard is whole, of this cache, made with ``versions`` (default: this process's
+        :func:`library_versions`), holds the images its name says, and its checksums hold.
+
+        A shard of other library versions counts as damaged: its features may differ from the
+        ones this covfeat computes, so it is recomputed rather than mixed with them.
 
         Raises CacheError naming the shard."""
         path = self.path(spec)
         want = [rows[i]["sha256"] for i in spec.rows]
+        versions = library_versions() if versions is None else versions
         try:
             with h5py.File(path, "r") as h:
                 if h.attrs.get("key") != self.key or h.attrs.get("digest") != _shard_digest(h):
                     raise CacheError(f"shard {path} does not match its digest; delete it and run the extraction "
                                      "again to recompute it")
+                if stored_versions(h) != versions:
+                    raise CacheError(f"shard {path} was made with other library versions than this covfeat's "
+                                     f"({version_difference(stored_versions(h), versions)}); delete it and run the "
+                                     "extraction again to recompute it")
                 if [v.decode() if isinstance(v, bytes) else v for v in h["sha256"][:]] != want:
                     raise CacheError(f"shard {path} holds other images than its name says")
                 image, view = h["image"][:], h["view"][:]
