@@ -263,3 +263,24 @@ def test_occlusion_masks_enter_the_key_by_content_not_by_folder(tmp_path):
     (b / "y.png").write_bytes(b"mask two")
     (b / "y.png").rename(b / "z.png")  # a mask now applies to another image
     assert key(b) != k
+
+
+def test_a_mask_occluded_cache_finds_its_masks_again_only_while_they_are_the_same(tmp_path):
+    """What predict and the probes rebuild from a mask-occluded cache's record: the folder the
+    masks were in, taken only while its content is the one in the key."""
+    from covfeat.core.errors import ConfigError
+    from covfeat.extraction.backbones import get_backbone, resolve_weights
+    from covfeat.extraction.config import ExtractConfig, OcclusionConfig
+    from covfeat.extraction.plan import resolved_config
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"mask one")
+    cfg = ExtractConfig(backbone="inception_v3", weights="none",
+                        occlusion=OcclusionConfig(kind="masks", masks=str(folder)))
+    stored = json.loads(json.dumps(resolved_config(cfg, resolve_weights(get_backbone("inception_v3"), "none"))))
+    again = ExtractConfig.from_stored(stored)
+    assert again.occlusion.masks == str(folder.resolve()) and again.occlusion.kind == "masks"
+    (folder / "x.png").write_bytes(b"mask 1")
+    with pytest.raises(ConfigError, match=r"^The masks in .* are not the ones the cache was made with"):
+        ExtractConfig.from_stored(stored)

@@ -63,7 +63,8 @@ def test_a_corrupted_cache_is_never_trained_on(small, cache, tmp_path):
     r = runner.invoke(app, ["fit-head", "--cache", str(cache), "--epochs", "1", "--runs-dir", str(tmp_path / "r")])
     assert r.exit_code == 1 and not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
     assert err(r).startswith(f"error: {cache} is damaged (a checksum does not match: ")
-    assert err(r).endswith("run the same `covfeat extract` with --rebuild to move it aside and extract again.")
+    assert err(r).endswith("run the same `covfeat extract` with --rebuild to recompute the damaged parts and write the "
+                           "index again (--rebuild all: move everything aside and extract it all again).")
     r = runner.invoke(app, ["verify", str(cache)])
     assert r.exit_code == 1 and "is damaged (a checksum does not match" in r.stderr
     args = EX + ["--data", str(small["cohen"]), "--data", str(small["normal"]), "--cache-dir", str(cache.parent)]
@@ -95,8 +96,9 @@ def test_an_index_under_another_caches_name_is_refused(cache):
     r = runner.invoke(app, ["info", str(other)])
     assert r.exit_code == 1
     assert err(r) == (f"error: {other} is damaged (it is the cache of key {cache.stem.rsplit('-', 1)[-1]}, its name "
-                      "says 0123456789abcdef); run the same `covfeat extract` with --rebuild to move it aside and "
-                      "extract again.")
+                      "says 0123456789abcdef); run the same `covfeat extract` with --rebuild to recompute the damaged "
+                      "parts and write the index again (--rebuild all: move everything aside and extract it all "
+                      "again).")
     assert runner.invoke(app, ["info", str(cache)]).exit_code == 0
     mine = cache.with_name("mine.h5")  # a name covfeat did not give claims no key
     mine.write_bytes(cache.read_bytes())

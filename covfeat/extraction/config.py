@@ -200,6 +200,8 @@ class ExtractConfig(Checked):
         occ = values.get("occlusion")
         if isinstance(occ, dict) and isinstance(occ.get("model"), dict):
             values["occlusion"] = {**occ, "model": stored_lungs_folder(occ["model"], purpose)}
+        if isinstance(occ, dict) and isinstance(occ.get("masks"), dict):
+            values["occlusion"] = {**values["occlusion"], "masks": stored_masks_folder(occ["masks"], purpose)}
         if stored.get("lungs"):
             values["lungs"] = {"model": stored_lungs_folder(stored["lungs"]["model"], purpose),
                                "outside": stored["lungs"]["outside"]}
@@ -276,6 +278,24 @@ def stored_lungs_folder(entry: dict, purpose: str) -> str:
     if LungsModel.load(folder).hash != entry["identity"]:
         raise ConfigError(f"The lungs model in {folder} is not the run's (its hash differs: retrained or replaced); "
                           f"refusing to {purpose} with other lung masks.")
+    return folder
+
+
+def stored_masks_folder(entry: dict, purpose: str) -> str:
+    """The folder of the occlusion masks a cache recorded (``{"identity", "folder"}``), once
+    its content is checked to be the very masks the cache was made with.
+
+    Raises
+    ------
+    ConfigError
+        The folder is gone or its masks changed (their SHA-256 differs).
+    """
+    folder = entry.get("folder")
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"The run's occlusion mask folder {folder!r} is gone; put it back to {purpose}.")
+    if OcclusionConfig(kind="masks", masks=folder).masks_identity() != entry["identity"]:
+        raise ConfigError(f"The masks in {folder} are not the ones the cache was made with (their SHA-256 differs: "
+                          f"edited, added or removed); refusing to {purpose} with other masks.")
     return folder
 
 

@@ -61,6 +61,8 @@ def resolved_config(cfg: ExtractConfig, weights: WeightsSpec, lungs_hashes: dict
                       "label": weights.label}
     if cfg.occlusion.model:
         out["occlusion"]["model"]["folder"] = str(Path(cfg.occlusion.model).resolve())
+    if cfg.occlusion.kind == "masks":  # the key holds their content; the folder is where to find them again
+        out["occlusion"]["masks"]["folder"] = str(Path(cfg.occlusion.masks).resolve())
     if cfg.lungs.model:
         out["lungs"]["model"]["folder"] = str(Path(cfg.lungs.model).resolve())
     out.update(

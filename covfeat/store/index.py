@@ -211,7 +211,8 @@ class ShardTable:
                 raise damaged(index, f"shard {path}: {problem}")
 
 
-REBUILD = "run the same `covfeat extract` with --rebuild to move it aside and extract again"
+REBUILD = ("run the same `covfeat extract` with --rebuild to recompute the damaged parts and write the index again "
+           "(--rebuild all: move everything aside and extract it all again)")
 
 
 def damaged(path: Path, what: str) -> CacheError:

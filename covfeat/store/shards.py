@@ -22,6 +22,10 @@ from covfeat.store.key import library_versions, version_difference
 
 SHARD_IMAGES = 32  # images per shard
 
+# What every refusal of one shard tells the user: --rebuild moves the shards that fail
+# verification aside (kept, never deleted) and computes only those again.
+REDO_SHARD = "run the same `covfeat extract` with --rebuild (it moves the damaged shards aside and computes them again)"
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -182,24 +186,21 @@ class ShardStore:
         try:
             with h5py.File(path, "r") as h:
                 if h.attrs.get("key") != self.key or h.attrs.get("digest") != _shard_digest(h):
-                    raise CacheError(f"shard {path} does not match its digest; delete it and run the extraction "
-                                     "again to recompute it")
+                    raise CacheError(f"shard {path} does not match its digest; {REDO_SHARD}")
                 if stored_versions(h) != versions:
                     raise CacheError(f"shard {path} was made with other library versions than this covfeat's "
-                                     f"({version_difference(stored_versions(h), versions)}); delete it and run the "
-                                     "extraction again to recompute it")
+                                     f"({version_difference(stored_versions(h), versions)}); {REDO_SHARD}")
                 if [v.decode() if isinstance(v, bytes) else v for v in h["sha256"][:]] != want:
-                    raise CacheError(f"shard {path} holds other images than its name says")
+                    raise CacheError(f"shard {path} holds other images than its name says; {REDO_SHARD}")
                 image, view = h["image"][:], h["view"][:]
                 if len(image) != h["features"].shape[0] or len(view) != len(image) or (np.diff(image) < 0).any():
-                    raise CacheError(f"shard {path} is damaged (its samples do not line up with its images)")
+                    raise CacheError(f"shard {path} is damaged (its samples do not line up with its images); "
+                                     f"{REDO_SHARD}")
                 h["thumb"][:]
                 if data_sha256(h["features"]) != h.attrs.get("features_sha256"):  # reads (and checksums) every chunk
-                    raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256); delete it "
-                                     "and run the extraction again to recompute it")
+                    raise CacheError(f"shard {path} is damaged (its features do not match their SHA-256); {REDO_SHARD}")
         except OSError as exc:
-            raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]}); delete it and run the "
-                             "extraction again to recompute it") from None
+            raise CacheError(f"shard {path} is damaged ({str(exc).splitlines()[0]}); {REDO_SHARD}") from None
 
     def remove_stale_tmp(self) -> list[Path]:
         """Half-written shard files of writers that died on this host (:func:`remove_stale`)."""
