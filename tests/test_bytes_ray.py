@@ -199,7 +199,9 @@ def test_a_ray_actor_refuses_a_node_with_other_library_versions(data, tmp_path):
     from covfeat.extraction.ray_driver import _ShardActor
 
     desc = _desc(data, tmp_path)
-    assert set(desc["versions"]) == {"covfeat", "tensorflow", "keras", "numpy", "opencv", "h5py"}
+    from covfeat.store.key import library_versions
+
+    assert desc["versions"] == library_versions() and {"covfeat", "tensorflow", "keras", "opencv"} <= set(desc["versions"])
     desc["versions"] = {**desc["versions"], "keras": "2.0.0"}
     with pytest.raises(ConfigError, match=r"^node \S+ has other libraries than the driver \(keras \S+ here, 2\.0\.0 on "
                                           r"the driver\); its shards would differ: install the same versions on "

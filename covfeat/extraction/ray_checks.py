@@ -20,17 +20,15 @@ from covfeat.core.fsutil import temp_path
 from covfeat.store.key import library_versions
 from covfeat.store.shards import ShardSpec
 
-# The libraries whose versions change features or the shard files: a node with another one
-# would add shards that differ from the driver's (Python's own version changes neither).
-COMPARED = ("covfeat", "tensorflow", "keras", "numpy", "opencv", "h5py")
 
 PROBE_SECONDS = 120  # a node that cannot answer within this is refused too: it could not compute a shard either
 
 
-def node_versions() -> dict[str, str]:
-    """The versions :data:`COMPARED` of this process's libraries."""
-    v = library_versions()
-    return {k: v[k] for k in COMPARED}
+def node_versions() -> dict[str, str | None]:
+    """The versions of this node's libraries that change features: the very ones every shard
+    records and a merge compares (:func:`covfeat.store.key.library_versions`), so a node that
+    the merge would refuse is refused before it computes anything."""
+    return library_versions()
 
 
 def node_name() -> str:
