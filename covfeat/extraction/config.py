@@ -164,8 +164,8 @@ class ExtractConfig(Checked):
                                   help="Decode large JPEGs at full size (default: libjpeg's scaled decoding to >= 448 "
                                   "px, then the same resize).")
     max_pixels: int = setting(64_000_000, integer(0), flag="--max-pixels",
-                              help="Skip images with more pixels (measured before decoding, as are images whose "
-                              "size cannot be measured); 0: no limit, and decode those too.")
+                              help="Skip images with more pixels, or whose size cannot be measured before "
+                              "decoding; 0: no limit.")
     max_file_mb: float = setting(256.0, number(0, lo_open=True), flag="--max-file-mb",
                                  help="Skip larger files, before reading them.")
     min_side: int = setting(64, integer(1), flag="--min-side", help="Skip images whose shorter side is smaller.")
