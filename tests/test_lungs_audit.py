@@ -83,6 +83,7 @@ def test_the_class_outside_the_lungs(outside, tiny_lungs):
         assert line in r.stdout
 
 
+@pytest.mark.slow  # 21 s; the default suite keeps the class outside the lungs and each branch of the reading
 def test_the_class_inside_the_lungs(inside, tiny_lungs):
     root, run = inside
     res = audit(run, cache_dir=root / "cache", probes=("occlusion",), progress=False, lungs=tiny_lungs)

@@ -208,6 +208,7 @@ def op_run(mini_cache, tmp_path_factory):
                     tmp_path_factory.mktemp("op_runs"), progress=False)
 
 
+@pytest.mark.slow  # 32 s; the exported model is remade by issue 21, whose tests check it against predict
 def test_exported_corrected_outputs_and_labels_agree_with_predict(mini, op_run, tmp_path):
     """At --prevalence 0.1 the exported probabilities are predict's corrected p_covid, the raw
     layer is p_covid_raw, `covid` is predict's label, and the threshold moved by the same map

@@ -51,6 +51,7 @@ def _same(a: Path, b: Path):
             np.testing.assert_array_equal(ha[k][:], hb[k][:], err_msg=k)
 
 
+@pytest.mark.slow  # 32 s; the default suite keeps --shard slices through the CLI in tests/test_bytes_clean.py
 def test_slices_in_separate_processes_then_the_merge_equal_the_reference(data, reference, tmp_path):
     c = tmp_path / "c"
     outs = []
@@ -122,6 +123,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # Ray is an optional extra; 40 s with its cluster
 def test_ray_on_a_local_two_worker_cluster_equals_the_local_driver(data, reference, tmp_path, ray_cluster):
     from covfeat.extraction.config import DriverConfig, ExtractConfig
     from covfeat.extraction.run import extract
