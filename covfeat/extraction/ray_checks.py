@@ -20,7 +20,6 @@ from covfeat.core.fsutil import temp_path
 from covfeat.store.key import library_versions
 from covfeat.store.shards import ShardSpec
 
-
 PROBE_SECONDS = 120  # a node that cannot answer within this is refused too: it could not compute a shard either
 
 
