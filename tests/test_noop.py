@@ -1,0 +1,87 @@
+"""A no-op costs nothing: the commands that only read a cache (a re-run `extract` on a complete
+cache, `info`, `verify`, `clean`) never import TensorFlow or Keras, whose import is seconds of a
+second's work (covfeat issue 20, item 3).  fit-head on a warm head template is held to the same
+rule in tests/test_headfile.py.
+
+Each check runs the real command line in a fresh interpreter, with nothing imported ahead."""
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("tensorflow", "keras")
+
+# Runs covfeat's CLI once per argument list, in one process, and records after each command its
+# exit code and which of HEAVY are imported by then.
+RUN_COMMANDS = f"""
+import json, sys
+from covfeat.cli import app
+out, done = sys.argv[1], []
+for args in json.loads(sys.argv[2]):
+    try:
+        app(args=args, prog_name="covfeat")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    done.append({{"args": args, "code": code, "imported": [m for m in {HEAVY!r} if m in sys.modules]}})
+open(out, "w").write(json.dumps(done))
+"""
+
+
+def _run(commands: list[list[str]], tmp_path):
+    out = tmp_path / "imported.json"
+    r = subprocess.run([sys.executable, "-c", RUN_COMMANDS, str(out), json.dumps(commands)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and out.exists(), r.stderr
+    return json.loads(out.read_text()), r
+
+
+def test_read_only_commands_and_a_no_op_extract_import_neither_tensorflow_nor_keras(mini, mini_cache, tmp_path):
+    cache_dir = mini_cache.parent
+    commands = [
+        ["extract", "-b", "inception_v3", "--weights", "none", "--augment", "2", "-d", str(mini["cohen"]),
+         "-d", str(mini["normal"]), "--cache-dir", str(cache_dir)],
+        ["info", str(mini_cache)],
+        ["verify", str(mini_cache)],
+        ["clean", "--cache-dir", str(cache_dir), "--runs-dir", str(tmp_path / "runs")],
+    ]
+    done, r = _run(commands, tmp_path)
+    assert [d["code"] for d in done] == [0, 0, 0, 0], r.stderr
+    assert "Cache is complete and verified; nothing to do" in r.stderr  # the extract was the no-op it should be
+    assert r.stdout.splitlines()[0] == str(mini_cache)
+    assert [(d["args"][0], d["imported"]) for d in done] == [(c[0], []) for c in commands]
+
+
+WEIGHTS = """
+import dataclasses, hashlib, json, os, sys
+from pathlib import Path
+from covfeat.extraction.backbones import get_backbone, keras_cache_dir, resolve_weights
+bb = get_backbone("inception_v3")
+target = keras_cache_dir() / bb.imagenet.file
+target.parent.mkdir(parents=True)
+target.write_bytes(b"weights Keras would have downloaded")
+md5 = hashlib.md5(target.read_bytes()).hexdigest()
+cached = resolve_weights(dataclasses.replace(bb, imagenet=dataclasses.replace(bb.imagenet, md5=md5)), "imagenet")
+own = resolve_weights(bb, str(target))
+print(json.dumps({"cached": [cached.kind, cached.path, cached.identity], "file": [own.kind, own.identity],
+                  "imported": [m for m in ("tensorflow", "keras") if m in sys.modules]}))
+"""
+
+
+def test_imagenet_weights_found_in_kerass_cache_and_a_weights_file_resolve_without_keras(tmp_path):
+    """The identities of --weights imagenet (a file already in Keras's cache, checked against its
+    published hash) and --weights FILE are read without importing Keras; the file is where
+    Keras's get_file would look ($KERAS_HOME/models)."""
+    import hashlib
+    import os
+
+    home = tmp_path / "keras_home"
+    env = dict(os.environ, KERAS_HOME=str(home))
+    r = subprocess.run([sys.executable, "-c", WEIGHTS], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    target = home / "models" / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    md5 = hashlib.md5(target.read_bytes()).hexdigest()
+    assert got["cached"] == ["imagenet", str(target), f"imagenet:md5={md5}"]
+    assert got["file"] == ["file", f"file:sha256={hashlib.sha256(target.read_bytes()).hexdigest()}"]
+    assert got["imported"] == []
