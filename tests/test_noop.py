@@ -6,8 +6,12 @@ rule in tests/test_headfile.py.
 Each check runs the real command line in a fresh interpreter, with nothing imported ahead."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+from conftest import make_mini
 
 HEAVY = ("tensorflow", "keras")
 
@@ -73,7 +77,6 @@ def test_imagenet_weights_found_in_kerass_cache_and_a_weights_file_resolve_witho
     published hash) and --weights FILE are read without importing Keras; the file is where
     Keras's get_file would look ($KERAS_HOME/models)."""
     import hashlib
-    import os
 
     home = tmp_path / "keras_home"
     env = dict(os.environ, KERAS_HOME=str(home))
@@ -85,3 +88,19 @@ def test_imagenet_weights_found_in_kerass_cache_and_a_weights_file_resolve_witho
     assert got["cached"] == ["imagenet", str(target), f"imagenet:md5={md5}"]
     assert got["file"] == ["file", f"file:sha256={hashlib.sha256(target.read_bytes()).hexdigest()}"]
     assert got["imported"] == []
+
+
+@pytest.mark.slow
+def test_an_extraction_that_builds_its_model_still_starts_quietly(tmp_path):
+    """extract no longer imports TensorFlow up front (clikit.guard's quiet import): the model
+    build imports it itself, and TensorFlow's start-up notices must stay hidden there too.
+    Slow: a real forward pass (about 20 s)."""
+    d = make_mini(tmp_path / "d", n_covid=2, n_normal=2)
+    env = dict(os.environ, COVFEAT_NO_PROGRESS="1")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "extract", "-b", "inception_v3", "--weights", "none",
+                        "--augment", "0", "-d", str(d["cohen"]), "-d", str(d["normal"]), "--cache-dir",
+                        str(tmp_path / "c")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "oneDNN" not in r.stderr and "absl" not in r.stderr and "cpu_feature_guard" not in r.stderr
+    assert r.stderr.splitlines()[0].startswith("Data: ")
