@@ -104,3 +104,27 @@ def test_an_extraction_that_builds_its_model_still_starts_quietly(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "oneDNN" not in r.stderr and "absl" not in r.stderr and "cpu_feature_guard" not in r.stderr
     assert r.stderr.splitlines()[0].startswith("Data: ")
+
+
+PLAN_WITH_LUNGS = """
+import json, sys
+from covfeat.extraction.config import ExtractConfig, LungsConfig
+from covfeat.extraction.plan import plan
+lungs, cohen, normal, cache_dir = sys.argv[1:]
+cfg = ExtractConfig(backbone="inception_v3", weights="none", lungs=LungsConfig(model=lungs, outside="blank"))
+p = plan([cohen, normal], cfg, cache_dir)
+print(json.dumps({"lungs": p.pipeline.lungs_hashes, "target": str(p.target),
+                  "imported": [m for m in ("tensorflow", "keras") if m in sys.modules]}))
+"""
+
+
+def test_a_plan_with_a_lungs_model_reads_its_files_without_keras(tiny_lungs, mini, tmp_path):
+    """The lungs model's folder is read and its hash checked at plan time (it enters the key);
+    Keras builds its network only when an image is first restricted to the lungs, which a
+    complete cache never needs."""
+    r = subprocess.run([sys.executable, "-c", PLAN_WITH_LUNGS, str(tiny_lungs), str(mini["cohen"]),
+                        str(mini["normal"]), str(tmp_path / "c")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert list(got["lungs"]) == [str(tiny_lungs)] and got["target"].startswith(str(tmp_path / "c"))
+    assert got["imported"] == []
