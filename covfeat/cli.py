@@ -183,7 +183,7 @@ def extract(**opts):
     cfg = check(settings_from, ExtractConfig, opts, EXTRACT_CONVERSIONS)
     drv = check(settings_from, DriverConfig, opts, EXTRACT_CONVERSIONS)
     path = guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=progress(), rebuild=opts["rebuild"],
-                  driver=drv)
+                  driver=drv, tensorflow=False)  # the model build imports it, quietly; a complete cache never does
     if path is None:
         typer.echo("shards written; the index follows when every shard is present")
     else:
@@ -378,7 +378,7 @@ def info(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help
     """A cache's config and counts, and every file that is not in it, with the reason."""
     from covfeat.store.catalog import info as cache_info
 
-    typer.echo(guard(cache_info, cache))
+    typer.echo(guard(cache_info, cache, tensorflow=False))
 
 
 @app.command()
@@ -386,7 +386,7 @@ def verify(cache: Annotated[Path, typer.Argument(exists=True, dir_okay=False, he
     """Check every checksum of a cache (Fletcher-32 on every chunk, a digest of the rest)."""
     from covfeat.store.catalog import verify_cache
 
-    r = guard(verify_cache, cache)
+    r = guard(verify_cache, cache, tensorflow=False)
     typer.echo(f"{r['path']}: verified ({r['images']} images, {r['samples']} feature maps, {r['chunks']} chunks)")
 
 
@@ -403,7 +403,7 @@ def clean(
     from covfeat.head.runs import remove_stale_tmp
     from covfeat.store.catalog import clean_cache_dir
 
-    report = guard(clean_cache_dir, cache_dir)
+    report = guard(clean_cache_dir, cache_dir, tensorflow=False)
     report.removed += remove_stale_tmp(runs_dir) if runs_dir.is_dir() else []
     typer.echo(report.text())
 

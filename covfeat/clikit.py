@@ -31,7 +31,9 @@ def check(fn, *args, **kwargs):
 def guard(fn, *args, tensorflow: bool = True, **kwargs):
     """Run a library call; expected errors become one line on stderr and exit code 1.
     With ``tensorflow`` it is imported first, quietly, before library code could import it
-    noisily (calls that may not need it import it quietly themselves)."""
+    noisily.  Calls that may not need it (extract on a complete cache, info, verify, clean,
+    fit-head on a warm template) pass ``tensorflow=False`` and import it quietly themselves,
+    right before first use: its import is seconds, the whole of a no-op's cost."""
     if tensorflow:
         import_tensorflow()
     try:

@@ -16,7 +16,8 @@ from covfeat.head.model import build_head
 from covfeat.head.template import NOT_IN_TEMPLATE, TEMPLATE, head_template, template_key
 
 RUN_CLI = ("import sys\nfrom covfeat.cli import app\ntry:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
-           "print('TENSORFLOW-IMPORTED' if 'tensorflow' in sys.modules else 'NO-TENSORFLOW', file=sys.stderr)\n"
+           "heavy = {'tensorflow', 'keras'} & set(sys.modules)\n"  # Keras, too, is seconds to import
+           "print('TENSORFLOW-IMPORTED' if heavy else 'NO-TENSORFLOW', file=sys.stderr)\n"
            "sys.exit(code)\n")
 
 

@@ -131,12 +131,24 @@ def get_backbone(name: str) -> Backbone:
     return REGISTRY.get(name)
 
 
+def keras_home() -> str:
+    """Keras's home folder, read without importing Keras (seconds, and a no-op extraction needs
+    none of it): once Keras is imported, the very value it holds (what get_file asks); before,
+    what Keras would set at its import ($KERAS_HOME, else ~/.keras, or /tmp/.keras when the
+    home folder is not writable)."""
+    config = sys.modules.get("keras.src.backend.config")
+    if config is not None:
+        return config.keras_home()
+    if "KERAS_HOME" in os.environ:
+        return os.environ["KERAS_HOME"]
+    base = os.path.expanduser("~")
+    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+
+
 def keras_cache_dir() -> Path:
     """The folder where Keras's get_file caches application weights ($KERAS_HOME/models,
     or /tmp/.keras/models when that is not writable, as get_file itself decides)."""
-    from keras.src.backend import config  # the same function get_file asks
-
-    base = os.path.expanduser(config.keras_home())
+    base = os.path.expanduser(keras_home())
     if os.path.isdir(base) and not os.access(base, os.W_OK):
         base = os.path.join("/tmp", ".keras")
     return Path(base) / "models"
@@ -191,6 +203,12 @@ def resolve_weights(backbone: Backbone, weights: str, seed: int = 0) -> WeightsS
                     f"(md5 {md5}, expected {w.md5}). Remove it so Keras can "
                     f"download the real file, or pass it as --weights {target}."
                 )
+            # The hash get_file would check, checked: the cached file is the one, and Keras (an
+            # import of seconds) is left for the model build, which a complete cache never needs.
+            return WeightsSpec("imagenet", str(target), f"imagenet:md5={w.md5}", True)
+        from covfeat.core.quiet import import_tensorflow
+
+        import_tensorflow()  # quietly, before get_file's import of Keras could print TensorFlow's notices
         from keras.utils import get_file
 
         try:
