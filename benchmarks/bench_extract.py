@@ -2,11 +2,18 @@
 forward-only throughput on ready tensors, for each of the paper's four backbones, measured
 side by side in one process.
 
-    python benchmarks/bench_extract.py [--images 24] [--augment 4] [--backbones all]
+    python benchmarks/bench_extract.py [--images 24] [--augment 4] [--backbones all] [--no-bfloat16]
 
 Uses ``../shared/data/covid-cxr`` (half COVID-19, half NORMAL), random-init weights
 (``--weights none``: NOT PRETRAINED; speed does not depend on the weights).  Writes
 ``benchmarks/results/extract.json`` and ``.md``.
+
+Where the CPU has native bfloat16, each backbone's forward pass is also measured by both
+bfloat16 routes (covfeat.extraction.precision), each in a process of its own (oneDNN reads its
+mode once per process), on the same real images as float32: img/s, the ratio to float32, and
+the fidelity of the feature maps (the minimum per-image cosine to float32's, the largest
+difference relative to float32's largest value, before and after average pooling).  The route
+covfeat uses for the backbone (precision.ROUTES) is marked; it should be the faster one.
 """
 
 from __future__ import annotations
@@ -64,6 +71,91 @@ def forward_only(model, n: int, bs: int = 16, streams: int = 1) -> float:
         return batches * bs / (time.perf_counter() - t)
 
 
+def precision_child(name: str, route: str, images: int, out: str) -> None:
+    """In a process of its own: the forward pass of ``name`` computing by ``route`` on the
+    first ``images`` images of the bundled sample (original views, the paper's scaling), its img/s on
+    batches of 16, and its feature maps saved to ``out`` (.npz)."""
+    from covfeat.extraction.precision import prepare_process
+
+    prepare_process(route)  # before TensorFlow starts
+    import tensorflow as tf
+
+    from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.images import InputPipeline
+
+    bb = get_backbone(name)
+    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0, route=route)
+    pipe = InputPipeline.for_config(ExtractConfig(backbone=name, weights="none"), bb)
+    from covfeat.extraction.plan import SAMPLE_DIR
+
+    both = [sorted((SAMPLE_DIR / d).iterdir()) for d in ("cohen/images", "kermany/NORMAL")]
+    files = [p for pair in zip(*both) for p in pair][:images]  # alternating COVID-19 and NORMAL
+    x = np.stack([pipe(p) for p in files])
+    fwd = tf.function(lambda b: model(b, training=False))
+    maps = np.concatenate([fwd(x[i:i + 16]).numpy() for i in range(0, len(x), 16)])  # also the trace
+    t = time.perf_counter()
+    for i in range(0, len(x), 16):
+        fwd(x[i:i + 16]).numpy()
+    np.savez(out, maps=maps.astype(np.float32), img_s=len(x) / (time.perf_counter() - t))
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict:
+    """How far ``got``'s feature maps are from ``ref``'s (float32): the minimum cosine per image
+    and the largest absolute difference relative to the largest |value|, of the maps and of
+    their average pooling (what the head reads)."""
+    def one(a, b):
+        a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        return float(cos.min()), float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+
+    c, r = one(ref, got)
+    cp, rp = one(ref.mean(axis=(1, 2)), got.mean(axis=(1, 2)))
+    return {"min_cosine": c, "max_rel_diff": r, "pooled_min_cosine": cp, "pooled_max_rel_diff": rp}
+
+
+def bfloat16_rows(names: list[str], images: int, work: Path) -> list[dict]:
+    """float32 and both bfloat16 routes per backbone, each in a fresh process (see the docstring)."""
+    import subprocess
+
+    from covfeat.extraction.precision import ROUTES, bf16_kind
+
+    rows = []
+    for name in names:
+        got = {}
+        for route in ("float32", "onednn", "mixed"):
+            out = work / f"{name}-{route}.npz"
+            env = {k: v for k, v in os.environ.items() if k != "ONEDNN_DEFAULT_FPMATH_MODE"}
+            subprocess.run([sys.executable, __file__, "--precision-child", name, route, str(images), str(out)],
+                           check=True, env=env)
+            with np.load(out) as z:
+                got[route] = (z["maps"], float(z["img_s"]))
+        ref, f32 = got["float32"]
+        for route in ("onednn", "mixed"):
+            maps, speed = got[route]
+            rows.append({"backbone": name, "route": route, "chosen": ROUTES[bf16_kind()][name] == route, "images": images,
+                         "float32_img_s": f32, "bfloat16_img_s": speed, "ratio": speed / f32,
+                         **fidelity(ref, maps)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def render_bfloat16(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["bfloat16: not measured (no native bfloat16 on this CPU, or --no-bfloat16).", ""]
+    return [
+        "## bfloat16 beside float32", "",
+        f"Forward pass alone, batch 16, on the first {rows[0]['images']} images of the bundled sample (original views), each "
+        "route in a fresh process; fidelity against float32's feature maps of the same images. * = the route "
+        "covfeat uses for the backbone (covfeat.extraction.precision.ROUTES).", "",
+        table(["backbone", "route", "float32 img/s", "bfloat16 img/s", "ratio", "min cosine (maps)",
+               "max rel. diff (maps)", "min cosine (pooled)", "max rel. diff (pooled)"],
+              [[r["backbone"], r["route"] + (" *" if r["chosen"] else ""), f"{r['float32_img_s']:.2f}",
+                f"{r['bfloat16_img_s']:.2f}", f"{r['ratio']:.2f}", f"{r['min_cosine']:.6f}",
+                f"{100 * r['max_rel_diff']:.2f}%", f"{r['pooled_min_cosine']:.6f}",
+                f"{100 * r['pooled_max_rel_diff']:.2f}%"] for r in rows]), ""]
+
+
 def render(data: dict, images: int, augment: int) -> str:
     results, gflops_peak = data["results"], data["matmul_gflop_s"]
     rows = [[r["backbone"], f"{r['keras_loop_img_s']:.2f}" if "keras_loop_img_s" in r else "not measured",
@@ -90,6 +182,7 @@ def render(data: dict, images: int, augment: int) -> str:
                "whole command (ratio, target >= 0.85; graph from covfeat's graph cache)",
                "first run on a machine (Keras builds and traces the backbone)", "GFLOP/img",
                "achieved GFLOP/s", "fraction of matmul"], rows), "",
+        *render_bfloat16(data.get("bfloat16", [])),
         "Command: `python benchmarks/bench_extract.py`", ""])
 
 
@@ -99,7 +192,15 @@ def main():
     ap.add_argument("--augment", type=int, default=4)
     ap.add_argument("--backbones", default="all")
     ap.add_argument("--render", action="store_true", help="only re-render the Markdown from results/extract.json")
+    ap.add_argument("--no-bfloat16", action="store_true", help="skip the bfloat16 routes")
+    ap.add_argument("--bfloat16-images", type=int, default=32, help="images of the bfloat16 comparison")
+    ap.add_argument("--only-bfloat16", action="store_true", help="only the bfloat16 comparison (printed, not written)")
+    ap.add_argument("--precision-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.precision_child:
+        name, route, n, out = args.precision_child
+        precision_child(name, route, int(n), out)
+        return
     if args.render:
         import json
 
@@ -109,17 +210,24 @@ def main():
         r0 = data["results"][0]
         write_results("extract", data, render(data, r0["images"], r0["forward_passes"] // r0["images"] - 1))
         return
-    if not SHARED.is_dir():
+    if not SHARED.is_dir() and not args.only_bfloat16:
         sys.exit(f"benchmark data not found: {SHARED}")
 
     from covfeat.extraction.backbones import build_backbone, get_backbone, list_backbones, resolve_weights
     from covfeat.extraction.config import ExtractConfig
+    from covfeat.extraction.precision import BF16_FLAGS, cpu_flags
     from covfeat.extraction.run import extract
     from covfeat.extraction.work import STREAMS
 
     names = list_backbones() if args.backbones == "all" else args.backbones.split(",")
-    gflops_peak = matmul_gflops()
     work = Path(tempfile.mkdtemp(prefix="covfeat-bench-"))
+    bf16 = [] if args.no_bfloat16 or not set(BF16_FLAGS) & cpu_flags() else \
+        bfloat16_rows(names, args.bfloat16_images, work)
+    if args.only_bfloat16:
+        print("\n".join(render_bfloat16(bf16)))
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    gflops_peak = matmul_gflops()
     os.environ["COVFEAT_GRAPH_CACHE"] = str(work / "graphs")  # empty: each backbone's first run makes its graph
     sources = subset(work / "data", args.images)
     results = []
@@ -174,7 +282,7 @@ def main():
                     "that overlapped it is counted as if it had not): decode once, resize, K jittered views, forward, "
                     "float16 shards. Whole command adds getting the backbone ready (graph cache), hashing the files "
                     "and assembling the HDF5 file; first run = the same with an empty graph cache (Keras builds).",
-            "target_ratio": 0.9, "results": results, "peak_rss_mb": peak_rss_mb()}
+            "target_ratio": 0.9, "results": results, "bfloat16": bf16, "peak_rss_mb": peak_rss_mb()}
     md = render(data, args.images, args.augment)
     write_results("extract", data, md)
 

@@ -24,6 +24,7 @@ import numpy as np
 from covfeat.core.errors import ConfigError, WeightsUnavailable
 from covfeat.core.fsutil import file_digest
 from covfeat.core.registry import Registry
+from covfeat.extraction.precision import build_policy
 from covfeat.imaging.decode import INPUT_SIZE
 
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -267,8 +268,11 @@ def weights_from_config(stored: dict, path: str | None, purpose: str) -> str:
     return path
 
 
-def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0):
-    """Build the frozen, top-less backbone at 224x224 with the resolved weights.
+def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0, route: str = "float32"):
+    """Build the frozen, top-less backbone at 224x224 with the resolved weights, computing by
+    ``route`` (:mod:`covfeat.extraction.precision`): under the ``mixed`` route its layers
+    compute in bfloat16 and a last float32 layer casts the feature maps back, so every caller
+    (the cache, a head, Grad-CAM's gradients) gets float32 maps.
 
     Raises
     ------
@@ -278,7 +282,8 @@ def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = backbone.build(input_shape=(INPUT_SIZE, INPUT_SIZE, 3))
+    with build_policy(route):  # the variables are float32 under either policy, so the weights load alike
+        model = backbone.build(input_shape=(INPUT_SIZE, INPUT_SIZE, 3))
     if spec.path is not None:
         try:
             model.load_weights(spec.path)
@@ -287,6 +292,9 @@ def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0):
                 f"Could not load weights from {spec.path} into {backbone.name}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
+    if route == "mixed":  # after the weights: the files name the backbone's own layers
+        maps = keras.layers.Activation("linear", dtype="float32", name="features_float32")(model.outputs[0])
+        model = keras.Model(model.inputs, maps, name=model.name)
     model.trainable = False
     if tuple(model.output_shape[1:]) != backbone.feature_shape:
         raise ConfigError(

@@ -29,6 +29,7 @@ from covfeat.core.settings import (
     plain,
     setting,
 )
+from covfeat.extraction.precision import PRECISIONS, check_cpu, route_of
 
 # --------------------------------------------------------------------------- rules
 
@@ -155,6 +156,9 @@ class ExtractConfig(Checked):
     views: tuple[str, ...] = setting(("PA",), STRINGS, flag="--views",
                                      help="Cohen radiographic views to keep, comma-separated.")
     dtype: str = setting("float16", one_of("float16", "float32"), flag="--dtype", help="float16 or float32 storage.")
+    # float32 keeps the key caches had before bfloat16 existed (key_config); bfloat16 enters it with its route.
+    precision: str = setting("float32", one_of(*PRECISIONS), flag="--precision",
+                             help="float32 (the paper's) or bfloat16 (the forward pass, where the CPU has it natively).")
     batch_size: int = setting(16, integer(1, 4096), flag="--batch-size", help="Forward-pass batch size.")
     workers: int = setting(2, integer(1, 64), flag="--workers", help="Decoding threads.")
     jitter: JitterConfig = setting(factory=JitterConfig, nested=True)
@@ -182,6 +186,7 @@ class ExtractConfig(Checked):
         if (not isinstance(self.jitter, JitterConfig) or not isinstance(self.occlusion, OcclusionConfig)
                 or not isinstance(self.lungs, LungsConfig)):
             raise ConfigError("jitter, occlusion and lungs must be JitterConfig, OcclusionConfig and LungsConfig.")
+        check_cpu(self.precision)
 
     @classmethod
     def from_stored(cls, stored: dict, weights: str | None = None, purpose: str = "use the run") -> "ExtractConfig":
@@ -257,6 +262,10 @@ def key_config(cfg: ExtractConfig, weights_identity: str, lungs_hashes: dict[str
         occ["masks"] = {"identity": cfg.occlusion.masks_identity()}
     if cfg.lungs.model:
         out["lungs"] = {"model": identity(cfg.lungs.model), "outside": cfg.lungs.outside}
+    if cfg.precision == "float32":
+        del out["precision"]
+    else:
+        out["precision_route"] = route_of(cfg.backbone, cfg.precision)
     return out
 
 

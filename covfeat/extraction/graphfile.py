@@ -67,15 +67,19 @@ def cache_root() -> Path:
     return user_cache(ENV, "backbones")
 
 
-def graph_key(backbone, spec, seed: int) -> tuple[str, dict]:
+def graph_key(backbone, spec, seed: int, route: str = "float32") -> tuple[str, dict]:
     """What the traced forward graph and its weights depend on, and its hash: the backbone,
-    its weights' identity, the seed, the input and feature shapes, the Keras and TensorFlow
-    versions and settings, and the bytes of the code that builds and traces it."""
+    its weights' identity, the seed, the precision's route (:mod:`covfeat.extraction.precision`:
+    the ``onednn`` route traces the float32 graph but runs it otherwise, and is kept apart all
+    the same, so an entry always says how its features were computed), the input and feature
+    shapes, the Keras and TensorFlow versions and settings, and the bytes of the code that
+    builds and traces it."""
     here = Path(__file__).parent
     what = {"format": FORMAT, "backbone": backbone.name, "builder": getattr(backbone.build, "__name__", "?"),
-            "weights": spec.identity, "seed": seed, "input": [INPUT_SIZE, INPUT_SIZE, 3],
+            "weights": spec.identity, "seed": seed, "route": route, "input": [INPUT_SIZE, INPUT_SIZE, 3],
             "feature_shape": list(backbone.feature_shape), "keras_settings": keras_settings(), **keras_versions()}
-    return fingerprint(what, files=[here / "backbones.py", here / "graphfile.py"], length=20), what
+    return fingerprint(what, files=[here / "backbones.py", here / "graphfile.py", here / "precision.py"],
+                       length=20), what
 
 
 def _layout_digest(layout: dict) -> str:
@@ -99,12 +103,13 @@ class Forward:
         return self._call(batch)
 
 
-def backbone_forward(backbone, spec, seed: int = 0) -> Forward:
-    """The forward pass of the frozen backbone with these weights: from the graph cache, or
-    built with Keras now (and kept in the cache for the next run)."""
+def backbone_forward(backbone, spec, seed: int = 0, route: str = "float32") -> Forward:
+    """The forward pass of the frozen backbone with these weights, computing by ``route``: from
+    the graph cache, or built with Keras now (and kept in the cache for the next run).  The
+    caller has readied the process for the route (:func:`covfeat.extraction.precision.prepare_process`)."""
     import tensorflow as tf
 
-    key, what = graph_key(backbone, spec, seed)
+    key, what = graph_key(backbone, spec, seed, route)
     folder = cache_root() / key
     try:
         private_dir(folder.parent, WHAT, ENV)  # before anything in it is read (UnsafeFolder stops the run)
@@ -118,7 +123,7 @@ def backbone_forward(backbone, spec, seed: int = 0) -> Forward:
                 return Forward(_load(folder, what), "cache", folder)
             except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
                 discard(Forward(None, "cache", folder), exc)
-    model = build_backbone(backbone, spec, seed=seed)
+    model = build_backbone(backbone, spec, seed=seed, route=route)
     fn = tf.function(lambda x: model(x, training=False),
                      input_signature=[tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)])
     concrete = fn.get_concrete_function()
@@ -146,9 +151,10 @@ def discard(fwd: Forward, exc: BaseException) -> None:
 
 
 def _prune(folder: Path, what: dict) -> None:
-    """Remove the entries of the same backbone, weights and seed under other keys (an older
-    covfeat, Keras or TensorFlow): each is 90-220 MB and no run of this install reads it."""
-    same = {k: what[k] for k in ("backbone", "weights", "seed")}
+    """Remove the entries of the same backbone, weights, seed and route under other keys (an
+    older covfeat, Keras or TensorFlow): each is 90-220 MB and no run of this install reads it.
+    (Entries from before routes existed are float32's.)"""
+    same = {k: what[k] for k in ("backbone", "weights", "seed", "route")}
     for other in folder.parent.iterdir():
         if other == folder or other.name.startswith(".") or not other.is_dir():
             continue
@@ -156,7 +162,7 @@ def _prune(folder: Path, what: dict) -> None:
             old = json.loads((other / LAYOUT).read_text())["what"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if {k: old.get(k) for k in same} == same:
+        if {k: old.get(k, "float32" if k == "route" else None) for k in same} == same:
             shutil.rmtree(other, ignore_errors=True)
 
 

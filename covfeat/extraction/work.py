@@ -16,6 +16,7 @@ from covfeat.extraction.backbones import Backbone, WeightsSpec
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.graphfile import backbone_forward, discard
 from covfeat.extraction.images import InputPipeline, apply_view, view_params
+from covfeat.extraction.precision import prepare_process, route_of
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
 from covfeat.store.shards import ShardSpec, ShardStore
 from covfeat.trust.neardup import fingerprint
@@ -73,6 +74,8 @@ class ShardComputer:
         on its node): built here, never resolved again."""
         from covfeat.core.quiet import import_tensorflow
 
+        self.route = route_of(cfg.backbone, cfg.precision)
+        prepare_process(self.route)  # before TensorFlow starts, for the onednn route
         import_tensorflow()
         import tensorflow as tf
 
@@ -83,14 +86,14 @@ class ShardComputer:
         # features are the same, bit for bit (tests/test_extract.py).
         # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.
         self._as_traced = not tf.config.list_logical_devices("GPU")
-        self._forward = backbone_forward(backbone, weights, seed=cfg.seed)
+        self._forward = backbone_forward(backbone, weights, seed=cfg.seed, route=self.route)
         try:
             self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         except (tf.errors.OpError, TypeError, ValueError) as exc:
             if self._forward.source != "cache":
                 raise
             discard(self._forward, exc)  # a cached graph this TensorFlow cannot run: build it again
-            self._forward = backbone_forward(backbone, weights, seed=cfg.seed)
+            self._forward = backbone_forward(backbone, weights, seed=cfg.seed, route=self.route)
             self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
         self.batches = [np.zeros((cfg.batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.float32) for _ in range(STREAMS)]
         self.t_fwd = 0.0

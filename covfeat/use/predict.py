@@ -26,6 +26,7 @@ from covfeat.core.errors import ConfigError, DataError
 from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights, weights_from_config
 from covfeat.extraction.config import ExtractConfig
 from covfeat.extraction.images import InputPipeline
+from covfeat.extraction.precision import prepare_process
 from covfeat.extraction.sources import IMAGE_SUFFIXES
 from covfeat.head.runs import Run, check_writable, damaged
 from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
@@ -50,13 +51,18 @@ class Predictor:
     def __init__(self, run: str | Path):
         self.run = Run(run).require_single("this command")
         stored = self.run.extract_config
+        # The arithmetic the cache's features were computed in (float32 unless recorded), set
+        # before anything here starts TensorFlow (the onednn route must).
+        self.route = stored.get("precision_route", "float32")
+        prepare_process(self.route)
         arg = weights_from_config(stored, self.run.cache_info.get("weights", {}).get("path"), "predict")
         self.spec = resolve_weights(get_backbone(stored["backbone"]), arg, seed=stored["seed"])
         self.extract = ExtractConfig.from_stored(stored, weights=arg)
         self.pipeline = InputPipeline.for_config(self.extract)
         self.threshold = self.run.threshold
         self.head = self.run.load_head()
-        self.backbone = build_backbone(get_backbone(self.extract.backbone), self.spec, seed=self.extract.seed)
+        self.backbone = build_backbone(get_backbone(self.extract.backbone), self.spec, seed=self.extract.seed,
+                                       route=self.route)
         want, got = tuple(self.backbone.output_shape[1:]), tuple(self.head.input_shape[1:])
         if want != got:  # a head.keras from another run or backbone would fail later inside Keras
             raise damaged(self.run.path / "head.keras",

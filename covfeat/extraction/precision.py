@@ -1,0 +1,153 @@
+"""The arithmetic of the backbone's forward pass: float32 (the paper's), or bfloat16 where the
+CPU computes it natively, by the faster of two routes for each backbone.
+
+bfloat16 keeps float32's exponent and 8 bits of its mantissa; CPUs with ``avx512_bf16``
+(AMD Zen 4, Intel Cooper Lake on) or ``amx_bf16`` (Intel Sapphire Rapids on) multiply it
+natively.  TensorFlow reaches that hardware two ways, and which is faster depends on the
+backbone and the CPU:
+
+* ``onednn``: ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` lets oneDNN compute float32 convolutions
+  and matrix products internally in bfloat16.  The graph stays the float32 graph; the mode is
+  an environment variable that oneDNN reads once per process, so covfeat sets it before
+  TensorFlow starts, and refuses to run this route in a process whose TensorFlow already
+  started without it (it could not tell whether the mode holds).  It is process-wide: later
+  TensorFlow work in the same process (a head, a prediction) also computes in bfloat16.
+* ``mixed``: Keras's ``mixed_bfloat16`` dtype policy while the backbone is built: its
+  layers compute in bfloat16 on float32 variables, and the feature maps are cast back to
+  float32 before they are stored.  Only the backbone is affected.
+
+:data:`ROUTES` records the choice per backbone and kind of CPU, and how it was measured.  The route enters
+the feature cache's key and the graph cache's key: the two give different last bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from covfeat.core.errors import ConfigError
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+FPMATH_ENV = "ONEDNN_DEFAULT_FPMATH_MODE"
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 arithmetic
+
+
+# The faster route per backbone, for each kind of native bfloat16 (:func:`bf16_kind`).
+#
+# ``avx512_bf16`` measured on an AMD EPYC (Zen 4: avx512_bf16, no AMX), 2 cores, TensorFlow
+# 2.21 and Keras 3.15: random-init weights, batch 16, each (backbone, route) in a process of
+# its own so the environment variable is read fresh (benchmarks/bench_extract.py), while other
+# jobs shared the machine (ratios, not absolute speeds).  There the oneDNN route gives the
+# float32 features bit for bit (max difference 0, inception_v3 and densenet201): oneDNN does
+# not take this CPU's bfloat16 instructions for these convolutions, so the route would be a
+# float32 extraction under a bfloat16 key, and only ``mixed`` is used.  Mixed against float32:
+# inception_v3 1.9x, densenet201 1.5x, inception_resnet_v2 1.8x,
+# resnet101_v2 3.0x (64 images each, the machine loaded); bench_extract.py --only-bfloat16 on
+# 32 bundled images, also loaded: inception_v3 2.6x (cosine >= 0.99997, max difference 1.15% of
+# the largest value, pooled 0.81%), densenet201 2.5x (0.99998, 0.64%, pooled 0.41%).
+#
+# ``amx`` from the issue's Intel Xeon (AMX bf16), batch 32: inception_v3 mixed 2.06x against
+# onednn 1.48x; densenet201 onednn 1.28x against mixed 1.0x.  The other two were not measured
+# there: they take the route of the backbone they resemble (inception_resnet_v2 inception_v3's;
+# resnet101_v2, plain convolutions like densenet201's, onednn) until they are.
+ROUTES = {
+    "avx512_bf16": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "mixed",
+                    "resnet101_v2": "mixed"},
+    "amx": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "onednn",
+            "resnet101_v2": "onednn"},
+}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``); empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_cpu(precision: str) -> None:
+    """Refuse ``--precision bfloat16`` on a CPU that would only emulate it (slower than float32).
+
+    Raises
+    ------
+    ConfigError
+    """
+    if precision == "bfloat16" and bf16_kind() is None:
+        raise ConfigError("--precision bfloat16: this CPU has no native bfloat16 arithmetic (neither "
+                          f"{' nor '.join(BF16_FLAGS)} in /proc/cpuinfo), where it is slower than float32; "
+                          "extract with --precision float32.")
+
+
+def bf16_kind(flags: set[str] | None = None) -> str | None:
+    """``amx`` (Intel's matrix tiles), ``avx512_bf16`` (vector instructions only), or None."""
+    flags = cpu_flags() if flags is None else flags
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def route_of(backbone: str, precision: str) -> str:
+    """How the forward pass of ``backbone`` computes at ``precision`` on this CPU: ``float32``,
+    or the bfloat16 route of :data:`ROUTES` (``onednn`` or ``mixed``).
+
+    Raises
+    ------
+    ConfigError
+        bfloat16 on a CPU without it (:func:`check_cpu`).
+    """
+    if precision == "float32":
+        return "float32"
+    check_cpu(precision)
+    return ROUTES[bf16_kind()][backbone]
+
+
+def prepare_process(route: str) -> None:
+    """Make this process's oneDNN mode what ``route`` needs, before TensorFlow computes anything.
+
+    The ``onednn`` route sets ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` when TensorFlow has not
+    started yet; every other route needs oneDNN's default (strict float32) mode, so a mode
+    set by the user's environment is refused rather than silently giving bfloat16 features
+    under a float32 key.
+
+    Raises
+    ------
+    ConfigError
+        The mode cannot be what the route needs in this process.
+    """
+    mode = os.environ.get(FPMATH_ENV, "").upper()
+    if route == "onednn":
+        if mode == "BF16":
+            return
+        if "tensorflow" in sys.modules:
+            raise ConfigError(f"--precision bfloat16 computes this backbone through oneDNN's {FPMATH_ENV}=BF16, which "
+                              "TensorFlow reads when it starts, and it started in this process without it; run the "
+                              f"extraction in a new process (or set {FPMATH_ENV}=BF16 before starting Python).")
+        os.environ[FPMATH_ENV] = "BF16"
+    elif mode not in ("", "STRICT"):
+        raise ConfigError(f"{FPMATH_ENV}={os.environ[FPMATH_ENV]} is set in this process, so oneDNN would compute "
+                          f"the {route} route in another precision than its cache records; unset it and run again.")
+
+
+@contextlib.contextmanager
+def build_policy(route: str):
+    """Keras's dtype policy while a backbone is built: ``mixed_bfloat16`` for the ``mixed``
+    route, restored after, so nothing built later (the head) computes in bfloat16."""
+    if route != "mixed":
+        yield
+        return
+    import keras
+
+    before = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(before)

@@ -1,0 +1,123 @@
+"""--precision bfloat16: in the cache key and recorded, within a cosine of 0.999 of float32's
+features, used again by predict, and refused in one line on a CPU without native bfloat16."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import covfeat.extraction.precision as precision
+from covfeat.cli import app
+from covfeat.extraction.config import ExtractConfig, key_config
+from covfeat.store.key import cache_key
+
+runner = CliRunner()
+NATIVE = precision.bf16_kind() is not None
+needs_bf16 = pytest.mark.skipif(not NATIVE, reason="this CPU has no native bfloat16")
+
+
+def _key(cfg):
+    return cache_key(key_config(cfg, "none:seed=0"), [{"sha256": "ab", "label": 1}])
+
+
+@needs_bf16
+def test_bfloat16_enters_the_key_with_its_route_and_float32_keeps_its_key():
+    f32 = ExtractConfig(backbone="inception_v3", weights="none")
+    bf16 = ExtractConfig(backbone="inception_v3", weights="none", precision="bfloat16")
+    assert "precision" not in key_config(f32, "x")  # the key every float32 cache already has
+    assert {k: key_config(bf16, "x")[k] for k in ("precision", "precision_route")} == {
+        "precision": "bfloat16", "precision_route": precision.ROUTES[precision.bf16_kind()]["inception_v3"]}
+    assert _key(bf16) != _key(f32)
+
+
+@pytest.fixture(scope="module")
+def bf16_cache(mini, tmp_path_factory):
+    """inception_v3 --weights none --augment 0 --precision bfloat16, through the CLI in a
+    process of its own (the onednn route must start before TensorFlow)."""
+    out = tmp_path_factory.mktemp("bf16")
+    r = subprocess.run([sys.executable, "-m", "covfeat.cli", "extract", "--backbone", "inception_v3", "--weights",
+                        "none", "--augment", "0", "--precision", "bfloat16", "--data", str(mini["cohen"]), "--data",
+                        str(mini["normal"]), "--cache-dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+@needs_bf16
+def test_a_bfloat16_cache_records_it_and_its_features_are_float32s_within_a_cosine(bf16_cache, mini_cache):
+    from covfeat.store.reader import open_cache
+
+    bf, f32 = open_cache(bf16_cache), open_cache(mini_cache)  # mini_cache: the same images in float32
+    assert (bf.config["precision"], bf.config["precision_route"]) == (
+        "bfloat16", precision.ROUTES[precision.bf16_kind()]["inception_v3"])
+    assert "precision" not in f32.config
+    want = {sha: i for i, sha in enumerate(f32.manifest["sha256"])}
+    rows = np.flatnonzero(bf.has_features())
+    order = [want[bf.manifest["sha256"][r]] for r in rows]
+    a = bf.read_features(bf.originals(rows)).reshape(len(order), -1).astype(np.float64)
+    b = f32.read_features(f32.originals(order)).reshape(len(order), -1).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert len(order) >= 10 and cos.min() >= 0.999, cos.min()
+    assert not np.array_equal(a, b)  # computed in bfloat16 indeed
+
+
+def test_bfloat16_is_refused_in_one_line_on_a_cpu_without_it(mini, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+    r = runner.invoke(app, ["extract", "--backbone", "inception_v3", "--weights", "none", "--precision", "bfloat16",
+                            "--data", str(mini["cohen"]), "--data", str(mini["normal"])])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("error: --precision bfloat16: this CPU has no native bfloat16 arithmetic (neither "
+                                "avx512_bf16 nor amx_bf16 in /proc/cpuinfo), where it is slower than float32; extract "
+                                "with --precision float32.")
+
+
+def test_a_float32_extraction_refuses_a_bfloat16_onednn_mode_in_its_environment(mini, tmp_path, monkeypatch):
+    """A user's ONEDNN_DEFAULT_FPMATH_MODE=BF16 would make float32 features in bfloat16 under a float32 key."""
+    monkeypatch.setenv(precision.FPMATH_ENV, "BF16")
+    r = runner.invoke(app, ["extract", "--backbone", "inception_v3", "--weights", "none", "--augment", "0", "--data",
+                            str(mini["cohen"]), "--data", str(mini["normal"]), "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: ONEDNN_DEFAULT_FPMATH_MODE=BF16 is set in this process, so oneDNN would compute the float32 route "
+        "in another precision than its cache records; unset it and run again.")
+
+
+@needs_bf16
+def test_predict_computes_in_the_runs_precision(bf16_cache, tmp_path):
+    """A run on a bfloat16 cache predicts through the same route: the backbone's maps of an
+    image are the cached ones (float16-stored), and p_covid the head's on them."""
+    from conftest import fit
+
+    from covfeat.head.fit import fit_head
+    from covfeat.head.runs import Run
+    from covfeat.store.reader import open_cache
+    from covfeat.use.predict import Predictor
+
+    run_dir = fit_head(bf16_cache, fit(2), tmp_path / "runs", progress=False)
+    fc = open_cache(bf16_cache)
+    rows = np.flatnonzero(fc.has_features())[:4]
+    paths = [fc.manifest["path"][r] for r in rows]
+    cached = fc.read_features(fc.originals(rows))
+    pr = Predictor(run_dir)
+    assert pr.route == fc.config["precision_route"]
+    maps = pr.backbone.predict(np.stack([pr.pipeline(p) for p in paths]), verbose=0)
+    assert np.abs(maps - cached).max() <= 2e-3 * np.abs(cached).max()  # float16 storage; float32's differ ~1%
+    want = Run(run_dir).load_head().predict(cached, verbose=0)[:, 1]
+    np.testing.assert_allclose(pr.p_covid(np.stack([pr.pipeline(p) for p in paths])), want, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(precision.ROUTES["avx512_bf16"]))
+def test_every_backbone_traces_to_allowed_ops_by_the_mixed_route(name):
+    import tensorflow as tf
+
+    from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
+    from covfeat.extraction.graphops import unlisted
+
+    bb = get_backbone(name)
+    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0, route="mixed")
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, 224, 224, 3])])
+    concrete = fn.get_concrete_function()
+    assert unlisted(concrete.function_def) is None
+    assert concrete.outputs[0].dtype == tf.float32
