@@ -45,6 +45,7 @@ def bf16_cache(mini, tmp_path_factory):
 
 
 @needs_bf16
+@pytest.mark.slow  # a bfloat16 extraction (its graph built in a fresh process): about a minute with the next
 def test_a_bfloat16_cache_records_it_and_its_features_are_float32s_within_a_cosine(bf16_cache, mini_cache):
     from covfeat.store.reader import open_cache
 
@@ -84,6 +85,7 @@ def test_a_float32_extraction_refuses_a_bfloat16_onednn_mode_in_its_environment(
 
 
 @needs_bf16
+@pytest.mark.slow  # a bfloat16 extraction (its graph built in a fresh process): about a minute with the next
 def test_predict_computes_in_the_runs_precision(bf16_cache, tmp_path):
     """A run on a bfloat16 cache predicts through the same route: the backbone's maps of an
     image are the cached ones (float16-stored), and p_covid the head's on them."""
