@@ -165,6 +165,7 @@ class ShardTable:
         self.features_sha256 = [v.decode() if isinstance(v, bytes) else str(v) for v in t["features_sha256"][:]]
         self.digest = [v.decode() if isinstance(v, bytes) else str(v) for v in t["digest"][:]]
         self.bounds = np.r_[self.start, self.start[-1] + self.samples[-1]] if len(self.start) else np.zeros(1, np.int64)
+        self.first_member = np.r_[0, np.cumsum(self.images)]  # where each shard's rows start in ``members``
 
     def __len__(self) -> int:
         return len(self.names)
@@ -177,8 +178,7 @@ class ShardTable:
 
     def rows(self, i: int) -> np.ndarray:
         """The manifest rows of shard ``i``, in its order."""
-        a = int(self.images[:i].sum())
-        return self.members[a:a + int(self.images[i])]
+        return self.members[self.first_member[i]:self.first_member[i + 1]]  # one lookup: verify asks every shard
 
     def check(self, index: Path, full: bool = False) -> None:
         """Every shard is at its recorded place with its recorded size (one ``stat`` each: about
