@@ -168,18 +168,23 @@ class ShardTable:
     """The shards an index is made of, as it recorded them (see the module's docstring), with
     their files resolved from the index's real location."""
 
-    def __init__(self, index: Path, h: h5py.File):
-        t = h[TABLE]
+    def __init__(self, index: Path, h: h5py.File, read: dict | None = None):
+        """``read``: the table's datasets :func:`index_digest` already read, by name (not read again)."""
+        read = read or {}
+
+        def t(k):
+            return read[f"{TABLE}/{k}"] if f"{TABLE}/{k}" in read else h[TABLE][k][:]
+
         self.folder = Path(index).resolve().parent  # a symlinked index reads the shards beside its target
         self.key = str(h.attrs.get("key", ""))
-        self.names = [v.decode() if isinstance(v, bytes) else str(v) for v in t["name"][:]]
-        self.start = t["start"][:].astype(np.int64)
-        self.samples = t["samples"][:].astype(np.int64)
-        self.images = t["images"][:].astype(np.int64)
-        self.bytes = t["bytes"][:].astype(np.int64)
-        self.members = t["members"][:].astype(np.int64)
-        self.features_sha256 = [v.decode() if isinstance(v, bytes) else str(v) for v in t["features_sha256"][:]]
-        self.digest = [v.decode() if isinstance(v, bytes) else str(v) for v in t["digest"][:]]
+        self.names = [v.decode() if isinstance(v, bytes) else str(v) for v in t("name")]
+        self.start = t("start").astype(np.int64)
+        self.samples = t("samples").astype(np.int64)
+        self.images = t("images").astype(np.int64)
+        self.bytes = t("bytes").astype(np.int64)
+        self.members = t("members").astype(np.int64)
+        self.features_sha256 = [v.decode() if isinstance(v, bytes) else str(v) for v in t("features_sha256")]
+        self.digest = [v.decode() if isinstance(v, bytes) else str(v) for v in t("digest")]
         self.bounds = np.r_[self.start, self.start[-1] + self.samples[-1]] if len(self.start) else np.zeros(1, np.int64)
         self.first_member = np.r_[0, np.cumsum(self.images)]  # where each shard's rows start in ``members``
 

@@ -263,7 +263,7 @@ def open_cache(path: str | Path) -> FeatureCache:
                 raise CacheError(f"{path} was written by an earlier covfeat, without the record of its shards that "
                                  "reading needs; run the same `covfeat extract` again: it re-indexes the cache from "
                                  "its verified shards, computing nothing.")
-            table = ShardTable(path, h)
+            table = ShardTable(path, h, read)
             table.check(path)  # each shard at its recorded place, and the one recorded
             config = json.loads(h.attrs["config"])
             man = {k: read.get(f"manifest/{k}", None) for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
