@@ -259,13 +259,12 @@ def _clean_shards(folder: Path, r: CleanReport) -> None:
         lock.release(remove=True)
         r.removed.append(claim)
     target = folder.with_name(folder.name[:-len(".shards")])
+    if target.exists():
+        return  # a cache's own shards (not listed: a cache of 10^6 images has 31,250)
     entries = [p for p in folder.iterdir() if p.name != SLICES]
     if not entries:
-        if not target.exists():
-            _remove_locked(target, folder, r)
+        _remove_locked(target, folder, r)
         return
-    if target.exists():
-        return  # a cache's own shards
     mine = [p for p in entries if p.name.startswith("shard-") and p.name.endswith(".h5") and _shard_of(p, target)]
     if mine:
         r.kept.append((folder, f"{len(mine)} finished shard(s) of an extraction whose index is not written yet "

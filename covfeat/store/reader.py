@@ -251,7 +251,8 @@ def open_cache(path: str | Path) -> FeatureCache:
                     f"{FORMAT_VERSION}; run `covfeat extract` again (the new cache gets a new name) and fit-head on "
                     "it; runs fitted on this cache cannot be used with this covfeat, and the file can be deleted."
                 )
-            if h.attrs.get("digest") != index_digest(h):
+            read = {}  # the datasets the digest read, kept: the manifest is read once
+            if h.attrs.get("digest") != index_digest(h, read):
                 raise damaged(path, "its attributes or manifest do not match their digest")
             # An index written before covfeat stored its key has none (its digest still holds), and
             # a name covfeat did not give claims no key.
@@ -262,15 +263,16 @@ def open_cache(path: str | Path) -> FeatureCache:
                 raise CacheError(f"{path} was written by an earlier covfeat, without the record of its shards that "
                                  "reading needs; run the same `covfeat extract` again: it re-indexes the cache from "
                                  "its verified shards, computing nothing.")
-            table = ShardTable(path, h)
+            table = ShardTable(path, h, read)
             table.check(path)  # each shard at its recorded place, and the one recorded
             config = json.loads(h.attrs["config"])
-            man = {k: h["manifest"][k][:] for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
+            man = {k: read.get(f"manifest/{k}", None) for k in h["manifest"] if k != "thumb"}  # thumbnails on demand
+            man = {k: h["manifest"][k][:] if v is None else v for k, v in man.items()}
             for k in MANIFEST_FIELDS:
-                man[k] = np.array([v.decode() if isinstance(v, bytes) else v for v in man[k]])
+                man[k] = np.array(decoded(man[k]))
             man["label"] = man["label"].astype(int)
-            skipped = list(zip((p.decode() for p in h["skipped"]["path"][:]),
-                               (r.decode() for r in h["skipped"]["reason"][:])))
+            sk = {k: read[f"skipped/{k}"] if f"skipped/{k}" in read else h["skipped"][k][:] for k in ("path", "reason")}
+            skipped = list(zip(decoded(sk["path"]), decoded(sk["reason"])))
             attrs = {k: h.attrs[k] for k in h.attrs}
             return FeatureCache(path, config, h["label"][:], h["view"][:], h["row"][:], man, skipped, attrs, table)
     except CacheError:
@@ -281,6 +283,14 @@ def open_cache(path: str | Path) -> FeatureCache:
             raise CacheError(f"{path} cannot be opened because HDF5 cannot lock it ({text}); on a file system without "
                              "locks set HDF5_USE_FILE_LOCKING=FALSE.") from None
         raise damaged(path, f"not a readable HDF5 cache: {text}") from None
+
+
+def decoded(values) -> list[str]:
+    """The strings of a dataset as str (h5py gives bytes): one C-level call per string."""
+    try:
+        return list(map(bytes.decode, values))
+    except TypeError:
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
 def populated_empty(shape, dtype=np.float32) -> np.ndarray:

@@ -69,7 +69,8 @@ class ChunkIndex:
         order, starts = [], []
         for shift, width in self.bounds:
             key = _chunk(self.flat, shift, width)
-            o = np.argsort(key, kind="stable")
+            # the same stable order; numpy sorts keys of 16 bits or fewer by radix (linear), wider ones 2x faster
+            o = np.argsort(key.astype(np.uint16 if width <= 16 else np.uint32), kind="stable")
             order.append(o)
             # starts[k] .. starts[k + 1]: where the codes whose chunk is k sit in ``order``
             starts.append(np.searchsorted(key[o], np.arange((1 << width) + 1)).astype(np.int32))
