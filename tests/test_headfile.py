@@ -95,6 +95,7 @@ def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache
     assert abs(la - lb) < 1e-5
 
 
+@pytest.mark.slow  # 15 s; the default suite keeps the damaged-template test
 def test_a_swapped_layout_is_caught_and_the_template_made_again(mini_cache, tmp_path):
     env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
     assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0
@@ -110,6 +111,7 @@ def test_a_swapped_layout_is_caught_and_the_template_made_again(mini_cache, tmp_
     assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
 
 
+@pytest.mark.slow  # 15 s; the default suite keeps the damaged-template test
 def test_an_unwritable_template_cache_is_a_note_not_a_failure(mini_cache, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")

@@ -75,6 +75,7 @@ def test_slices_in_separate_processes_then_the_merge_equal_the_reference(data, r
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # 32 s; tests/test_extract.py's kill -9 then resume holds the claim in the default suite
 def test_a_killed_driver_resumes_by_subtraction(data, reference, tmp_path, monkeypatch):
     c = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-m", "covfeat.cli", *_args(data, c)], stdout=subprocess.PIPE,
@@ -91,6 +92,7 @@ def test_a_killed_driver_resumes_by_subtraction(data, reference, tmp_path, monke
     _same(Path(r.stdout.strip().splitlines()[-1]), reference)
 
 
+@pytest.mark.slow  # 21 s; tests/test_bytes_clean.py's --rebuild of a damaged shard holds the default suite's share
 def test_a_damaged_or_missing_shard_keeps_the_index_unwritten_and_is_named(data, tmp_path):
     c = tmp_path / "c"
     for i in range(2):
