@@ -109,6 +109,31 @@ def test_predict_computes_in_the_runs_precision(bf16_cache, tmp_path):
     np.testing.assert_allclose(pr.p_covid(np.stack([pr.pipeline(p) for p in paths])), want, atol=2e-3)
 
 
+@needs_bf16
+@pytest.mark.slow  # shares the bfloat16 cache above (built once per session)
+def test_grad_cam_computes_in_the_runs_precision(bf16_cache, tmp_path):
+    """explain and the gradcam probe rebuild the run's backbone in the route its cache was extracted
+    in: the maps they take gradients through are the cached (bfloat16) ones, not float32's."""
+    from conftest import fit
+
+    from covfeat.head.fit import fit_head
+    from covfeat.head.runs import Run
+    from covfeat.probes.gradcam import Measurer
+    from covfeat.store.reader import open_cache
+
+    run_dir = fit_head(bf16_cache, fit(2), tmp_path / "runs", progress=False)
+    fc = open_cache(bf16_cache)
+    rows = np.flatnonzero(fc.has_features())[:4]
+    paths = [fc.manifest["path"][r] for r in rows]
+    cached = fc.read_features(fc.originals(rows))
+    m = Measurer.for_run(Run(run_dir), fc)
+    maps = m.backbone.predict(np.stack([m.pipeline(p) for p in paths]), verbose=0)
+    assert np.abs(maps - cached).max() <= 2e-3 * np.abs(cached).max()  # float32's maps differ ~1%
+    want = Run(run_dir).load_head().predict(cached, verbose=0)[:, 1]
+    got = [r["p_covid"] for r in m.measure(paths)]
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(precision.ROUTES["avx512_bf16"]))
 def test_every_backbone_traces_to_allowed_ops_by_the_mixed_route(name):

@@ -38,6 +38,7 @@ import numpy as np
 
 from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
 from covfeat.extraction.images import InputPipeline
+from covfeat.extraction.precision import prepare_process
 from covfeat.head.runs import Run
 from covfeat.head.split import patient_groups
 from covfeat.imaging.decode import UnreadableImage
@@ -93,6 +94,11 @@ def in_lung_share(cam: np.ndarray, mask: np.ndarray) -> float:
     return float(heat[mask].sum()) / total if total > 0 else math.nan
 
 
+def cache_route(fc) -> str:
+    """How the cache's backbone computed (:mod:`covfeat.extraction.precision`): float32 unless recorded."""
+    return fc.config.get("precision_route", "float32")
+
+
 class Measurer:
     """A run's pipeline, backbone and head, and a segmenter: heat maps and their in-lung share
     for image files, in batches (``covfeat explain --lungs`` and the gradcam probe)."""
@@ -102,10 +108,15 @@ class Measurer:
 
     @classmethod
     def for_run(cls, run: Run, fc, segmenter=None) -> "Measurer":
-        """The run rebuilt from its cache's own config and weights (a changed weights file is refused)."""
+        """The run rebuilt from its cache's own config and weights (a changed weights file is refused),
+        computing in the arithmetic its features were extracted in (``--precision``): heat maps of a
+        bfloat16 cache's run come from the bfloat16 backbone that made its features."""
         cfg = config_from(fc, augment=0)
         entry = get_backbone(cfg.backbone)
-        backbone = build_backbone(entry, resolve_weights(entry, cfg.weights, seed=cfg.seed), seed=cfg.seed)
+        route = cache_route(fc)
+        prepare_process(route)
+        backbone = build_backbone(entry, resolve_weights(entry, cfg.weights, seed=cfg.seed), seed=cfg.seed,
+                                  route=route)
         return cls(InputPipeline.for_config(cfg, entry), backbone, run.load_head(), segmenter)
 
     def measure(self, paths) -> list[dict]:
@@ -233,6 +244,7 @@ def random_init_caveat(common: dict) -> str:
 def gradcam_probe(run: Run, fc, lungs: str | Path, margin: float = SHARE_MARGIN, seed: int = 0) -> dict:
     """Grad-CAM on the run's test images, measured against the segmenter's lungs, read per class
     and per source (see the module's docstring)."""
+    prepare_process(cache_route(fc))  # before the segmenter starts TensorFlow: the onednn route must
     seg = load_segmenter(lungs)
     pr = run.predictions()
     groups = pr["group"] if "group" in pr else patient_groups(fc, pr["row"])
