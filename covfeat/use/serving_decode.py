@@ -14,15 +14,16 @@ that loads where covfeat is not installed:
   shorter side >= 448, exactly covfeat's rule (``--full-decode`` runs: ``scaled_decode=False``).
 - other formats: ``tf.io.decode_image`` (BMP, GIF's first frame), 8-bit.
 - channels: greyscale (and grey + alpha) repeated to RGB; RGBA's alpha dropped, not composited.
-- resize to 224 x 224: area averaging when either side shrinks (OpenCV's INTER_AREA), bilinear
-  with half-pixel centres when both grow (OpenCV's INTER_LINEAR), then rounded to the integer
-  the image was decoded as, since covfeat resizes the uint8 / uint16 array; 16-bit images are
-  stretched after the resize, as covfeat does.
+- resize to 224 x 224 as covfeat's ``cv2.resize`` does: INTER_AREA when either side shrinks,
+  which averages (``tf.image.resize`` "area") when no side grows, and otherwise blends two
+  pixels per axis with resize.cpp's own ``area_mode`` weights (rebuilt here with gathers);
+  INTER_LINEAR (``tf.image.resize`` "bilinear", half-pixel centres) when both sides grow.  Then
+  rounded to the integer the image was decoded as, since covfeat resizes the uint8 / uint16
+  array; 16-bit images are stretched after the resize, as covfeat does.
 
 What differs, measured by :func:`pixel_gap` (tests/test_serving_decode.py): TensorFlow's area
 and bilinear kernels are not OpenCV's bit for bit (OpenCV's bilinear is fixed-point), so a
-pixel may land one grey level away, more where an image shrinks along one side and grows along
-the other (OpenCV then does not average); OpenCV applies a JPEG's EXIF orientation when it
+pixel may land one grey level away; OpenCV applies a JPEG's EXIF orientation when it
 decodes at reduced scale, TensorFlow never does; covfeat refuses a JPEG without its end marker
 and checks its size limits before decoding, the graph does neither (an undecodable string fails
 the call).  A ``--lungs`` run's model needs its segmenter first and is not exported at all.
@@ -68,13 +69,13 @@ DECODING = {
                   "min and max onto [0, 255] after the resize; a constant 16-bit image becomes 0"),
     "jpeg": (f"tf.io.decode_jpeg, dct_method INTEGER_ACCURATE; reduced-scale decoding (ratio 8, 4 or 2, the largest "
              f"with min(height, width) // ratio >= {MIN_SIDE}), as covfeat's default scaled decode"),
-    "resize": (f"to {SIZE} x {SIZE}: tf.image.resize method 'area' when height or width > {SIZE}, 'bilinear' "
-               "(half-pixel centres) otherwise; rounded to integers, as covfeat resizes the decoded uint8/uint16 "
-               "array"),
+    "resize": (f"to {SIZE} x {SIZE} as OpenCV's cv2.resize: tf.image.resize method 'area' when both sides are >= "
+               f"{SIZE} and one > {SIZE}; OpenCV's INTER_AREA two-tap weights (resize.cpp area_mode) when one side "
+               f"shrinks and the other grows; 'bilinear' (half-pixel centres) when both are <= {SIZE}; rounded to "
+               "integers, as covfeat resizes the decoded uint8/uint16 array"),
     "output": PIXELS["channel_order"] + " float32 in [0, 255], shape [None, 224, 224, 3]: the 'pixels' input",
-    "differs_from_covfeat": ["TensorFlow's area and bilinear kernels are not OpenCV's bit for bit (one grey level)",
-                             "an image shrinking along one side and growing along the other: OpenCV does not "
-                             "average, TensorFlow's area does",
+    "differs_from_covfeat": ["TensorFlow's area and bilinear kernels are not OpenCV's bit for bit, and OpenCV's "
+                             "uint8 bilinear is fixed-point: a pixel may land one grey level away",
                              "EXIF orientation: OpenCV applies it on reduced-scale JPEG decodes, TensorFlow never",
                              "no size limits and no truncated-JPEG check before decoding; an undecodable element "
                              "fails the whole call"],
@@ -105,6 +106,35 @@ def _jpeg(data, scaled_decode: bool):
     return tf.switch_case(index, [at(1), at(2), at(4), at(8)])
 
 
+def _area_taps(n):
+    """OpenCV's INTER_AREA taps along one axis of ``n`` pixels when the image grows along some
+    axis: two pixels per output (sx, sx + 1) and the weight of the second, as resize.cpp's
+    ``area_mode`` computes them, borders clamped as it does."""
+    import tensorflow as tf
+
+    inv = tf.cast(SIZE, tf.float64) / tf.cast(n, tf.float64)
+    dx = tf.range(SIZE, dtype=tf.float64)
+    sx = tf.floor(dx * (1.0 / inv))  # as OpenCV rounds it: dx / inv can land just below an integer
+    fx = tf.cast((dx + 1) - (sx + 1) * inv, tf.float32)
+    fx = tf.where(fx <= 0, 0.0, fx - tf.floor(fx))
+    last = tf.cast(n - 1, tf.float64)
+    fx = tf.where(tf.logical_or(sx < 0, sx >= last), 0.0, fx)
+    sx = tf.cast(tf.clip_by_value(sx, 0.0, last), tf.int32)
+    return sx, tf.minimum(sx + 1, n - 1), fx
+
+
+def _opencv_area_upscale(img):
+    """cv2.resize(INTER_AREA) to SIZE x SIZE of an image that grows along one side and shrinks
+    along the other: OpenCV does not average then, it blends two pixels per axis."""
+    import tensorflow as tf
+
+    shape = tf.shape(img)
+    y0, y1, fy = _area_taps(shape[0])
+    rows = tf.gather(img, y0) * (1 - fy)[:, None, None] + tf.gather(img, y1) * fy[:, None, None]
+    x0, x1, fx = _area_taps(shape[1])
+    return tf.gather(rows, x0, axis=1) * (1 - fx)[None, :, None] + tf.gather(rows, x1, axis=1) * fx[None, :, None]
+
+
 def decode_image(data, scaled_decode: bool = True):
     """One encoded image (scalar tf.string) -> float32 (224, 224, 3) RGB in [0, 255], TF ops only."""
     import tensorflow as tf
@@ -119,7 +149,7 @@ def decode_image(data, scaled_decode: bool = True):
     is16 = tf.logical_and(is_png, tf.equal(depth, 16))
 
     def png16():
-        return tf.cast(_channels3(tf.io.decode_png(data, channels=0, dtype=tf.uint16)), tf.float32)
+        return _channels3(tf.cast(tf.io.decode_png(data, channels=0, dtype=tf.uint16), tf.float32))  # Tile has no uint16
 
     def png8():
         return tf.cast(_channels3(tf.io.decode_png(data, channels=0, dtype=tf.uint8)), tf.float32)
@@ -135,8 +165,10 @@ def decode_image(data, scaled_decode: bool = True):
     img.set_shape([None, None, 3])
     shape = tf.shape(img)
     shrink = tf.logical_or(shape[0] > SIZE, shape[1] > SIZE)
-    out = tf.cond(shrink, lambda: tf.image.resize(img, (SIZE, SIZE), method="area"),
-                  lambda: tf.image.resize(img, (SIZE, SIZE), method="bilinear"))
+    both = tf.logical_and(shape[0] >= SIZE, shape[1] >= SIZE)  # OpenCV averages only when no side grows
+    out = tf.case([(tf.logical_and(shrink, both), lambda: tf.image.resize(img, (SIZE, SIZE), method="area")),
+                   (shrink, lambda: _opencv_area_upscale(img))],
+                  default=lambda: tf.image.resize(img, (SIZE, SIZE), method="bilinear"), exclusive=False)
     out = tf.round(out)  # covfeat resizes the uint8 / uint16 array: OpenCV rounds to it
     lo = tf.reduce_min(img)
     hi = tf.reduce_max(img)
@@ -175,7 +207,7 @@ def file_kind(path: str | Path, scaled_decode: bool = True) -> str:
 
 def pixel_gap(paths, pipeline=None, batch: int = 16) -> list[dict]:
     """Per file: |decode_images(bytes) - InputPipeline pixels| (max and mean, grey levels), its
-    kind (:func:`file_kind`), and both pixel arrays' shapes; ``pipeline`` defaults to a
+    kind (:func:`file_kind`); ``pipeline`` defaults to a
     whole-image run's (no occlusion, scaled decode, default limits)."""
     import numpy as np
     import tensorflow as tf
