@@ -66,6 +66,17 @@ def test_rule_and_contract_match_covfeat():
     assert sd.MIN_SIDE == SCALED_DECODE_MIN_SIDE
     assert json.loads(json.dumps(DECODING))["max_abs_pixel_difference"]["bundled_sample"] == SAMPLE_BOUND
     assert json.loads(json.dumps(PIXELS))["range"] == [0.0, 255.0]
+    assert "full size" in sd.decoding_for(False)["jpeg"] and sd.decoding_for(True) == DECODING
+
+
+def test_full_decode_run(kinds):
+    """A --full-decode run's pipeline decodes large JPEGs at full size: so does decode_images."""
+    from covfeat.extraction.backbones import get_backbone
+    from covfeat.extraction.images import InputPipeline
+
+    pipe = InputPipeline(get_backbone("inception_v3").scaling_for("paper"), scaled_decode=False)
+    rows = pixel_gap([kinds["jpeg_grey_quarter"], kinds["jpeg_colour_half"]], pipe)
+    assert all("scale" not in r["kind"] and r["max"] <= SAMPLE_BOUND for r in rows), rows
 
 
 def test_bundled_sample_within_bound():

@@ -83,6 +83,14 @@ DECODING = {
 }
 
 
+def decoding_for(scaled_decode: bool) -> dict:
+    """:data:`DECODING` as a run decodes: a ``--full-decode`` run never decodes at reduced scale
+    (pass the same ``scaled_decode`` to :func:`decode_images`)."""
+    if scaled_decode:
+        return dict(DECODING)
+    return {**DECODING, "jpeg": "tf.io.decode_jpeg, dct_method INTEGER_ACCURATE, at full size (the run's --full-decode)"}
+
+
 def _channels3(img):
     """(h, w, c) with c in 1..4 -> (h, w, 3): grey repeated, alpha dropped, as covfeat does."""
     import tensorflow as tf
