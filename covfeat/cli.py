@@ -268,7 +268,7 @@ def export(
     format: Annotated[str, typer.Option(help="keras (needs covfeat to load), savedmodel (TF Serving; signatures "
                                              "pixels and image_bytes) or onnx (ONNX Runtime; input pixels only: "
                                              "onnxruntime has no image decoder, so the client decodes as "
-                                             "serving.json says; needs pip install 'covfeat[onnx]').")] = "keras",
+                                             "serving.json says; needs pip install 'covfeat\\[onnx]').")] = "keras",
     prevalence: Prevalence = None,
 ):
     """The run as one model: its scaling, backbone, head, prior correction and threshold.
