@@ -167,3 +167,22 @@ def test_onnx_without_its_packages_says_what_to_install(mini_run, tmp_path, monk
     assert r.stderr == ("error: --format onnx needs the onnx and tf2onnx packages (tf2onnx is missing): "
                         "pip install 'covfeat[onnx]'.\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # builds the backbone
+def test_a_converter_failure_is_one_line_with_the_versions_and_leaves_nothing(mini_run, tmp_path, monkeypatch):
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    def fails(*args, output_path=None, **kwargs):
+        open(output_path, "wb").write(b"half a model")
+        raise ValueError("unsupported op Foo\nmore detail")
+
+    monkeypatch.setattr(tf2onnx.convert, "from_function", fails)
+    r = runner.invoke(app, ["export", "--run", str(mini_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: export: tf2onnx could not convert this model (backbone inception_v3, tensorflow "
+                        f"{tf.__version__}, tf2onnx {tf2onnx.__version__}, onnx {onnx.__version__}): ValueError: "
+                        "unsupported op Foo\n")
+    assert list(tmp_path.iterdir()) == []
