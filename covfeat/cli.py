@@ -262,18 +262,31 @@ def predict(
 @app.command()
 def export(
     run: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Run folder from fit-head.")],
-    out: Annotated[Path, typer.Option(help="Output .keras file (model_card.md and .json are written beside it).")],
+    out: Annotated[Path, typer.Option(help="A .keras file (keras), a new or empty folder (savedmodel) or a .onnx file "
+                                           "(onnx); serving.json and model_card.md/.json are written beside it "
+                                           "(serving.json inside the SavedModel folder).")],
+    format: Annotated[str, typer.Option(help="keras (needs covfeat to load), savedmodel (TF Serving; signatures "
+                                             "pixels and image_bytes) or onnx (ONNX Runtime; input pixels only: "
+                                             "onnxruntime has no image decoder, so the client decodes as "
+                                             "serving.json says; needs pip install 'covfeat\\[onnx]').")] = "keras",
     prevalence: Prevalence = None,
 ):
-    """One Keras model (preprocessing, backbone, head): 224x224 RGB in [0, 255] -> (p_normal, p_covid).
+    """The run as one model: its scaling, backbone, head, prior correction and threshold.
 
-    The probabilities are corrected from the head's training prior to the prevalence; `covid` is 1 at
-    the run's threshold. model_card.md and model_card.json are written beside the model.
+    pixels: 224x224 RGB in [0, 255] (float32), decoded as `covfeat predict` decodes. savedmodel and
+    onnx load without covfeat and give p_covid (corrected from the head's training prior to the
+    prevalence), p_covid_raw, covid (1 at the run's threshold on p_covid_raw) and threshold;
+    keras gives probabilities and covid. serving.json states the input contract and the outputs.
     """
-    import covfeat.use.predict as pr
+    import covfeat.use.export as ex
 
-    check(pr.check_prevalence, prevalence)
-    typer.echo(str(guard(pr.export, run, out, prevalence)))
+    check(ex.check_out, out, format)
+    if format == "onnx":
+        from covfeat.use.export_onnx import require_onnx
+
+        check(require_onnx)
+    check(ex.check_prevalence, prevalence)
+    typer.echo(str(guard(ex.export, run, out, prevalence, format)))
 
 
 @app.command()

@@ -225,12 +225,53 @@ def render_markdown(card: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_card(run: Run, corr: PriorCorrection, model_path: str | Path) -> tuple[Path, Path]:
-    """``model_card.md`` and ``model_card.json`` beside ``model_path``."""
+def serving_contract(run: Run, corr: PriorCorrection, fmt: str, inputs: dict, outputs: dict,
+                     load: str, **extra) -> dict:
+    """What a server needs of an export and nothing of covfeat: its ``format``, ``inputs`` (per
+    signature: the tensor, its pixels and the decoding before them), ``outputs``, the threshold
+    (raw, and in the corrected units of p_covid), the prevalence and where it comes from, the
+    training prior, the backbone and its weights' identity, and NOT PRETRAINED where it applies.
+    ``serving.json`` holds it, and the card's ``serving`` section."""
+    thr = run.threshold
+    weights = run.cache_info.get("weights", {})
+    return {"format": fmt, "load": load, "inputs": inputs, "outputs": outputs,
+            "threshold": {"raw": thr, "corrected": corr.threshold(thr),
+                          "rule": "covid = 1 when p_covid_raw >= threshold (raw): covfeat predict's label rule; "
+                                  "the same cut as p_covid >= the corrected threshold"},
+            "prevalence": {"target": corr.target, "from": corr.target_from, "text": corr.describe()},
+            "training_prior": corr.train_prior,
+            "backbone": {"name": run.backbone, "weights": weights, "seed": run.extract_config.get("seed"),
+                         "pretrained": run.pretrained},
+            **({} if run.pretrained else {"warning": "NOT PRETRAINED: random-init backbone (--weights none); its "
+                                                     "numbers say nothing about ImageNet transfer."}),
+            "covfeat": __version__, **extra}
+
+
+def render_serving(sv: dict) -> list[str]:
+    """The card's serving section in Markdown."""
+    out = ["", f"## Serving contract ({sv['format']})", "", f"- load: `{sv['load']}`"]
+    out += [f"- input `{k}`: `{json.dumps(v)}`" for k, v in sv["inputs"].items()]
+    out += [f"- output `{k}`: {v}" for k, v in sv["outputs"].items()]
+    t = sv["threshold"]
+    out += [f"- threshold {t['raw']:.6f} on p_covid_raw ({t['corrected']:.6f} on p_covid); {sv['prevalence']['text']}",
+            f"- backbone {sv['backbone']['name']}, weights `{json.dumps(sv['backbone']['weights'])}`"
+            + ("" if sv["backbone"]["pretrained"] else "; NOT PRETRAINED")]
+    return out
+
+
+def write_card(run: Run, corr: PriorCorrection, model_path: str | Path,
+               serving: dict | None = None) -> tuple[Path, Path]:
+    """``model_card.md`` and ``model_card.json`` beside ``model_path``, with the export's serving
+    contract (:func:`serving_contract`) as their ``serving`` section when given."""
     card = model_card(run, corr, model_path)
+    if serving is not None:
+        card["serving"] = serving
     folder = Path(model_path).parent
     write_json_atomic(folder / "model_card.json", card)
     md = folder / "model_card.md"
     with atomic_file(md) as tmp:
-        tmp.write_text(render_markdown(card), encoding="utf-8")
+        text = render_markdown(card)
+        if serving is not None:
+            text += "\n".join(render_serving(serving)) + "\n"
+        tmp.write_text(text, encoding="utf-8")
     return md, folder / "model_card.json"

@@ -3,9 +3,9 @@
 Everything is taken from the run's recorded extraction config, never from defaults,
 because a model fed differently scaled pixels than it was trained on tends to call every
 image one class.  :class:`Predictor` is the one place that rebuilds a run for inference;
-``predict``, ``explain`` and ``export`` use it, and ``export`` folds the same scaling
-(as Keras layers), backbone, head and threshold into one Keras model, with its model card
-beside it (:mod:`covfeat.use.card`).
+``predict``, ``explain`` and ``export`` use it (:mod:`covfeat.use.export` folds the same
+scaling, backbone, head and threshold into a Keras model, a TF SavedModel or an ONNX file,
+with its model card and serving contract beside it).
 
 The p_covid they give a deployer is corrected from the prior the head was trained toward
 (SMOTE's 50/50) to the COVID-19 share of the run's data, or to ``--prevalence``
@@ -29,8 +29,9 @@ from covfeat.extraction.images import InputPipeline
 from covfeat.extraction.precision import prepare_process
 from covfeat.extraction.sources import IMAGE_SUFFIXES
 from covfeat.head.runs import Run, check_writable, damaged
-from covfeat.imaging.decode import INPUT_SIZE, UnreadableImage
-from covfeat.use.card import warning, write_card
+from covfeat.imaging.decode import UnreadableImage
+from covfeat.use.card import warning
+from covfeat.use.keras_layers import load_exported as load_exported  # its old home: tests and users import it here
 from covfeat.use.prevalence import PriorCorrection, check_prevalence, prior_correction
 
 TABLE_FIELDS = ["path", "p_covid", "p_covid_raw", "label", "prevalence", "prevalence_from", "error"]
@@ -172,124 +173,3 @@ def format_table(rows: list[dict], correction: PriorCorrection | None = None) ->
         else:
             lines.append(f"{r['path'].ljust(width)}  {r['p_covid']:.4f}   {r['p_covid_raw']:.4f}       {r['label']}")
     return "\n".join(lines)
-
-
-_LAYERS: dict = {}
-
-
-def threshold_layer_class():
-    """``AtThreshold``: P(COVID-19) >= the run's threshold, as 1.0 / 0.0; the threshold is in its
-    config, and so is the same threshold in corrected units (``threshold_corrected``), for a
-    reader of the corrected ``probabilities``."""
-    if "AtThreshold" not in _LAYERS:
-        import keras
-
-        @keras.saving.register_keras_serializable(package="covfeat")
-        class AtThreshold(keras.layers.Layer):
-            def __init__(self, threshold: float, threshold_corrected: float | None = None, **kwargs):
-                super().__init__(**kwargs)
-                self.threshold = float(threshold)
-                self.threshold_corrected = None if threshold_corrected is None else float(threshold_corrected)
-
-            def call(self, probs):
-                from keras import ops
-
-                return ops.cast(ops.greater_equal(probs[:, 1:2], self.threshold), "float32")
-
-            def compute_output_shape(self, input_shape):
-                return (input_shape[0], 1)
-
-            def get_config(self):
-                return {**super().get_config(), "threshold": self.threshold,
-                        "threshold_corrected": self.threshold_corrected}
-
-        _LAYERS["AtThreshold"] = AtThreshold
-    return _LAYERS["AtThreshold"]
-
-
-def prior_layer_class():
-    """``PriorCorrection``: (p_normal, p_covid) moved from the training prior to the target
-    prevalence, the formula of :func:`covfeat.trust.calibration.prior_correct`; both priors are
-    in its config."""
-    if "PriorCorrection" not in _LAYERS:
-        import keras
-
-        @keras.saving.register_keras_serializable(package="covfeat")
-        class PriorCorrection(keras.layers.Layer):
-            def __init__(self, train_prior: float, target: float, **kwargs):
-                super().__init__(**kwargs)
-                self.train_prior, self.target = float(train_prior), float(target)
-
-            def call(self, probs):
-                from keras import ops
-
-                p = probs[:, 1:2]
-                a = p * (self.target / self.train_prior)
-                b = (1.0 - p) * ((1.0 - self.target) / (1.0 - self.train_prior))
-                c = a / (a + b)
-                return ops.concatenate([1.0 - c, c], axis=1)
-
-            def compute_output_shape(self, input_shape):
-                return input_shape
-
-            def get_config(self):
-                return {**super().get_config(), "train_prior": self.train_prior, "target": self.target}
-
-        _LAYERS["PriorCorrection"] = PriorCorrection
-    return _LAYERS["PriorCorrection"]
-
-
-def load_exported(path: str | Path):
-    """Load a model written by :func:`export` (its threshold and prior layers are covfeat's own)."""
-    import keras
-
-    threshold_layer_class()
-    prior_layer_class()
-    return keras.models.load_model(path)
-
-
-def export(run: str | Path, out: str | Path, prevalence: float | None = None) -> Path:
-    """One Keras model: 224x224 RGB in [0, 255] -> the run's scaling -> backbone -> head, with two
-    outputs: ``probabilities`` (p_normal, p_covid), corrected from the head's training prior to
-    the COVID-19 share of the run's data, or to ``prevalence`` (:mod:`covfeat.use.prevalence`),
-    and ``covid`` (1.0 when the head's own p_covid >= the run's threshold, else 0.0: exactly
-    ``covfeat predict``'s labels).  The head's own probabilities are the layer
-    ``probabilities_raw``: ``keras.Model(m.input, m.get_layer("probabilities_raw").output)``.
-    ``covid`` compares the raw probability with the raw threshold, so no float rounding of the
-    correction can move a label; the threshold in corrected units is in the layer's config
-    (``threshold_corrected``), and ``model_card.md`` / ``model_card.json`` are written beside
-    the model (:mod:`covfeat.use.card`).
-
-    Decode and resize first, as the run did: ``Predictor(run).pipeline.decode(path)``.
-    Load with :func:`load_exported`.
-
-    A run extracted with ``--lungs`` is refused: its model needs the segmenter before the
-    backbone, which the exported model would not have.
-
-    Raises
-    ------
-    ConfigError, RunError, WeightsUnavailable
-    """
-    import keras
-
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise ConfigError(f"--out: expected a file name ending in .keras, got {str(out)!r}.")
-    check_prevalence(prevalence)
-    if Run(run).extract_config.get("lungs"):  # the model below starts at the 224 x 224 image: no segmenter in it
-        raise ConfigError(f"export: the run in {run} saw only the lung fields of its images (extract --lungs); an "
-                          "exported model would take the whole image, so it is not exported. Use `covfeat predict "
-                          "--run RUN`, which restricts every image as the run's extraction did.")
-    check_writable(out.parent, "--out")
-    corr = prior_correction(Run(run).require_single("this command"), prevalence)
-    pr = Predictor(run)
-    inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="rgb_0_255")
-    x = pr.pipeline.scaling.layers()(inp)
-    raw = keras.layers.Identity(name="probabilities_raw")(pr.head(pr.backbone(x, training=False), training=False))
-    probs = prior_layer_class()(corr.train_prior, corr.target, name="probabilities")(raw)
-    covid = threshold_layer_class()(pr.threshold, corr.threshold(pr.threshold), name="covid")(raw)
-    model = keras.Model(inp, [probs, covid], name=f"covfeat_{pr.extract.backbone}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-    write_card(pr.run, corr, out)
-    return out
