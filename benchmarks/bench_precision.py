@@ -104,7 +104,8 @@ def outside(a: dict, b: dict) -> list[str]:
         x, y = a[k], b[k]
         if None in (x["value"], y["value"], x["lo"], y["lo"]) or np.isnan([x["value"], y["value"]]).any():
             continue
-        if not (y["lo"] <= x["value"] <= y["hi"] and x["lo"] <= y["value"] <= x["hi"]):
+        tol = 1e-9  # an interval's end at 1.0 may come out as 1 - 1e-16
+        if not (y["lo"] - tol <= x["value"] <= y["hi"] + tol and x["lo"] - tol <= y["value"] <= x["hi"] + tol):
             bad.append(k)
     return bad
 
@@ -121,6 +122,9 @@ def one(backbone: str, work: Path, args) -> dict:
         caches[precision] = only(cdir, f"{backbone}-*.h5")
     for precision, seed in (("float32", 0), ("bfloat16", 0), ("float32", 1)):
         rdir = work / "runs" / f"{backbone}-{precision}-{seed}"
+        if list(rdir.glob(f"{backbone}-*/metrics.json")):  # run again on the same folder: finished heads are kept
+            runs[(precision, seed)] = only(rdir, f"{backbone}-*")
+            continue
         cli("fit-head", "--cache", str(caches[precision]), "--runs-dir", str(rdir), "--seed", str(seed),
             "--epochs", str(args.epochs))
         runs[(precision, seed)] = only(rdir, f"{backbone}-*")

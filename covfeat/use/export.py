@@ -101,9 +101,15 @@ def write_savedmodel(pr: Predictor, corr, folder: Path, skip_scaling: bool = Fal
     archive.add_endpoint("pixels", fn, input_signature=[tf.TensorSpec(*PIXELS_SPEC)])
 
     def from_bytes(image_bytes):
-        return fn(serving_decode.decode_images(image_bytes))
+        return fn(serving_decode.decode_images(image_bytes, pr.pipeline.scaled_decode))
 
-    archive.add_endpoint("image_bytes", from_bytes, input_signature=[tf.TensorSpec((None,), tf.string, "image_bytes")])
+    bytes_spec = [tf.TensorSpec((None,), tf.string, "image_bytes")]
+    archive.add_endpoint("image_bytes", from_bytes, input_signature=bytes_spec)
+
+    def decode(image_bytes):  # what the model sees of each file: a server can log or check it
+        return {"pixels": serving_decode.decode_images(image_bytes, pr.pipeline.scaled_decode)}
+
+    archive.add_endpoint("decode", decode, input_signature=bytes_spec)
     archive.write_out(str(folder), verbose=False)
 
 
@@ -122,7 +128,8 @@ def keras_model(pr: Predictor, corr):
 
 
 def contract(pr: Predictor, corr, fmt: str, out: Path, **extra) -> dict:
-    bytes_in = {"input": "image_bytes", "dtype": "string", "shape": [None], "decoding": serving_decode.DECODING}
+    decoding = serving_decode.decoding_for(pr.pipeline.scaled_decode)  # a --full-decode run decodes at full size
+    bytes_in = {"input": "image_bytes", "dtype": "string", "shape": [None], "decoding": decoding}
     if fmt == "keras":
         return serving_contract(pr.run, corr, fmt, {"rgb_0_255": serving_decode.PIXELS},
                                 {"probabilities": "float32 (N, 2): (p_normal, p_covid), p_covid corrected",
@@ -133,12 +140,14 @@ def contract(pr: Predictor, corr, fmt: str, out: Path, **extra) -> dict:
                                                     "image_bytes": bytes_in}, OUTPUTS,
                                 "m = tf.saved_model.load(DIR); m.signatures['image_bytes'](image_bytes="
                                 "tf.constant([open(f, 'rb').read()])) or m.signatures['pixels'](pixels=x)",
-                                serving_json="inside the SavedModel folder, beside saved_model.pb", **extra)
+                                serving_json="inside the SavedModel folder, beside saved_model.pb",
+                                decode_signature="m.signatures['decode'](image_bytes=...)['pixels']: the 224 x 224 "
+                                "RGB pixels image_bytes feeds the model, to log or check", **extra)
     return serving_contract(
         pr.run, corr, fmt, {"pixels": {"input": "pixels", **serving_decode.PIXELS}}, OUTPUTS,
         f"s = onnxruntime.InferenceSession('{out.name}'); s.run(None, {{'pixels': x}})",
         image_bytes="not in the ONNX file: onnxruntime does not implement ONNX's ImageDecoder op, so the client "
-                    "decodes as client_decoding says and feeds pixels", client_decoding=serving_decode.DECODING,
+                    "decodes as client_decoding says and feeds pixels", client_decoding=decoding,
         **extra)
 
 
