@@ -56,7 +56,8 @@ class FeatureCache:
     checked: set = field(default_factory=set)  # shards whose bytes this process checked against the table
     maps: dict = field(default_factory=dict)  # shard -> its MappedShard (covfeat.store.rawread), once checked
     unmapped: dict = field(default_factory=dict)  # shard -> why its layout is not mapped (read through h5py)
-    reads: dict = field(default_factory=lambda: {"mapped": 0, "h5py": 0})  # rows read by each route
+    # rows read by each route: located for the kernel to read in place, copied from the mapping, through h5py
+    reads: dict = field(default_factory=lambda: {"in_place": 0, "mapped": 0, "h5py": 0})
     mapped_files: MappedFiles = field(default_factory=MappedFiles)
 
     @property
@@ -262,7 +263,7 @@ class FeatureCache:
             if self.mapping(int(i)) is None:
                 return None
         mf = self.mapped_files
-        self.reads["mapped"] += len(idx)
+        self.reads["in_place"] += len(idx)
         return mf.files, mf.sample_slot[idx], mf.sample_offset[idx]
 
 
