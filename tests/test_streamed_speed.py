@@ -41,12 +41,14 @@ def test_streamed_epochs_equal_in_memory_ones_bit_for_bit_and_read_mapped_rows(m
     fc, rows, mem, st = _sources(mini_cache)
     n, C = len(rows) + 2, fc.feature_shape[-1]
     n_views = np.full(n, fc.n_views, np.int64)
+    fds = len(os.listdir("/proc/self/fd"))
     for e in range(3):
         a, b = _epoch(mem, e, n, n_views, C), _epoch(st, e, n, n_views, C)
         assert a.tobytes() == b.tobytes()
     # every row came from the mapped files: no HDF5 read of features, no shard refused
     assert fc.reads == {"in_place": 3 * (len(rows) + 4), "mapped": 0, "h5py": 0} and fc.unmapped == {}
     assert fc.checked == set(fc.maps) == set(range(len(fc.table.bounds) - 1))
+    assert len(os.listdir("/proc/self/fd")) == fds  # a mapped shard keeps no file descriptor open
     # read_features on mapped shards gives what h5py gives
     idx = np.array([5, 0, 3, 3, len(fc.view) - 1])
     with h5py.File(mini_cache, "r") as h:

@@ -7,18 +7,19 @@ each chunk is the row's bytes followed by 4 checksum bytes.  So once a shard's l
 known to be that one, the rows are plain bytes at known offsets of the file, and the
 dropout kernel can read them from the mapped pages directly (no copy).
 
-Integrity.  A shard is mapped the first time this process reads it: its file is opened and
-mapped once (the mapping is kept, the file is never reopened by path), and the SHA-256 of
-its rows, read at the recorded chunk offsets in that mapping, is compared with the index's
-record -- the same check, on the very bytes later reads use.  On a mismatch the rows are
-read again through h5py so that Fletcher-32 names the damage as before.  What is covered
-after the check: every later read first compares the file's size, mtime and ctime with
-those seen at the check; a change re-hashes the mapped rows against the record (damage
-stops the run, a mere rename or chmod does not), and a change of size is damage.  What is
-not: a change made in place while an epoch is reading, or one that also restores both
-times (ctime cannot be set by a user, only by the clock); and a file truncated under a
-running read ends the process with SIGBUS.  Shards are immutable once written, so any of
-these is tampering or a failing disk, not covfeat's own doing.
+Integrity.  A shard is mapped the first time this process reads it: its file is opened once,
+mapped, and the descriptor closed (the mapping holds the file; it is never reopened by path),
+and the SHA-256 of its rows, read at the recorded chunk offsets in that mapping, is compared
+with the index's record -- the same check as before, on the very bytes later reads use.  On
+a mismatch the rows are read again through h5py so that Fletcher-32 names the damage it can
+see, as before.  Covered after the check: every later read first stats the shard's path; the
+same file with other times has its mapped rows re-hashed against the record (damage stops the
+run, a mere chmod or touch does not), and a change of size is damage.  Not covered: a change
+made in place while an epoch is reading, or one that also restores both times (ctime is set
+only by the clock); a file truncated under a running read ends the process with SIGBUS; a file
+renamed over the shard's path is not what the mapping reads (it keeps the checked bytes, and
+the next process checks the new file).  Shards are immutable once written, so any of these is
+tampering or a failing disk, not covfeat's own doing.
 
 A layout other than the expected one (compression, other filters, a chunk that is not one
 row, a chunk not where it should be, a byte order other than this machine's) is refused
@@ -27,10 +28,12 @@ with its reason and read through h5py as before: never guessed at.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import h5py
@@ -40,35 +43,40 @@ from numba import njit, prange, typed
 
 @dataclass
 class MappedShard:
-    """One checked shard file, mapped read-only for the life of the process."""
+    """One checked shard file, mapped read-only (its pages stay mapped while any array of them
+    lives; no file descriptor is kept, so a million-image cache needs none per shard)."""
 
-    fd: int
-    mm: mmap.mmap
+    path: str
     words: np.ndarray  # the whole file as elements of the features' dtype (read-only, C)
     offsets: np.ndarray  # per local row: element offset of its first value in ``words``
     row_len: int  # elements per row
-    stamp: tuple  # (size, mtime_ns, ctime_ns) when checked
+    stamp: tuple  # (dev, ino, size, mtime_ns, ctime_ns) of the file mapped, when checked
     expected: str  # the features' SHA-256 the index records
 
     def rows_sha256(self) -> str:
         h = hashlib.sha256()
-        mv = memoryview(self.mm)
+        mv = memoryview(self.words).cast("B")
         b = self.words.itemsize
         for o in self.offsets:
             h.update(mv[int(o) * b:(int(o) + self.row_len) * b])
         return h.hexdigest()
 
     def changed(self) -> str | None:
-        """None when the mapped file is as checked (re-hashing it if its times moved), else why not."""
-        st = os.fstat(self.fd)
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if stamp == self.stamp:
-            return None
-        if st.st_size != self.stamp[0]:
-            return "its size changed after this process checked it"
-        return "changed" if self.rows_sha256() != self.expected else self._restamp(stamp)
+        """None when the mapped file is as checked (re-hashing it if its times moved), else why not.
 
-    def _restamp(self, stamp):
+        A file now at the path that is another file (renamed over it) leaves the mapping on
+        the checked one, whose bytes the reads keep using: None."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp == self.stamp or stamp[:2] != self.stamp[:2]:
+            return None
+        if st.st_size != self.stamp[2]:
+            return "its size changed after this process checked it"
+        if self.rows_sha256() != self.expected:
+            return "changed"
         self.stamp = stamp
         return None
 
@@ -105,17 +113,30 @@ def row_layout(ds: h5py.Dataset, file_size: int) -> np.ndarray | str:
 
 
 def map_shard(path, offsets: np.ndarray, dtype, row_len: int, expected: str) -> MappedShard:
-    """Open and map ``path`` once; the caller compares ``rows_sha256()`` with the record."""
+    """Open ``path`` once, map it read-only and close the descriptor; the caller compares
+    ``rows_sha256()`` with the record.  The mapping is undone when the last array over it goes."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
-        mm = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    except BaseException:
+        addr = _libc.mmap(None, st.st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"cannot map {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
         os.close(fd)
-        raise
-    words = np.frombuffer(mm, dtype=np.uint16 if dtype == np.float16 else np.float32,
-                          count=st.st_size // np.dtype(dtype).itemsize)
-    return MappedShard(fd, mm, words, offsets, row_len, (st.st_size, st.st_mtime_ns, st.st_ctime_ns), expected)
+    elem = np.uint16 if dtype == np.float16 else np.float32
+    buf = (ctypes.c_uint16 if elem == np.uint16 else ctypes.c_float) * (st.st_size // np.dtype(elem).itemsize)
+    buf = buf.from_address(addr)
+    weakref.finalize(buf, _libc.munmap, addr, st.st_size)
+    words = np.frombuffer(buf, elem)
+    words.flags.writeable = False  # PROT_READ: a write would be a segmentation fault, so numpy refuses it
+    return MappedShard(str(path), words, offsets, row_len,
+                       (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), expected)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 class MappedFiles:
