@@ -60,6 +60,10 @@ class StreamedSource:
         self.fc = fc
         self.samples = fc.samples()
         self.rows = np.asarray(train_rows)
+        views_of = [self.samples[int(r)] for r in self.rows]  # training position -> its samples, by view
+        self.sample_of = np.full((len(views_of), max(map(len, views_of), default=1)), -1, np.int64)
+        for k, s in enumerate(views_of):
+            self.sample_of[k, :len(s)] = s
         self.parents = np.zeros((0, 2), np.int64) if parents is None else np.asarray(parents, np.int64)
         self.weights = np.zeros((0, 2), np.float32) if weights is None else np.asarray(weights, np.float32)
         n_real, n_syn = len(self.rows), len(self.parents)
@@ -76,11 +80,11 @@ class StreamedSource:
         n_real = len(self.rows)
         view_of = np.empty(len(order), np.int64)
         view_of[order] = views
-        want = [self.samples[int(self.rows[i])][view_of[i]] for i in range(n_real)]
-        for j, (a, b) in enumerate(self.parents):
-            v = view_of[n_real + j]
-            want += [self.samples[int(self.rows[a])][v], self.samples[int(self.rows[b])][v]]
-        want = np.array(want, np.int64)
+        want = self.sample_of[np.arange(n_real), view_of[:n_real]]
+        if len(self.parents):  # both parents of each SMOTE row, in the SMOTE row's view
+            v = view_of[n_real:]
+            want = np.concatenate([want, np.stack([self.sample_of[self.parents[:, 0], v],
+                                                   self.sample_of[self.parents[:, 1], v]], 1).ravel()])
         located = self.fc.mapped_rows(want)
         if located is not None:
             files, slot, offset = located
