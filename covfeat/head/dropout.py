@@ -156,6 +156,34 @@ def _elem_impl(src, c):
     return lambda src, c: np.float32(src[c])
 
 
+@njit(inline="always")
+def _pool_position(acc, src, src_b, state, full, q, low, body, C, syn, wa, wb):
+    """One position's channels into ``acc``: dropout words drawn from ``state``, 64 channels each,
+    in channel order (the body of both pooling kernels)."""
+    ones = ~np.uint64(0)
+    lane = np.uint64(0xFFFF)
+    for c0 in range(0, body, 64):
+        w = ones
+        if not full:
+            w, state = _keep_word(state, q, low)
+        if syn:
+            for k in range(4):
+                _acc_masked_pair(acc, c0 + 16 * k, src, src_b, (w >> np.uint64(16 * k)) & lane, wa, wb)
+        else:
+            for k in range(4):
+                _acc_masked(acc, c0 + 16 * k, src, (w >> np.uint64(16 * k)) & lane)
+    if body < C:  # channels beyond the last full word of 64
+        w = ones
+        if not full:
+            w, state = _keep_word(state, q, low)
+        for jj in range(C - body):
+            keep = np.float32((w >> np.uint64(jj)) & np.uint64(1))
+            if syn:
+                acc[body + jj] += (_elem(src, body + jj) * keep) * wa + (_elem(src_b, body + jj) * keep) * wb
+            else:
+                acc[body + jj] += _elem(src, body + jj) * keep
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, n_real):
     """out[i] = mean over positions of dropout(map of rows[i], view views[i]).
@@ -187,8 +215,6 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
     scale = np.float32(1.0) / np.float32(S)
     if not full:
         scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
-    ones = ~np.uint64(0)
-    lane = np.uint64(0xFFFF)
     body = C - C % 64
     for i in prange(n):
         acc = np.zeros(C, np.float32)
@@ -204,26 +230,47 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
             state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
             src = pool[ra, v, s]
             src_b = pool[rb, v, s]
-            for c0 in range(0, body, 64):
-                w = ones
-                if not full:
-                    w, state = _keep_word(state, q, low)
-                if syn:
-                    for k in range(4):
-                        _acc_masked_pair(acc, c0 + 16 * k, src, src_b, (w >> np.uint64(16 * k)) & lane, wa, wb)
-                else:
-                    for k in range(4):
-                        _acc_masked(acc, c0 + 16 * k, src, (w >> np.uint64(16 * k)) & lane)
-            if body < C:  # channels beyond the last full word of 64
-                w = ones
-                if not full:
-                    w, state = _keep_word(state, q, low)
-                for jj in range(C - body):
-                    keep = np.float32((w >> np.uint64(jj)) & np.uint64(1))
-                    if syn:
-                        acc[body + jj] += (_elem(src, body + jj) * keep) * wa + (_elem(src_b, body + jj) * keep) * wb
-                    else:
-                        acc[body + jj] += _elem(src, body + jj) * keep
+            _pool_position(acc, src, src_b, state, full, q, low, body, C, syn, wa, wb)
+        for c in range(C):
+            out[i, c] = acc[c] * scale
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dropout_pool_mapped(files, slot, offset, S, C, rows, rate_q, seed, epoch, out, parents, weights, n_real):
+    """:func:`dropout_pool` over maps read in place from mapped shard files, with the same numbers.
+
+    Buffer row r's map (S positions of C values, float16 bit patterns or float32) is
+    ``files[slot[r]][offset[r]:offset[r] + S * C]``: the rows a
+    :class:`covfeat.head.loop.StreamedSource` would have copied into its buffer, read where
+    they lie.  ``rows``, ``parents``, ``weights`` and ``n_real`` are as in :func:`dropout_pool`
+    with one view (the drawn one) per buffer row.
+    """
+    n = rows.shape[0]
+    q = np.uint64(rate_q)
+    low = 0
+    while low < _Q_BITS and not (q >> low) & 1:
+        low += 1
+    full = rate_q >= (1 << _Q_BITS)
+    scale = np.float32(1.0) / np.float32(S)
+    if not full:
+        scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
+    body = C - C % 64
+    for i in prange(n):
+        acc = np.zeros(C, np.float32)
+        r = rows[i]
+        syn = r >= n_real
+        j = r - n_real if syn else 0
+        wa = np.float32(weights[j, 0]) if syn else np.float32(1.0)
+        wb = np.float32(weights[j, 1]) if syn else np.float32(0.0)
+        ra = parents[j, 0] if syn else r
+        rb = parents[j, 1] if syn else r
+        fa, oa = files[slot[ra]], offset[ra]
+        fb, ob = files[slot[rb]], offset[rb]
+        for s in range(S):
+            state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
+            src = fa[oa + s * C:oa + (s + 1) * C]
+            src_b = fb[ob + s * C:ob + (s + 1) * C]
+            _pool_position(acc, src, src_b, state, full, q, low, body, C, syn, wa, wb)
         for c in range(C):
             out[i, c] = acc[c] * scale
 

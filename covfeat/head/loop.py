@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from covfeat.head.config import HeadConfig
-from covfeat.head.dropout import NO_PARENTS, dropout_pool, keep_q
+from covfeat.head.dropout import NO_PARENTS, dropout_pool, dropout_pool_mapped, keep_q
 from covfeat.head.model import BN_EPSILON, BN_MOMENTUM, CLIP_EPSILON, one_hot, probability_bce
 
 
@@ -48,12 +48,22 @@ class MemorySource:
 
 class StreamedSource:
     """The training rows' maps read from the cache each epoch: only the drawn view of every
-    real row and of both parents of every SMOTE row, so memory holds one view per row."""
+    real row and of both parents of every SMOTE row.
+
+    Once a shard is checked and mapped (:meth:`covfeat.store.reader.FeatureCache.mapping`), the
+    dropout kernel reads its rows in place from the mapped file (:func:`dropout_pool_mapped`):
+    no HDF5 call and no copy, so an epoch whose maps are in the page cache costs about what one
+    in memory does, and one whose maps are not costs the page faults, never more memory.  Shards
+    covfeat does not map are read into a buffer of one view per row through h5py, as before."""
 
     def __init__(self, fc, train_rows: np.ndarray, parents=None, weights=None):
         self.fc = fc
         self.samples = fc.samples()
         self.rows = np.asarray(train_rows)
+        views_of = [self.samples[int(r)] for r in self.rows]  # training position -> its samples, by view
+        self.sample_of = np.full((len(views_of), max(map(len, views_of), default=1)), -1, np.int64)
+        for k, s in enumerate(views_of):
+            self.sample_of[k, :len(s)] = s
         self.parents = np.zeros((0, 2), np.int64) if parents is None else np.asarray(parents, np.int64)
         self.weights = np.zeros((0, 2), np.float32) if weights is None else np.asarray(weights, np.float32)
         n_real, n_syn = len(self.rows), len(self.parents)
@@ -62,19 +72,29 @@ class StreamedSource:
         self.channels = C
         # buffer rows: the drawn view of each real row, then both parents of each SMOTE row
         self.par = (n_real + 2 * np.arange(n_syn)[:, None] + np.arange(2)[None, :]).astype(np.int64)
+        self.S, self.shape = S, shape
         self.half = fc.dtype == np.float16
-        self.buf = np.empty((n_real + 2 * n_syn, 1, S, C), np.uint16 if self.half else np.float32)
-        self.flat = (self.buf.view(np.float16) if self.half else self.buf).reshape(len(self.buf), *shape)
+        self.buf = None  # the h5py route's buffer, made when first needed
 
     def pooled(self, epoch: int, order: np.ndarray, views: np.ndarray, rate_q: int, seed: int, out: np.ndarray):
         n_real = len(self.rows)
         view_of = np.empty(len(order), np.int64)
         view_of[order] = views
-        want = [self.samples[int(self.rows[i])][view_of[i]] for i in range(n_real)]
-        for j, (a, b) in enumerate(self.parents):
-            v = view_of[n_real + j]
-            want += [self.samples[int(self.rows[a])][v], self.samples[int(self.rows[b])][v]]
-        self.fc.read_features(np.array(want, np.int64), out=self.flat)
+        want = self.sample_of[np.arange(n_real), view_of[:n_real]]
+        if len(self.parents):  # both parents of each SMOTE row, in the SMOTE row's view
+            v = view_of[n_real:]
+            want = np.concatenate([want, np.stack([self.sample_of[self.parents[:, 0], v],
+                                                   self.sample_of[self.parents[:, 1], v]], 1).ravel()])
+        located = self.fc.mapped_rows(want)
+        if located is not None:
+            files, slot, offset = located
+            dropout_pool_mapped(files, slot, offset, self.S, self.channels, order.astype(np.int64), rate_q, seed,
+                                epoch, out, self.par, self.weights, n_real)
+            return
+        if self.buf is None:
+            self.buf = np.empty((len(want), 1, self.S, self.channels), np.uint16 if self.half else np.float32)
+            self.flat = (self.buf.view(np.float16) if self.half else self.buf).reshape(len(self.buf), *self.shape)
+        self.fc.read_features(want, out=self.flat)
         dropout_pool(self.buf, order.astype(np.int64), np.zeros(len(order), np.int64), rate_q, seed, epoch, out,
                      self.par, self.weights, n_real)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from numba import njit, prange
 from covfeat.core.errors import CacheError
 from covfeat.store.index import TABLE, ShardTable, damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
+from covfeat.store.rawread import MappedFiles, MappedShard, map_shard, row_layout
 
 
 @dataclass
@@ -52,6 +54,11 @@ class FeatureCache:
     attrs: dict
     table: ShardTable  # the shards, as the index recorded them: every read goes through it
     checked: set = field(default_factory=set)  # shards whose bytes this process checked against the table
+    maps: dict = field(default_factory=dict)  # shard -> its MappedShard (covfeat.store.rawread), once checked
+    unmapped: dict = field(default_factory=dict)  # shard -> why its layout is not mapped (read through h5py)
+    # rows read by each route: located for the kernel to read in place, copied from the mapping, through h5py
+    reads: dict = field(default_factory=lambda: {"in_place": 0, "mapped": 0, "h5py": 0})
+    mapped_files: MappedFiles = field(default_factory=MappedFiles)
 
     @property
     def backbone(self) -> str:
@@ -178,6 +185,13 @@ class FeatureCache:
         for grp in np.split(np.arange(len(s)), np.flatnonzero(np.diff(shard_of)) + 1):
             i = int(shard_of[grp[0]])
             local = s[grp] - t.start[i]
+            m = self.mapping(i)
+            if m is not None:
+                rows = m.rows(local).reshape(len(local), *out.shape[1:])
+                place(rows.view(np.float16) if rows.dtype == np.uint16 else rows, order[grp])
+                self.reads["mapped"] += len(local)
+                continue
+            self.reads["h5py"] += len(local)
             with h5py.File(t.path(i), "r") as h:
                 ds = h["features"]
                 if i not in self.checked:
@@ -201,6 +215,56 @@ class FeatureCache:
                     place(ds[a:b][local[run] - a], order[grp][run])
         place.flush()
         return out
+
+    def mapping(self, i: int) -> MappedShard | None:
+        """Shard ``i`` mapped, its bytes checked once in this process against the index's SHA-256
+        (see :mod:`covfeat.store.rawread`); None when its layout is not one covfeat maps (the
+        reason kept in ``unmapped``), and it is read through h5py."""
+        m = self.maps.get(i)
+        if m is not None:
+            why = m.changed()
+            if why:
+                raise damaged(self.path, f"shard {self.table.path(i)}: "
+                              + ("its features no longer match the SHA-256 its index recorded (the file changed "
+                                 "after this process checked it)" if why == "changed" else why))
+            return m
+        if i in self.unmapped:
+            return None
+        from covfeat.store.shards import record_problem
+
+        t = self.table
+        path = t.path(i)
+        with h5py.File(path, "r") as h:
+            problem = record_problem(h, t.key, t.record(i))
+            if problem:
+                raise damaged(self.path, f"shard {path}: {problem}")
+            ds = h["features"]
+            offsets = row_layout(ds, os.stat(path).st_size)
+            if isinstance(offsets, str):
+                self.unmapped[i] = offsets
+                return None
+            m = map_shard(path, offsets, ds.dtype, int(np.prod(ds.shape[1:])), t.features_sha256[i])
+            if m.rows_sha256() != m.expected:
+                ds[:]  # Fletcher-32 names the damage it can see, as the h5py route does
+                raise damaged(self.path, f"shard {path}: its features do not match the SHA-256 its index recorded")
+        self.checked.add(i)
+        self.maps[i] = m
+        self.mapped_files.add(i, m, int(t.start[i]), int(t.bounds[-1]))
+        return m
+
+    def mapped_rows(self, idx: np.ndarray):
+        """(files, slot, offset) locating each sample of ``idx`` in the mapped shards: sample k's
+        row is ``files[slot[k]][offset[k]:offset[k] + row length]``; None when a shard it needs is
+        not mapped.  Every shard's file is checked for changes first (:meth:`mapping`)."""
+        t = self.table
+        idx = np.asarray(idx, np.int64)
+        shard_of = np.searchsorted(t.bounds, idx, side="right") - 1
+        for i in np.unique(shard_of):
+            if self.mapping(int(i)) is None:
+                return None
+        mf = self.mapped_files
+        self.reads["in_place"] += len(idx)
+        return mf.files, mf.sample_slot[idx], mf.sample_offset[idx]
 
 
 class _Placer:
