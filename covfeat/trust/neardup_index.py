@@ -14,7 +14,8 @@ from __future__ import annotations
 from math import comb
 
 import numpy as np
-from numba import njit
+
+from covfeat.core.lazyjit import lazy_njit
 
 
 def plan_chunks(n_codes: int, max_bits: int) -> tuple[list[tuple[int, int]], int, float]:
@@ -93,7 +94,7 @@ class ChunkIndex:
                       self.n_items, self.max_bits, skip_self)
 
 
-@njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -101,7 +102,7 @@ def _popcount(x):
     return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
-@njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def _neighbours(key, width, radius):
     """``key`` and every key within ``radius`` (at most 3) bits of it."""
     n = 1
@@ -126,7 +127,7 @@ def _neighbours(key, width, radius):
     return out
 
 
-@njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def _query(codes, keys, widths, radius, sorted_codes, order, starts, n_views, n_items, max_bits, skip_self):
     n_q = codes.shape[0]
     seen = np.full(n_items, -1, np.int64)  # the last query that met each item, and where its row is
