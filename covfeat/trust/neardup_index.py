@@ -27,22 +27,23 @@ def plan_chunks(n_codes: int, max_bits: int) -> tuple[list[tuple[int, int]], lis
     cover every bit).  Each query probes every key within ``radii[c]`` of its own chunk, and each
     probe finds about n / 2^width codes.
 
-    The number of chunks is the one that makes probes plus codes compared smallest, so chunks
-    widen as the index grows and a bucket stays small; the work per query still grows (about
-    5-fold in codes compared from 10^3 to 10^5 images of random codes): wider chunks than 16
-    bits cost more in probes, each a cache miss in a table of 2^width entries, than they save
-    in codes compared."""
+    The number of chunks and their widths are the ones that make probes plus codes compared
+    smallest, so chunks widen as the index grows and a bucket stays small.  The work per query
+    still grows: from 10^3 to 10^5 images of random codes (15 views), 19 probes and 106 codes
+    compared become 55 and 984.  Chunks wide enough to keep the codes compared flat need
+    radius 2 on one of them (three chunks of 21 bits or so): about 300 probes, each a cache
+    miss in a table of 2^width entries, which cost more than the codes they save."""
     best = None
     for m in range(1, 9):
         base, extra = divmod(max_bits + 1, m)  # sum(r + 1) = max_bits + 1, shared as evenly as can be
         radii = [base - 1 + (1 if k < extra else 0) for k in range(m)]
-        widths = [min(MAX_CHUNK_BITS, 64 // m + (1 if k < 64 % m else 0)) for k in range(m)]
         if min(radii) < 0 or max(radii) > 3:
             continue
-        probes = [_n_keys(w, r) for w, r in zip(widths, radii)]
-        cost = sum(p * (LOOKUP_COST + n_codes / 2.0 ** w) for p, w in zip(probes, widths))
-        if best is None or cost < best[0]:
-            best = (cost, widths, radii)
+        for widths in _widths(m, extra):
+            probes = [_n_keys(w, r) for w, r in zip(widths, radii)]
+            cost = sum(p * (LOOKUP_COST + n_codes / 2.0 ** w) for p, w in zip(probes, widths))
+            if best is None or cost < best[0]:
+                best = (cost, widths, radii)
     if best is None:
         raise ValueError(f"max_bits {max_bits} is more than multi-index hashing of 64-bit codes serves here (at most 31)")
     cost, widths, radii = best
@@ -53,6 +54,20 @@ def plan_chunks(n_codes: int, max_bits: int) -> tuple[list[tuple[int, int]], lis
 LOOKUP_COST = 8.0  # a probe (a cache miss in a large table) against one code compared, measured
 
 MAX_CHUNK_BITS = 22  # a chunk's table of bucket starts has 2^width + 1 entries (16 MiB at 22 bits)
+
+
+def _widths(m: int, wide: int):
+    """Widths of m chunks (each at most MAX_CHUNK_BITS, 64 bits in all): an even split, and
+    every split giving the first ``wide`` chunks (the ones searched one bit further) a width
+    of their own and the others the rest evenly; a wider chunk has fewer codes a probe, which
+    pays most where each probe brings more neighbours to look up."""
+    def even(bits, k):
+        return [min(MAX_CHUNK_BITS, bits // k + (1 if j < bits % k else 0)) for j in range(k)]
+    yield even(64, m)
+    if 0 < wide < m:
+        for w in range(1, min(MAX_CHUNK_BITS, 64 // wide) + 1):
+            if 64 - w * wide >= m - wide:
+                yield [w] * wide + even(64 - w * wide, m - wide)
 
 
 def _n_keys(width: int, radius: int) -> int:
