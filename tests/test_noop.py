@@ -16,8 +16,8 @@ from conftest import make_mini
 HEAVY = ("tensorflow", "keras")
 
 # Runs covfeat's CLI once per argument list, in one process, and records after each command its
-# exit code and which of HEAVY are imported by then.
-RUN_COMMANDS = f"""
+# exit code and which of the watched modules (HEAVY unless told) are imported by then.
+RUN_COMMANDS = """
 import json, sys
 from covfeat.cli import app
 out, done = sys.argv[1], []
@@ -27,15 +27,15 @@ for args in json.loads(sys.argv[2]):
         code = 0
     except SystemExit as e:
         code = e.code
-    done.append({{"args": args, "code": code, "imported": [m for m in {HEAVY!r} if m in sys.modules]}})
+    done.append({"args": args, "code": code, "imported": [m for m in sys.argv[3].split(",") if m in sys.modules]})
 open(out, "w").write(json.dumps(done))
 """
 
 
-def _run(commands: list[list[str]], tmp_path):
+def _run(commands: list[list[str]], tmp_path, watch=HEAVY):
     out = tmp_path / "imported.json"
-    r = subprocess.run([sys.executable, "-c", RUN_COMMANDS, str(out), json.dumps(commands)], capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "-c", RUN_COMMANDS, str(out), json.dumps(commands), ",".join(watch)],
+                       capture_output=True, text=True)
     assert r.returncode == 0 and out.exists(), r.stderr
     return json.loads(out.read_text()), r
 
@@ -53,6 +53,18 @@ def test_read_only_commands_and_a_no_op_extract_import_neither_tensorflow_nor_ke
     assert [d["code"] for d in done] == [0, 0, 0, 0], r.stderr
     assert "Cache is complete and verified; nothing to do" in r.stderr  # the extract was the no-op it should be
     assert r.stdout.splitlines()[0] == str(mini_cache)
+    assert [(d["args"][0], d["imported"]) for d in done] == [(c[0], []) for c in commands]
+
+
+def test_info_verify_and_clean_do_not_import_numba(mini_cache, tmp_path):
+    """Importing numba costs about half a second, more than `info` on a small cache should take
+    in all; no kernel runs on these paths, so numba is imported only when a kernel is first
+    called (covfeat.core.lazyjit).  It once came in with the near-duplicate index (through the
+    cache key's fingerprint version) and with the reader."""
+    commands = [["info", str(mini_cache)], ["verify", str(mini_cache)],
+                ["clean", "--cache-dir", str(mini_cache.parent), "--runs-dir", str(tmp_path / "runs")]]
+    done, r = _run(commands, tmp_path, watch=("numba", *HEAVY))
+    assert [d["code"] for d in done] == [0, 0, 0], r.stderr
     assert [(d["args"][0], d["imported"]) for d in done] == [(c[0], []) for c in commands]
 
 

@@ -1,0 +1,57 @@
+"""Multi-index hashing with uneven radii per chunk (covfeat issue 20, item 2): the same rows as
+comparing every code, and fewer codes compared at 10^5 images than the even split it replaced."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from covfeat.trust.neardup import FINGERPRINT_HASHES, MAX_BITS
+from covfeat.trust.neardup_index import ChunkIndex, near_codes, plan_chunks
+
+
+def _brute(query, codes, max_bits, skip_self):
+    """(query, item, view, bits) of the closest view (the first of the closest), all pairs compared."""
+    x = np.bitwise_xor(query[:, None, None], codes[None])
+    bits = np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
+    rows = []
+    for q in range(len(query)):
+        for item in range(len(codes)):
+            if skip_self and item == q:
+                continue
+            v = int(np.argmin(bits[q, item]))
+            if bits[q, item, v] <= max_bits:
+                rows.append((q, item, v, int(bits[q, item, v])))
+    return rows
+
+
+def test_uneven_radii_find_every_code_within_max_bits_and_no_other():
+    """A plan whose chunks search radii (1, 1, 1, 0) instead of 1 everywhere misses nothing:
+    two codes within 6 bits differ by at most 1 bit on one of the first three chunks or by none
+    on the last.  Near codes planted at 0 to 8 bits, their flipped bits spread over chunk
+    boundaries and piled into one chunk, at every plan the index can take."""
+    rng = np.random.default_rng(3)
+    n = 400
+    codes = rng.integers(0, 2**63, (n, FINGERPRINT_HASHES), dtype=np.uint64) << np.uint64(1)
+    for t in range(300):
+        i, j = rng.integers(0, n, 2)
+        k = int(rng.integers(0, 9))
+        lo = int(rng.integers(0, 64 - 2 * k)) if t % 2 else 0  # odd t: the k bits within 2k neighbours
+        flips = rng.choice(np.arange(lo, lo + 2 * k if t % 2 else 64), k, replace=False)
+        codes[j, rng.integers(0, FINGERPRINT_HASHES)] = codes[i, 0] ^ np.uint64(sum(1 << int(b) for b in flips))
+    for max_bits in (MAX_BITS, 2, 9):
+        for skip_self in (True, False):
+            rows, _ = near_codes(codes[:, 0], codes, max_bits, skip_self=skip_self)
+            assert [tuple(r) for r in rows.tolist()] == _brute(codes[:, 0], codes, max_bits, skip_self), max_bits
+
+
+def test_the_search_at_a_hundred_thousand_images_compares_fewer_codes_per_query():
+    """Radii summing to what the pigeonhole needs (sum(r + 1) = max_bits + 1), not one bit more
+    per chunk, and wider chunks where the radius is larger: at 10^5 images of random codes a
+    query compared 1900 codes in 68 buckets (four chunks of 16 bits, radius 1 each), now 984 in
+    55.  Counts, not times; the queries also run in key order (a time, not a count)."""
+    bounds, radii, _ = plan_chunks(10**5 * FINGERPRINT_HASHES, MAX_BITS)
+    assert (bounds, radii) == ([(0, 17), (17, 17), (34, 17), (51, 13)], [1, 1, 1, 0])
+    n = 100_000
+    codes = np.random.default_rng(0).integers(0, 2**63, (n, FINGERPRINT_HASHES), dtype=np.uint64)
+    _, compared, probes = ChunkIndex(codes, MAX_BITS).query(codes[:, 0], skip_self=True)
+    assert compared / n < 1000 and probes / n == 55, (compared / n, probes / n)
