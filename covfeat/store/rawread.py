@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
-from numba import njit, prange, typed
+
+from covfeat.core.lazyjit import lazy_njit, prange
 
 
 @dataclass
@@ -150,6 +151,8 @@ class MappedFiles:
 
     def add(self, i: int, m: MappedShard, start: int, n_samples: int) -> None:
         if self.files is None:
+            from numba import typed  # numba only once a shard is mapped (covfeat.core.lazyjit)
+
             self.files = typed.List()
             self.sample_slot = np.full(n_samples, -1, np.int64)
             self.sample_offset = np.full(n_samples, -1, np.int64)
@@ -159,7 +162,7 @@ class MappedFiles:
         self.sample_offset[start:start + len(m.offsets)] = m.offsets
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@lazy_njit(parallel=True, cache=True, nogil=True)
 def gather_rows(words, offsets, out):
     n, m = out.shape
     for i in prange(n):

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from numba import njit, prange
 
 from covfeat.core.errors import CacheError
+from covfeat.core.lazyjit import lazy_njit, prange
 from covfeat.store.index import TABLE, ShardTable, damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
 from covfeat.store.rawread import MappedFiles, MappedShard, map_shard, row_layout
@@ -370,7 +370,7 @@ def populated_empty(shape, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@lazy_njit(parallel=True, cache=True, nogil=True)
 def _no_inf_nan(bits, exp_mask):
     """True when no element has every exponent bit set (inf or NaN), rows in parallel."""
     bad = np.zeros(bits.shape[0], np.bool_)
@@ -399,7 +399,7 @@ def all_finite(a: np.ndarray) -> bool:
 _F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@lazy_njit(parallel=True, cache=True, nogil=True)
 def _f16_rows_into(src, dst, rows, lut):
     n, m = src.shape
     for i in prange(n):
