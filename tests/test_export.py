@@ -114,6 +114,12 @@ def test_savedmodel_runs_without_covfeat_as_predict_does(mini_run, images, pixel
     sv = contract_of(out / "serving.json", mini_run, "savedmodel")
     assert sv["inputs"]["image_bytes"]["dtype"] == "string"
     assert json.loads((tmp_path / "model_card.json").read_text())["serving"] == sv
+    from covfeat.use.predict import Predictor
+
+    pr = Predictor(mini_run)
+    weights = 4 * (pr.backbone.count_params() + pr.head.count_params())
+    stored = sum(f.stat().st_size for f in (out / "variables").iterdir())
+    assert stored < 1.1 * weights, (stored, weights)  # every weight once (tracking the models too stored them twice)
     got = serve("savedmodel", out, pixels, images, tmp_path)
     agree(got["pixels"], predicted, 1e-4)
     assert got["pixels"]["threshold"] == [sv["threshold"]["raw"]] * len(images)
@@ -141,11 +147,13 @@ def test_onnx_runs_without_covfeat_as_predict_does(mini_run, images, pixels, pre
 
 
 @pytest.mark.slow
-def test_a_savedmodel_without_the_runs_scaling_disagrees_with_predict(mini_run, pixels, predicted, tmp_path):
+def test_a_savedmodel_without_the_runs_scaling_disagrees_with_predict(mini_run, pixels, predicted, tmp_path,
+                                                                      monkeypatch):
     """The comparison above catches a graph that skips the run's scaling."""
-    from covfeat.use.export import export
+    import covfeat.use.export as ex
 
-    export(mini_run, tmp_path / "sm", fmt="savedmodel", skip_scaling=True)
+    monkeypatch.setattr(ex, "scale_graph", lambda sc, x: x)
+    ex.export(mini_run, tmp_path / "sm", fmt="savedmodel")
     got = serve("savedmodel", tmp_path / "sm", pixels, [], tmp_path)["pixels"]
     with pytest.raises(AssertionError):
         agree(got, predicted, 1e-4)
