@@ -149,7 +149,7 @@ def aligned_corr(query: np.ndarray, target: np.ndarray, view: int) -> float:
     return _corr(ref, moved)
 
 
-def _usable(thumbs: np.ndarray) -> np.ndarray:
+def usable_thumbnails(thumbs: np.ndarray) -> np.ndarray:
     """Rows with a fingerprint: a flat thumbnail (no fingerprint, a blank image) never matches.
 
     A row is read only up to its first pixel unlike its first (max > min over the whole row
@@ -178,8 +178,8 @@ def candidates(hashes: np.ndarray, thumbs: np.ndarray, other_hashes: np.ndarray 
     other way round."""
     cross = other_hashes is not None
     hb, tb = (other_hashes, other_thumbs) if cross else (hashes, thumbs)
-    ia = np.flatnonzero(_usable(thumbs))
-    ib = np.flatnonzero(_usable(tb)) if cross else ia
+    ia = np.flatnonzero(usable_thumbnails(thumbs))
+    ib = np.flatnonzero(usable_thumbnails(tb)) if cross else ia
     ha, hb = np.asarray(hashes, np.uint64)[ia], np.asarray(hb, np.uint64)[ib]
     if not len(ia) or not len(ib):
         return [], 0
