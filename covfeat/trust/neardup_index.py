@@ -44,7 +44,8 @@ def plan_chunks(n_codes: int, max_bits: int,
     of random codes and 15 views, 19 probes and 99 codes compared become 55 and 984): a plan
     with flat work per query would need about 300 probes at 10^3 images too (a radius-2 chunk of
     22 bits), and wide chunks' probes into tables far larger than the queries cost a cache miss
-    each (50 ns measured, against 3 ns for the 17-bit chunks' probes)."""
+    each (measured at 10^5 images: 50 ns a probe at 22 bits, 5 ns at 17 bits, 2.2 ns a code
+    compared; that plan took 15 us an image, this one 2.3)."""
     n_queries = n_codes if n_queries is None else max(1, n_queries)
     L = LOOKUP_COST
     ws = range(1, MAX_CHUNK_BITS + 1)
