@@ -35,6 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from covfeat.core.lazyjit import lazy_njit
 from covfeat.trust.neardup_index import near_codes
 
 VIEWS = (("full", 0.0), ("flip", 0.0), ("clahe", 2.0), ("clahe", 4.0),
@@ -148,10 +149,24 @@ def aligned_corr(query: np.ndarray, target: np.ndarray, view: int) -> float:
     return _corr(ref, moved)
 
 
-def _usable(thumbs: np.ndarray) -> np.ndarray:
-    """Rows with a fingerprint: a flat thumbnail (no fingerprint, a blank image) never matches."""
-    flat = thumbs.reshape(len(thumbs), -1)
-    return flat.max(axis=1) > flat.min(axis=1)
+def usable_thumbnails(thumbs: np.ndarray) -> np.ndarray:
+    """Rows with a fingerprint: a flat thumbnail (no fingerprint, a blank image) never matches.
+
+    A row is read only up to its first pixel unlike its first (max > min over the whole row
+    read 4 KiB an image twice: 0.7 us an image at 10^5 images, out of cache, against 0.26 at 10^3)."""
+    return _not_flat(np.ascontiguousarray(thumbs).reshape(len(thumbs), -1))
+
+
+@lazy_njit(cache=True, nogil=True)
+def _not_flat(rows):
+    out = np.zeros(rows.shape[0], np.bool_)
+    for i in range(rows.shape[0]):
+        first = rows[i, 0]
+        for j in range(1, rows.shape[1]):
+            if rows[i, j] != first:
+                out[i] = True
+                break
+    return out
 
 
 def candidates(hashes: np.ndarray, thumbs: np.ndarray, other_hashes: np.ndarray | None = None,
@@ -163,7 +178,8 @@ def candidates(hashes: np.ndarray, thumbs: np.ndarray, other_hashes: np.ndarray 
     other way round."""
     cross = other_hashes is not None
     hb, tb = (other_hashes, other_thumbs) if cross else (hashes, thumbs)
-    ia, ib = np.flatnonzero(_usable(thumbs)), np.flatnonzero(_usable(tb))
+    ia = np.flatnonzero(usable_thumbnails(thumbs))
+    ib = np.flatnonzero(usable_thumbnails(tb)) if cross else ia
     ha, hb = np.asarray(hashes, np.uint64)[ia], np.asarray(hb, np.uint64)[ib]
     if not len(ia) or not len(ib):
         return [], 0
