@@ -281,9 +281,12 @@ class FeatureCache:
         not mapped.  Every shard's file is checked for changes first (:meth:`mapping`)."""
         t = self.table
         idx = np.asarray(idx, np.int64)
-        shard_of = np.searchsorted(t.bounds, idx, side="right") - 1
-        for i in np.unique(shard_of):
-            if self.mapping(int(i)) is None:
+        if getattr(self, "_shard_of_sample", None) is None:  # each sample's shard, once: no search nor sort per epoch
+            self._shard_of_sample = np.repeat(np.arange(len(t)), t.samples)
+        touched = np.zeros(len(t), bool)
+        touched[self._shard_of_sample[idx]] = True
+        for i in np.flatnonzero(touched).tolist():
+            if self.mapping(i) is None:
                 return None
         mf = self.mapped_files
         self.reads["in_place"] += len(idx)
