@@ -81,12 +81,6 @@ class MappedShard:
         self.stamp = stamp
         return None
 
-    def rows(self, local: np.ndarray) -> np.ndarray:
-        """Copies of the given local rows, (len(local), row_len) in the features' dtype."""
-        out = np.empty((len(local), self.row_len), self.words.dtype)
-        gather_rows(self.words, self.offsets[local], out)
-        return out
-
 
 def row_layout(ds: h5py.Dataset, file_size: int) -> np.ndarray | str:
     """Element offsets of each row of ``ds`` in its file, or why its layout is not one mapped."""
@@ -163,9 +157,25 @@ class MappedFiles:
 
 
 @lazy_njit(parallel=True, cache=True, nogil=True)
-def gather_rows(words, offsets, out):
-    n, m = out.shape
+def gather_mapped(files, slot, offset, out, where):
+    """out[where[i]] = the row at ``files[slot[i]][offset[i]:]``: rows of every mapped shard in one
+    call (a call of a parallel kernel costs a thread wake-up, once per shard it grew with them)."""
+    n, m = slot.shape[0], out.shape[1]
     for i in prange(n):
-        o = offsets[i]
+        w = files[slot[i]]
+        o = offset[i]
+        d = out[where[i]]
         for j in range(m):
-            out[i, j] = words[o + j]
+            d[j] = w[o + j]
+
+
+@lazy_njit(parallel=True, cache=True, nogil=True)
+def gather_mapped_f16(files, slot, offset, out, where, lut):
+    """:func:`gather_mapped` of float16 bit patterns into float32 rows (``lut``: every pattern's value)."""
+    n, m = slot.shape[0], out.shape[1]
+    for i in prange(n):
+        w = files[slot[i]]
+        o = offset[i]
+        d = out[where[i]]
+        for j in range(m):
+            d[j] = lut[w[o + j]]

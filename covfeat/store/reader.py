@@ -37,7 +37,7 @@ from covfeat.core.errors import CacheError
 from covfeat.core.lazyjit import lazy_njit, prange
 from covfeat.store.index import TABLE, ShardTable, damaged, index_digest
 from covfeat.store.key import FORMAT_VERSION, MANIFEST_FIELDS, key_in_name
-from covfeat.store.rawread import MappedFiles, MappedShard, map_shard, row_layout
+from covfeat.store.rawread import MappedFiles, MappedShard, gather_mapped, gather_mapped_f16, map_shard, row_layout
 
 
 @dataclass
@@ -181,16 +181,19 @@ class FeatureCache:
         order = np.argsort(idx, kind="stable")
         s = idx[order]
         shard_of = np.searchsorted(t.bounds, s, side="right") - 1
+        groups = np.split(np.arange(len(s)), np.flatnonzero(np.diff(shard_of)) + 1)
+        # Every mapped shard's rows in one gather: a kernel call per shard cost a thread wake-up each
+        mapped = np.zeros(len(s), bool)
+        for grp in groups:
+            mapped[grp] = self.mapping(int(shard_of[grp[0]])) is not None
+        if mapped.any():
+            self._gather_mapped(s[mapped], order[mapped], out)
         place = _Placer(out)
-        for grp in np.split(np.arange(len(s)), np.flatnonzero(np.diff(shard_of)) + 1):
+        for grp in groups:
+            if mapped[grp[0]]:
+                continue
             i = int(shard_of[grp[0]])
             local = s[grp] - t.start[i]
-            m = self.mapping(i)
-            if m is not None:
-                rows = m.rows(local).reshape(len(local), *out.shape[1:])
-                place(rows.view(np.float16) if rows.dtype == np.uint16 else rows, order[grp])
-                self.reads["mapped"] += len(local)
-                continue
             self.reads["h5py"] += len(local)
             with h5py.File(t.path(i), "r") as h:
                 ds = h["features"]
@@ -215,6 +218,26 @@ class FeatureCache:
                     place(ds[a:b][local[run] - a], order[grp][run])
         place.flush()
         return out
+
+    def _gather_mapped(self, samples: np.ndarray, where: np.ndarray, out: np.ndarray) -> None:
+        """out[where] = the rows of ``samples``, every one in a mapped shard, in one kernel call."""
+        mf = self.mapped_files
+        slot, offset = mf.sample_slot[samples], mf.sample_offset[samples]
+        self.reads["mapped"] += len(samples)
+        words = mf.files[0].dtype
+        flat = out.reshape(len(out), -1)
+        if not np.shares_memory(flat, out):  # an out that is not contiguous: a block, then numpy's assignment
+            block = np.empty((len(samples), flat.shape[1]), words)
+            gather_mapped(mf.files, slot, offset, block, np.arange(len(samples)))
+            out[where] = (block.view(np.float16) if words == np.uint16 else block).reshape(len(block), *out.shape[1:])
+        elif words == np.uint16 and out.dtype == np.float32:
+            gather_mapped_f16(mf.files, slot, offset, flat, where, _F16_TO_F32)
+        elif (words == np.uint16 and out.dtype == np.float16) or out.dtype == words:
+            gather_mapped(mf.files, slot, offset, flat.view(words), where)
+        else:  # another dtype asked for: numpy's cast of a block
+            block = np.empty((len(samples), flat.shape[1]), words)
+            gather_mapped(mf.files, slot, offset, block, np.arange(len(samples)))
+            flat[where] = block.view(np.float16) if words == np.uint16 else block
 
     def mapping(self, i: int) -> MappedShard | None:
         """Shard ``i`` mapped, its bytes checked once in this process against the index's SHA-256
@@ -258,9 +281,12 @@ class FeatureCache:
         not mapped.  Every shard's file is checked for changes first (:meth:`mapping`)."""
         t = self.table
         idx = np.asarray(idx, np.int64)
-        shard_of = np.searchsorted(t.bounds, idx, side="right") - 1
-        for i in np.unique(shard_of):
-            if self.mapping(int(i)) is None:
+        if getattr(self, "_shard_of_sample", None) is None:  # each sample's shard, once: no search nor sort per epoch
+            self._shard_of_sample = np.repeat(np.arange(len(t)), t.samples)
+        touched = np.zeros(len(t), bool)
+        touched[self._shard_of_sample[idx]] = True
+        for i in np.flatnonzero(touched).tolist():
+            if self.mapping(i) is None:
                 return None
         mf = self.mapped_files
         self.reads["in_place"] += len(idx)
