@@ -85,6 +85,7 @@ def covid(res):
     return next(r for r in res["table"] if r["category"] == "class" and r["name"] == "COVID-19")
 
 
+@pytest.mark.slow  # 27 s (more on a loaded machine); the default suite keeps explain's shares and the probe in the audit
 def test_the_share_tells_a_class_outside_the_lungs_from_one_inside(runs, tiny_lungs):
     """The known answer: the COVID-19 images' heat lies more inside the lungs when the class is
     written inside them than when it is written outside.  With random weights the heat maps are
