@@ -184,6 +184,34 @@ def _pool_position(acc, src, src_b, state, full, q, low, body, C, syn, wa, wb):
                 acc[body + jj] += _elem(src, body + jj) * keep
 
 
+@njit(inline="always")
+def _rate_terms(rate_q, S):
+    """The keep numerator as a word, its lowest set bit, whether nothing is dropped, and the
+    scale that turns a sum over S positions of kept values into dropout's mean."""
+    q = np.uint64(rate_q)
+    low = 0
+    while low < _Q_BITS and not (q >> low) & 1:
+        low += 1
+    full = rate_q >= (1 << _Q_BITS)
+    scale = np.float32(1.0) / np.float32(S)
+    if not full:
+        scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
+    return q, low, full, scale
+
+
+@njit(inline="always")
+def _row_sources(r, n_real, parents, weights):
+    """Whether buffer row ``r`` is a SMOTE row, its two parent rows and their weights (a real row
+    is its own parents, weights 1 and 0)."""
+    syn = r >= n_real
+    j = r - n_real if syn else 0
+    wa = np.float32(weights[j, 0]) if syn else np.float32(1.0)
+    wb = np.float32(weights[j, 1]) if syn else np.float32(0.0)
+    ra = parents[j, 0] if syn else r
+    rb = parents[j, 1] if syn else r
+    return syn, ra, rb, wa, wb
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, n_real):
     """out[i] = mean over positions of dropout(map of rows[i], view views[i]).
@@ -207,25 +235,13 @@ def dropout_pool(pool, rows, views, rate_q, seed, epoch, out, parents, weights, 
     n = rows.shape[0]
     S = pool.shape[2]
     C = pool.shape[3]
-    q = np.uint64(rate_q)
-    low = 0
-    while low < _Q_BITS and not (q >> low) & 1:
-        low += 1
-    full = rate_q >= (1 << _Q_BITS)
-    scale = np.float32(1.0) / np.float32(S)
-    if not full:
-        scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
+    q, low, full, scale = _rate_terms(rate_q, S)
     body = C - C % 64
     for i in prange(n):
         acc = np.zeros(C, np.float32)
         r = rows[i]
         v = views[i]
-        syn = r >= n_real
-        j = r - n_real if syn else 0
-        wa = np.float32(weights[j, 0]) if syn else np.float32(1.0)
-        wb = np.float32(weights[j, 1]) if syn else np.float32(0.0)
-        ra = parents[j, 0] if syn else r
-        rb = parents[j, 1] if syn else r
+        syn, ra, rb, wa, wb = _row_sources(r, n_real, parents, weights)
         for s in range(S):
             state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
             src = pool[ra, v, s]
@@ -246,24 +262,12 @@ def dropout_pool_mapped(files, slot, offset, S, C, rows, rate_q, seed, epoch, ou
     with one view (the drawn one) per buffer row.
     """
     n = rows.shape[0]
-    q = np.uint64(rate_q)
-    low = 0
-    while low < _Q_BITS and not (q >> low) & 1:
-        low += 1
-    full = rate_q >= (1 << _Q_BITS)
-    scale = np.float32(1.0) / np.float32(S)
-    if not full:
-        scale = np.float32(1.0 / (S * (rate_q / float(1 << _Q_BITS))))
+    q, low, full, scale = _rate_terms(rate_q, S)
     body = C - C % 64
     for i in prange(n):
         acc = np.zeros(C, np.float32)
         r = rows[i]
-        syn = r >= n_real
-        j = r - n_real if syn else 0
-        wa = np.float32(weights[j, 0]) if syn else np.float32(1.0)
-        wb = np.float32(weights[j, 1]) if syn else np.float32(0.0)
-        ra = parents[j, 0] if syn else r
-        rb = parents[j, 1] if syn else r
+        syn, ra, rb, wa, wb = _row_sources(r, n_real, parents, weights)
         fa, oa = files[slot[ra]], offset[ra]
         fb, ob = files[slot[rb]], offset[rb]
         for s in range(S):
@@ -286,10 +290,7 @@ def keep_q(rate: float) -> int:
 @njit(cache=True)
 def mask_row(seed, epoch, i, S, s, C, rate_q):
     """The 0/1 keep mask dropout_pool draws for output row i, position s (for tests)."""
-    q = np.uint64(rate_q)
-    low = 0
-    while low < _Q_BITS and not (q >> low) & 1:
-        low += 1
+    q, low, _, _ = _rate_terms(rate_q, S)
     out = np.zeros(C, np.float32)
     state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
     for c0 in range(0, C, 64):
