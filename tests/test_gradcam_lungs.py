@@ -76,6 +76,22 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """The same two kinds of run, smaller and on inception_v3: for the tests of explain's and the
+    probe's plumbing (files, report, audit), which do not need the two to separate (the slow
+    known-answer test above does, on ``runs``)."""
+    root = tmp_path_factory.mktemp("gradcam_lungs_small")
+    out = {}
+    for where in ("outside", "inside"):
+        d = write_set(root / where, 12, where=where, seed=0)
+        cache = extract([root / where], ExtractConfig(backbone="inception_v3", weights="none", augment=0),
+                        root / "cache", progress=False)
+        out[where] = fit_head(cache, fit(5), root / f"runs_{where}", progress=False)
+        out[f"{where}_set"] = d
+    return out
+
+
 def probe(run, lungs):
     r = Run(run)
     return gradcam_probe(r, open_cache(r.cache_info["path"]), lungs)
@@ -109,11 +125,11 @@ def test_the_share_tells_a_class_outside_the_lungs_from_one_inside(runs, tiny_lu
         assert all(0 <= r["in_lung_share"] <= 1 and 0 < r["lung_fraction"] < 1 for r in res["per_image"])
 
 
-def test_explain_with_lungs_writes_shares_and_draws_the_contour(runs, tiny_lungs, tmp_path):
-    imgs = sorted(runs["outside_set"]["covid"].iterdir())[:3]
+def test_explain_with_lungs_writes_shares_and_draws_the_contour(small_runs, tiny_lungs, tmp_path):
+    imgs = sorted(small_runs["outside_set"]["covid"].iterdir())[:3]
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    args = ["explain", "--run", str(runs["outside"]), *map(str, imgs), str(bad)]
+    args = ["explain", "--run", str(small_runs["outside"]), *map(str, imgs), str(bad)]
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "with"), "--lungs", str(tiny_lungs)])
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(open(tmp_path / "with" / "lung_share.csv")))
@@ -129,16 +145,16 @@ def test_explain_with_lungs_writes_shares_and_draws_the_contour(runs, tiny_lungs
     assert white(drawn) > white(bare) + 300  # the lung contour, in white
 
 
-def test_explain_refuses_a_folder_that_is_no_lungs_model(runs, tmp_path):
-    img = sorted(runs["outside_set"]["covid"].iterdir())[0]
-    r = runner.invoke(app, ["explain", "--run", str(runs["outside"]), str(img), "--lungs", str(tmp_path)])
+def test_explain_refuses_a_folder_that_is_no_lungs_model(small_runs, tmp_path):
+    img = sorted(small_runs["outside_set"]["covid"].iterdir())[0]
+    r = runner.invoke(app, ["explain", "--run", str(small_runs["outside"]), str(img), "--lungs", str(tmp_path)])
     assert r.exit_code == 1 and "lungs" in r.output.lower()
 
 
-def test_the_probe_is_kept_in_the_audit_and_shown_by_the_report(runs, tiny_lungs, tmp_path):
+def test_the_probe_is_kept_in_the_audit_and_shown_by_the_report(small_runs, tiny_lungs, tmp_path):
     from covfeat.probes.probe import AuditInputs
 
-    run = Run(runs["inside"])
+    run = Run(small_runs["inside"])
     fc = open_cache(run.cache_info["path"])
     inputs = AuditInputs(run=run, fc=fc, fit=run.fit_config(), cache_dir=tmp_path, progress=False, occlusion=None,
                          lungs=str(tiny_lungs))

@@ -104,6 +104,7 @@ def test_the_graph_key_separates_what_changes_the_graph_or_its_weights(change, t
     assert other != base
 
 
+@pytest.mark.slow  # 10 s; the default suite keeps the damaged graph (rebuilt with its note) and the unwritable cache
 def test_a_cached_graph_that_cannot_run_is_built_again(tmp_path, monkeypatch, capsys):
     import tensorflow as tf
 

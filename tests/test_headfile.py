@@ -65,6 +65,7 @@ def test_template_holds_kerass_initial_head_and_saves_trained_weights_where_kera
     assert template_key(shape, cfg)[0] != template_key(shape, HeadConfig(dropout=0.3, seed=5, dense_units=24))[0]
 
 
+@pytest.mark.slow  # 16 s, three fit-head processes; the default suite keeps the template's making and reuse and the graph cache's damaged-file note
 def test_a_damaged_template_is_made_again_with_a_note(mini_cache, tmp_path):
     env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
     assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0

@@ -96,6 +96,7 @@ def test_the_class_inside_the_lungs(inside, tiny_lungs):
     assert list(res) == ["pretrained", "weights", "occlusion", "lungs_blanked", "lungs_only", "gradcam"]
 
 
+@pytest.mark.slow  # 11 s, a second audit of the same run; the default suite keeps the audit with lungs and its verdicts
 def test_the_box_probe_is_the_same_with_or_without_lungs(outside, tiny_lungs):
     """The box probe's numbers do not move when the lungs probes join it (only Holm's family
     grows), and without --lungs its words stay about a box."""
