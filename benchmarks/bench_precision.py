@@ -17,7 +17,7 @@ float32 one.  The split is the same in all three (its seed is not the head's).  
 - Table 2's rows (precision, recall, F1 per class, accuracy, ROC AUC) with their 95% intervals for
   float32 and bfloat16: whether any value leaves the other's interval.
 
-Writes benchmarks/results/precision.json and .md.  Speed is not measured here (bench_extract.py);
+Writes benchmarks/results/precision.json and .md (precision_augment<N>.* with --augment N > 0).  Speed is not measured here (bench_extract.py);
 this can run beside other work.
 """
 
@@ -184,8 +184,10 @@ def main():
                "largest |Δp_covid|", "Table 2 values outside the other's interval"], rows), "",
         "Table 2 (argmax; 95% patient-level intervals), float32 and bfloat16 caches, head seed 0:", "",
         table(["backbone", "metric", "float32", "bfloat16"], t2), "",
-        f"Command: `python benchmarks/bench_precision.py --augment {args.augment} --epochs {args.epochs}`", ""])
-    write_results("precision", out, md)
+        f"Command: `python benchmarks/bench_precision.py --augment {args.augment} --epochs {args.epochs}"
+        + (f" --backbones {args.backbones}" if args.backbones != "all" else "") + "`", ""])
+    # the paper's jitter (--augment 4) is its own result: it does not replace the run without jitter
+    write_results("precision" if args.augment == 0 else f"precision_augment{args.augment}", out, md)
 
 
 if __name__ == "__main__":
