@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from covfeat.cli import app
+from covfeat.core.errors import ConfigError
 
 runner = CliRunner()
 
@@ -179,6 +180,21 @@ def test_export_refuses_a_savedmodel_folder_that_is_not_empty(mini_run, tmp_path
     assert r.stderr == (f"error: --out: '{tmp_path / 'sm'}' exists and is not an empty folder; --format savedmodel "
                         "writes a new folder there.\n")
     assert [p.name for p in (tmp_path / "sm").iterdir()] == ["notes.txt"]
+
+
+def test_a_model_card_is_overwritten_only_for_its_own_model_or_a_model_that_is_gone(tmp_path):
+    from covfeat.use.export import check_neighbours
+
+    (tmp_path / "a.keras").write_bytes(b"a model")
+    (tmp_path / "model_card.json").write_text(json.dumps({"model": {"file": str(tmp_path / "a.keras")}}))
+    check_neighbours(tmp_path / "a.keras")  # the same model, exported again
+    with pytest.raises(ConfigError, match="describes the model a.keras in the same folder"):
+        check_neighbours(tmp_path / "b.onnx")
+    (tmp_path / "a.keras").unlink()
+    check_neighbours(tmp_path / "b.onnx")  # its model is gone: nothing left to describe wrongly
+    (tmp_path / "model_card.json").write_text("not json")
+    with pytest.raises(ConfigError, match="is not a model card covfeat can read"):
+        check_neighbours(tmp_path / "b.onnx")
 
 
 def test_onnx_without_its_packages_says_what_to_install(mini_run, tmp_path, monkeypatch):

@@ -67,6 +67,14 @@ def test_export_after_target_recall_gives_predicts_labels(mini, mini_cache, tmp_
     assert exported == [row["label"] for row in rows]
     # the threshold is what decides: at 0.5 some of these labels would differ
     assert [("COVID-19" if row["p_covid"] >= 0.5 else "NORMAL") for row in rows] != exported
+    # a second model into the same folder would take m.keras's card and serving.json: refused, before any work
+    card = (tmp_path / "model_card.json").read_text()
+    r = runner.invoke(app, ["export", "--run", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: --out: {tmp_path / 'model_card.json'} describes the model m.keras in the same folder; "
+                        "export each model into a folder of its own (its model card and serving.json would be "
+                        "overwritten with this one's).\n")
+    assert (tmp_path / "model_card.json").read_text() == card and not (tmp_path / "m.onnx").exists()
 
 
 def test_export_refuses_another_suffix_before_work(mini_run, tmp_path):

@@ -57,7 +57,29 @@ def check_out(out: str | Path, fmt: str) -> Path:
     elif out.suffix != FORMATS[fmt]:
         raise ConfigError(f"--out: expected a file name ending in {FORMATS[fmt]}, got {str(out)!r}{hint}.")
     check_writable(out.parent, "--out")
+    check_neighbours(out)
     return out
+
+
+def check_neighbours(out: Path) -> None:
+    """Refuse to write a model card (and, for a file, serving.json) over another model's: the card
+    and contract sit beside their model under fixed names, so a second model exported into the
+    same folder would leave the first with the second's threshold and results, silently.  The
+    same model again, or a card whose model file is gone, is overwritten."""
+    import json
+
+    card = out.parent / "model_card.json"
+    if not card.is_file():
+        return
+    try:
+        other = Path(json.loads(card.read_text(encoding="utf-8"))["model"]["file"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--out: {card} exists and is not a model card covfeat can read; export into a folder of "
+                          "its own (covfeat writes model_card.md, model_card.json and serving.json beside the "
+                          "model).") from None
+    if other != out.name and (out.parent / other).exists():
+        raise ConfigError(f"--out: {card} describes the model {other} in the same folder; export each model into a "
+                          "folder of its own (its model card and serving.json would be overwritten with this one's).")
 
 
 def scale_graph(sc, x):
