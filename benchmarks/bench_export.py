@@ -144,7 +144,7 @@ def main() -> None:
                 "not_pretrained": weights == "none", "run_data": run_data, "runs": args.runs, "batch": BATCH}
         exported, skipped = {}, {}
         for fmt in args.formats.split(","):
-            out = work / "export" / OUT_NAME[fmt]
+            out = work / "export" / fmt / OUT_NAME[fmt]  # one model per folder: its card and serving.json beside it
             t = time.perf_counter()
             try:
                 cli("export", "--run", run, "--format", fmt, "--out", str(out), env=env)

@@ -192,6 +192,13 @@ def test_a_model_card_is_overwritten_only_for_its_own_model_or_a_model_that_is_g
         check_neighbours(tmp_path / "b.onnx")
     (tmp_path / "a.keras").unlink()
     check_neighbours(tmp_path / "b.onnx")  # its model is gone: nothing left to describe wrongly
+    (tmp_path / "sm").mkdir()  # a SavedModel folder: its serving.json is inside it, only the card is shared
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"a model")
+    (tmp_path / "model_card.json").write_text(json.dumps({"model": {"file": "sm"}}))  # as given: relative
+    with pytest.raises(ConfigError, match=r"describes the model sm in the same folder; .* \(its model card would"):
+        check_neighbours(tmp_path / "b.onnx")
+    (tmp_path / "sm" / "saved_model.pb").unlink()
+    check_neighbours(tmp_path / "b.onnx")  # an emptied folder is a model gone
     (tmp_path / "model_card.json").write_text("not json")
     with pytest.raises(ConfigError, match="is not a model card covfeat can read"):
         check_neighbours(tmp_path / "b.onnx")

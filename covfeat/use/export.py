@@ -62,24 +62,28 @@ def check_out(out: str | Path, fmt: str) -> Path:
 
 
 def check_neighbours(out: Path) -> None:
-    """Refuse to write a model card (and, for a file, serving.json) over another model's: the card
-    and contract sit beside their model under fixed names, so a second model exported into the
-    same folder would leave the first with the second's threshold and results, silently.  The
-    same model again, or a card whose model file is gone, is overwritten."""
+    """Refuse to write a model card over another model's: the card (and, beside a .keras or .onnx
+    file, serving.json) sits beside its model under a fixed name, so a second model exported into
+    the same folder would leave the first with the second's threshold and results, silently.  The
+    same model again, or a card whose model is gone (or names none), is overwritten."""
     import json
 
     card = out.parent / "model_card.json"
     if not card.is_file():
         return
     try:
-        other = Path(json.loads(card.read_text(encoding="utf-8"))["model"]["file"]).name
+        named = json.loads(card.read_text(encoding="utf-8"))["model"]["file"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"--out: {card} exists and is not a model card covfeat can read; export into a folder of "
-                          "its own (covfeat writes model_card.md, model_card.json and serving.json beside the "
-                          "model).") from None
-    if other != out.name and (out.parent / other).exists():
-        raise ConfigError(f"--out: {card} describes the model {other} in the same folder; export each model into a "
-                          "folder of its own (its model card and serving.json would be overwritten with this one's).")
+                          "its own (covfeat writes its model card there).") from None
+    if not named:
+        return
+    other = out.parent / Path(named).name
+    gone = not other.exists() or (other.is_dir() and not any(other.iterdir()))
+    if other.name != out.name and not gone:
+        files = "model card and serving.json" if other.is_file() else "model card"
+        raise ConfigError(f"--out: {card} describes the model {other.name} in the same folder; export each model into a "
+                          f"folder of its own (its {files} would be overwritten with this one's).")
 
 
 def scale_graph(sc, x):
