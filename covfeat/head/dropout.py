@@ -185,13 +185,20 @@ def _pool_position(acc, src, src_b, state, full, q, low, body, C, syn, wa, wb):
 
 
 @njit(inline="always")
-def _rate_terms(rate_q, S):
-    """The keep numerator as a word, its lowest set bit, whether nothing is dropped, and the
-    scale that turns a sum over S positions of kept values into dropout's mean."""
+def _keep_terms(rate_q):
+    """The keep numerator as a word and its lowest set bit (what :func:`_keep_word` draws with)."""
     q = np.uint64(rate_q)
     low = 0
     while low < _Q_BITS and not (q >> low) & 1:
         low += 1
+    return q, low
+
+
+@njit(inline="always")
+def _rate_terms(rate_q, S):
+    """:func:`_keep_terms`, whether nothing is dropped, and the scale that turns a sum over S
+    positions of kept values into dropout's mean."""
+    q, low = _keep_terms(rate_q)
     full = rate_q >= (1 << _Q_BITS)
     scale = np.float32(1.0) / np.float32(S)
     if not full:
@@ -290,7 +297,7 @@ def keep_q(rate: float) -> int:
 @njit(cache=True)
 def mask_row(seed, epoch, i, S, s, C, rate_q):
     """The 0/1 keep mask dropout_pool draws for output row i, position s (for tests)."""
-    q, low, _, _ = _rate_terms(rate_q, S)
+    q, low = _keep_terms(rate_q)
     out = np.zeros(C, np.float32)
     state = _mix(np.uint64(seed) * _GOLDEN ^ _mix(np.uint64(epoch) + _GOLDEN * np.uint64(i * S + s + 1)))
     for c0 in range(0, C, 64):
