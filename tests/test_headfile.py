@@ -1,6 +1,7 @@
 """fit-head's numba engine trains without TensorFlow: the head's initial weights and its Keras
 file come from a template that Keras made once (covfeat.head.template)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,6 +41,17 @@ def test_fit_head_command_imports_tensorflow_only_to_make_the_template(mini_cach
     a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
     for name in ("history.csv", "predictions.csv"):
         assert (a / name).read_text() == (b / name).read_text()
+    # a damaged template is made again, with a note, and gives the same run
+    f = made / TEMPLATE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    again = _fit_head_cli(mini_cache, tmp_path / "c", env)
+    assert again.returncode == 0, again.stderr
+    assert "is unusable (checksum differs); making it again with Keras." in again.stderr
+    assert "TENSORFLOW-IMPORTED" in again.stderr
+    assert hashlib.sha256(f.read_bytes()).hexdigest() == json.loads((made / "layout.json").read_text())["sha256"]
+    assert (next((tmp_path / "c").iterdir()) / "predictions.csv").read_text() == (a / "predictions.csv").read_text()
 
 
 def test_template_holds_kerass_initial_head_and_saves_trained_weights_where_keras_would(tmp_path):
@@ -65,26 +77,6 @@ def test_template_holds_kerass_initial_head_and_saves_trained_weights_where_kera
     assert template_key(shape, cfg)[0] != template_key(shape, HeadConfig(dropout=0.3, seed=5, dense_units=24))[0]
 
 
-@pytest.mark.slow  # 16 s, three fit-head processes; the default suite keeps the template's making and reuse and the graph cache's damaged-file note
-def test_a_damaged_template_is_made_again_with_a_note(mini_cache, tmp_path):
-    env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
-    assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0
-    (folder,) = (tmp_path / "templates").iterdir()
-    f = folder / TEMPLATE
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    f.write_bytes(bytes(data))
-    again = _fit_head_cli(mini_cache, tmp_path / "b", env)
-    assert again.returncode == 0, again.stderr
-    assert "is unusable (checksum differs); making it again with Keras." in again.stderr
-    layout = json.loads((folder / "layout.json").read_text())
-    import hashlib
-
-    assert hashlib.sha256(f.read_bytes()).hexdigest() == layout["sha256"]
-    a, b = (next(p.iterdir()) for p in (tmp_path / "a", tmp_path / "b"))
-    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
-
-
 def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache, tmp_path):
     """The tf engine builds the head with Keras directly, the numba engine reads the template:
     one epoch each with the same seed gives the same loss."""
@@ -96,7 +88,7 @@ def test_the_numba_run_and_the_tf_engine_run_start_from_the_same_head(mini_cache
     assert abs(la - lb) < 1e-5
 
 
-@pytest.mark.slow  # 15 s; the default suite keeps the damaged-template test
+@pytest.mark.slow  # 15 s; the default suite keeps the damaged template (in the first test of this file)
 def test_a_swapped_layout_is_caught_and_the_template_made_again(mini_cache, tmp_path):
     env = dict(os.environ, COVFEAT_HEAD_CACHE=str(tmp_path / "templates"))
     assert _fit_head_cli(mini_cache, tmp_path / "a", env).returncode == 0
@@ -112,7 +104,7 @@ def test_a_swapped_layout_is_caught_and_the_template_made_again(mini_cache, tmp_
     assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
 
 
-@pytest.mark.slow  # 15 s; the default suite keeps the damaged-template test
+@pytest.mark.slow  # 15 s; the default suite keeps the damaged template (in the first test of this file)
 def test_an_unwritable_template_cache_is_a_note_not_a_failure(mini_cache, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
