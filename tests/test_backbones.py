@@ -21,7 +21,10 @@ def test_registry_holds_the_papers_four():
         "inception_v3": 0.5, "inception_resnet_v2": 0.2, "densenet201": 0.5, "resnet101_v2": 0.2}
 
 
-@pytest.mark.parametrize("name", list_backbones())
+# inception_v3's shape in the default suite (most tests extract with it); the other three (4-6 s
+# each) behind slow, as every test that builds them is
+@pytest.mark.parametrize("name", [n if n == "inception_v3" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in list_backbones()])
 def test_declared_feature_shape_matches_a_real_forward_pass(name):
     bb = get_backbone(name)
     model = build_backbone(bb, resolve_weights(bb, "none"), seed=0)

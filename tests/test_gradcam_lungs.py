@@ -78,12 +78,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_runs(tmp_path_factory):
-    """The same two kinds of run, smaller and on inception_v3: for the tests of explain's and the
-    probe's plumbing (files, report, audit), which do not need the two to separate (the slow
-    known-answer test above does, on ``runs``)."""
+    """A run of the first kind, smaller and on inception_v3: for the tests of explain's and the
+    probe's plumbing (files, report, audit), which need no known answer (the slow test above
+    tells the two kinds apart, on ``runs``)."""
     root = tmp_path_factory.mktemp("gradcam_lungs_small")
     out = {}
-    for where in ("outside", "inside"):
+    for where in ("outside",):
         d = write_set(root / where, 12, where=where, seed=0)
         cache = extract([root / where], ExtractConfig(backbone="inception_v3", weights="none", augment=0),
                         root / "cache", progress=False)
@@ -154,7 +154,7 @@ def test_explain_refuses_a_folder_that_is_no_lungs_model(small_runs, tmp_path):
 def test_the_probe_is_kept_in_the_audit_and_shown_by_the_report(small_runs, tiny_lungs, tmp_path):
     from covfeat.probes.probe import AuditInputs
 
-    run = Run(small_runs["inside"])
+    run = Run(small_runs["outside"])
     fc = open_cache(run.cache_info["path"])
     inputs = AuditInputs(run=run, fc=fc, fit=run.fit_config(), cache_dir=tmp_path, progress=False, occlusion=None,
                          lungs=str(tiny_lungs))
@@ -166,6 +166,6 @@ def test_the_probe_is_kept_in_the_audit_and_shown_by_the_report(small_runs, tiny
     r = runner.invoke(app, ["report", str(run.path), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert "Does the model look at the lungs?" in r.stdout and "class COVID-19" in r.stdout
-    assert "source inside" in r.stdout and "audit: gradcam probe" in r.stdout
+    assert "source outside" in r.stdout and "audit: gradcam probe" in r.stdout
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Does the model look at the lungs?" in html and "in-lung share of the heat" in html
