@@ -54,6 +54,7 @@ def _coverage(res, lungs, other):
     assert (cov["other"]["mean"], cov["other"]["min"], cov["other"]["max"]) == (other,) * 3, cov
 
 
+@pytest.mark.slow  # 25 s, a whole audit with three probes; the default suite keeps each branch of the lungs probes' reading, the one-line error and extraction with lungs
 def test_the_class_outside_the_lungs(outside, tiny_lungs):
     root, run = outside
     r = runner.invoke(app, ["audit", "--run", str(run), "--lungs", str(tiny_lungs), "--cache-dir",
