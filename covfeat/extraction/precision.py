@@ -51,15 +51,19 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat
 # 32 bundled images, also loaded: inception_v3 2.6x (cosine >= 0.99997, max difference 1.15% of
 # the largest value, pooled 0.81%), densenet201 2.5x (0.99998, 0.64%, pooled 0.41%).
 #
-# ``amx`` from the issue's Intel Xeon (AMX bf16), batch 32: inception_v3 mixed 2.06x against
-# onednn 1.48x; densenet201 onednn 1.28x against mixed 1.0x.  The other two were not measured
-# there: they take the route of the backbone they resemble (inception_resnet_v2 inception_v3's;
-# resnet101_v2, plain convolutions like densenet201's, onednn) until they are.
+# ``amx`` measured on an Intel Xeon (AMX bf16/int8, avx512_bf16), 2 cores, TensorFlow 2.21 and
+# Keras 3.15, by ``bench_extract.py --only-bfloat16`` (32 bundled images, batch 16, each route
+# in a fresh process, nothing else running), 2026-12-02: inception_v3 mixed 2.25x against
+# onednn 1.32x; inception_resnet_v2 mixed 1.87x against 1.53x; resnet101_v2 mixed 1.71x against
+# 1.57x; densenet201 onednn 1.37x against mixed 1.12x.  Here, unlike on Zen 4, the oneDNN route
+# does compute in bfloat16 (its features differ from float32's: cosine 0.99996-0.99998).
+# DenseNet's mixed route loses because Keras computes every BatchNormalization in float32 and
+# casts around it, and densenet201 has one before each of its 200 convolutions.
 ROUTES = {
     "avx512_bf16": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "mixed",
                     "resnet101_v2": "mixed"},
     "amx": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "onednn",
-            "resnet101_v2": "onednn"},
+            "resnet101_v2": "mixed"},
 }
 
 
