@@ -51,12 +51,29 @@ def peak_rss_mb() -> float:
     return own()
 
 
+def cpu_family(c: dict | None = None) -> str:
+    """A folder name for the kind of CPU a result was measured on: its model name in lower case
+    (``intel-xeon``, ``amd-epyc``), with ``-amx`` where it has AMX.  The machines here change
+    family from one session to the next, and TensorFlow's speed (and so every ratio to it)
+    with them."""
+    import re
+
+    c = cpu() if c is None else c
+    model = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*", " ", c["model"].lower())
+    slug = "-".join(re.findall(r"[a-z0-9]+", model)[:2]) or "unknown"
+    return slug + ("-amx" if "amx_bf16" in c["vector_extensions"] else "")
+
+
 def write_results(name: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float))
-    (RESULTS / f"{name}.md").write_text(markdown)
+    """``results/<name>.json`` and ``.md`` (the latest run), and the same in
+    ``results/<cpu family>/``, where each family's latest run stays when the other's is newer."""
+    fam = RESULTS / cpu_family((data.get("machine") or {}).get("cpu") or data.get("cpu") or cpu())
+    for folder in (RESULTS, fam):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(data, indent=2, default=float))
+        (folder / f"{name}.md").write_text(markdown)
     print(markdown)
-    print(f"wrote {RESULTS / (name + '.json')} and .md")
+    print(f"wrote {RESULTS / (name + '.json')} and .md, and the same in {fam.relative_to(RESULTS.parent)}/")
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
