@@ -149,3 +149,43 @@ def test_each_epoch_draws_fresh_views_and_order():
         assert (views < n_views[order]).all() and (views >= 0).all()
         assert set(views[n_views[order] == 5]) == {0, 1, 2, 3, 4}
     assert not np.array_equal(plan[0][1], plan[1][1]) and not np.array_equal(plan[0][0], plan[1][0])
+
+
+def test_the_head_steps_flush_subnormals_and_give_the_caller_its_arithmetic_back():
+    """A momentum below 1.2e-38 becomes zero inside the steps (an Intel core slows down a hundredfold
+    on every subnormal), the weights come out as without the flush, and the calling thread computes
+    subnormals again afterwards."""
+    import platform
+
+    from covfeat.head.kernels import _head_epoch, head_epoch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flush is x86's MXCSR")
+    rng = np.random.default_rng(0)
+    n, H = 16, 32
+    X = rng.random((n, C), dtype=np.float32)
+    X[:, 0] = 0.0  # channel 0 never active: its momenta only decay (x 0.5 a step)
+    Y = one_hot((np.arange(n) % 2).astype(int))
+    SW = np.ones(n, np.float32)
+
+    def state():
+        r = np.random.default_rng(1)
+        P = (r.standard_normal((C, H)).astype(np.float32) * 0.1, np.zeros(H, np.float32), np.ones(H, np.float32),
+             np.zeros(H, np.float32), np.zeros(H, np.float32), np.ones(H, np.float32),
+             r.standard_normal((H, 2)).astype(np.float32) * 0.1, np.zeros(2, np.float32))
+        M = tuple(np.zeros_like(P[i]) for i in (0, 1, 2, 3, 6, 7))
+        M[0][0] = 3e-38  # two steps (x 0.25) take it below the smallest normal float
+        return P, M
+
+    consts = (np.float32(1e-4), np.float32(0.5), np.float32(0.0), np.float32(0.0), np.float32(1e-3),
+              np.float32(0.99), np.float32(1e-7))
+    P, M = state()
+    head_epoch(X, Y, SW, P, M, 8, *consts)
+    P0, M0 = state()
+    _head_epoch(X, Y, SW, P0, M0, 8, *consts)
+    assert (M0[0][0] != 0).all() and (np.abs(M0[0][0]) < 1.2e-38).all()  # without the flush: subnormal
+    assert (M[0][0] == 0).all()
+    for a, b in zip(P, P0):
+        np.testing.assert_array_equal(a, b)
+    tiny = np.array([1e-38], np.float32)
+    assert (tiny * np.float32(0.25))[0] != 0  # this thread's arithmetic is its own again
