@@ -130,7 +130,10 @@ def one(backbone: str, work: Path, args) -> dict:
         runs[(precision, seed)] = only(rdir, f"{backbone}-*")
     p = {k: predictions(v) for k, v in runs.items()}
     t = {k: table2(runs[k]) for k in (("float32", 0), ("bfloat16", 0))}
-    return {"backbone": backbone, "fidelity": fidelity(caches["float32"], caches["bfloat16"]),
+    from covfeat.store.reader import open_cache
+
+    return {"backbone": backbone, "route": open_cache(caches["bfloat16"]).config.get("precision_route"),
+            "fidelity": fidelity(caches["float32"], caches["bfloat16"]),
             "bf16_vs_f32": compare(p[("float32", 0)], p[("bfloat16", 0)]),
             "f32_seed1_vs_seed0": compare(p[("float32", 0)], p[("float32", 1)]),
             "table2": {"float32": t[("float32", 0)], "bfloat16": t[("bfloat16", 0)]},
@@ -162,7 +165,7 @@ def main():
                        "bf16": bf16_kind()},
            "augment": args.augment, "epochs": args.epochs, "weights": "none (random init, NOT PRETRAINED)",
            "results": results}
-    rows = [[r["backbone"], r["fidelity"]["images"], f"{r['fidelity']['min_cosine']:.6f}",
+    rows = [[r["backbone"], r.get("route", "not recorded"), r["fidelity"]["images"], f"{r['fidelity']['min_cosine']:.6f}",
              f"{100 * r['fidelity']['max_rel_diff']:.2f}%", r["bf16_vs_f32"]["test_images"],
              f"{r['bf16_vs_f32']['flipped']} ({100 * r['bf16_vs_f32']['flipped_share']:.1f}%)",
              f"{r['bf16_vs_f32']['max_abs_dp']:.3f}",
@@ -179,7 +182,7 @@ def main():
         f"below say nothing about ImageNet transfer, only whether bfloat16 moves them), `--augment {args.augment}`, "
         f"{args.epochs} epochs, the default split. Each backbone: a float32 and a bfloat16 cache, the head "
         "trained with seed 0 on each, and with seed 1 on the float32 one.", "",
-        table(["backbone", "images", "min cosine (view 0)", "largest difference / largest value", "test images",
+        table(["backbone", "bfloat16 route (its cache's record)", "images", "min cosine (view 0)", "largest difference / largest value", "test images",
                "labels flipped, bfloat16 vs float32", "largest |Δp_covid|", "labels flipped, float32 seed 1 vs 0",
                "largest |Δp_covid|", "Table 2 values outside the other's interval"], rows), "",
         "Table 2 (argmax; 95% patient-level intervals), float32 and bfloat16 caches, head seed 0:", "",
