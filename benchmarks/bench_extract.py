@@ -153,7 +153,8 @@ def render_bfloat16(rows: list[dict]) -> list[str]:
     return [
         "## bfloat16 beside float32", "",
         f"Forward pass alone, batch 16, on the first {rows[0]['images']} images of the bundled sample (original views), each "
-        f"route in a fresh process, img/s the median of {rows[0].get('passes', 1)} timed passes; fidelity against float32's feature maps of the same images. * = the route "
+        f"route in a fresh process, img/s " + (f"the median of {rows[0]['passes']} timed passes" if "passes" in rows[0]
+                                               else "of one timed pass") + "; fidelity against float32's feature maps of the same images. * = the route "
         "covfeat uses for the backbone (covfeat.extraction.precision.ROUTES).", "",
         table(["backbone", "route", "float32 img/s", "bfloat16 img/s", "ratio", "min cosine (maps)",
                "max rel. diff (maps)", "min cosine (pooled)", "max rel. diff (pooled)"],

@@ -250,7 +250,7 @@ def main():
 
         saved = json.loads((RESULTS / "growth.json").read_text())
         args.note = saved.get("note", "")
-        report(saved["small"], saved["real"], args, date=saved["machine"]["date"])
+        report(saved["small"], saved["real"], args, machine=saved["machine"])
         return
     work = Path(tempfile.mkdtemp(prefix="bench-growth-", dir=args.work))
     small, real = [], []
@@ -295,11 +295,12 @@ def extrapolated(results: list[dict], stage: str, n: int) -> float | None:
     return p1 * (n / n1) ** (np.log(p1 / p0) / np.log(n1 / n0))
 
 
-def report(small, real, args, date: str | None = None) -> None:
+def report(small, real, args, machine: dict | None = None) -> None:
+    """Write growth.json, .md and .png; ``machine``: the one a re-rendered result was measured on."""
     import h5py
 
-    out = {"machine": {"cpu": cpu(), "cpus": os.cpu_count(), "h5py": h5py.__version__,
-                       "hdf5": h5py.version.hdf5_version, "date": date or time.strftime("%Y-%m-%d %H:%M:%S")},
+    out = {"machine": machine or {"cpu": cpu(), "cpus": os.cpu_count(), "h5py": h5py.__version__,
+                                  "hdf5": h5py.version.hdf5_version, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
            "note": args.note, "extrapolated_per_image_at_1e6": {
                st: extrapolated(small, st, MILLION) for st in STAGES} if MILLION not in [r["images"] for r in small]
            else None, "small_shape": list(SMALL_SHAPE), "real_shape": list(REAL_SHAPE),

@@ -165,7 +165,7 @@ def main():
                        "bf16": bf16_kind()},
            "augment": args.augment, "epochs": args.epochs, "weights": "none (random init, NOT PRETRAINED)",
            "results": results}
-    rows = [[r["backbone"], r.get("route", "not recorded"), r["fidelity"]["images"], f"{r['fidelity']['min_cosine']:.6f}",
+    rows = [[r["backbone"], r.get("route") or "not recorded", r["fidelity"]["images"], f"{r['fidelity']['min_cosine']:.6f}",
              f"{100 * r['fidelity']['max_rel_diff']:.2f}%", r["bf16_vs_f32"]["test_images"],
              f"{r['bf16_vs_f32']['flipped']} ({100 * r['bf16_vs_f32']['flipped_share']:.1f}%)",
              f"{r['bf16_vs_f32']['max_abs_dp']:.3f}",

@@ -17,15 +17,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-cxr"
 def cpu() -> dict:
     """The CPU model and its vector extensions, so numbers from different machines are never
     compared blindly (TensorFlow runs about twice as fast on AVX-512 here)."""
-    model, flags = platform.processor() or "unknown", set()
+    model, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("unknown", ""):
+            if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    model = model or platform.processor() or "unknown"  # platform.processor() is "x86_64" on some systems
     vec = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))
     return {"model": model, "vector_extensions": vec}
 

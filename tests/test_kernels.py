@@ -63,7 +63,7 @@ def test_dropout_pool_equals_a_plain_numpy_reference(C, rate):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_all_finite_finds_any_inf_or_nan_and_passes_extremes(dtype):
-    from covfeat.store.reader import all_finite
+    from covfeat.store.rawread import all_finite
 
     a = np.ones((100, 7, 7, 64), dtype)
     assert all_finite(a)

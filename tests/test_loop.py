@@ -155,11 +155,9 @@ def test_the_head_steps_flush_subnormals_and_give_the_caller_its_arithmetic_back
     """A momentum below 1.2e-38 becomes zero inside the steps (an Intel core slows down a hundredfold
     on every subnormal), the weights come out as without the flush, and the calling thread computes
     subnormals again afterwards."""
-    import platform
+    from covfeat.head.kernels import _X86, _head_epoch, head_epoch
 
-    from covfeat.head.kernels import _head_epoch, head_epoch
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _X86:
         pytest.skip("the flush is x86's MXCSR")
     rng = np.random.default_rng(0)
     n, H = 16, 32
@@ -189,3 +187,6 @@ def test_the_head_steps_flush_subnormals_and_give_the_caller_its_arithmetic_back
         np.testing.assert_array_equal(a, b)
     tiny = np.array([1e-38], np.float32)
     assert (tiny * np.float32(0.25))[0] != 0  # this thread's arithmetic is its own again
+    with pytest.raises(Exception):  # a kernel that raises (wrong argument types) hands it back too
+        head_epoch(X, Y, SW, P, M, 8, *consts[:-1], "not a number")
+    assert (tiny * np.float32(0.25))[0] != 0

@@ -114,3 +114,61 @@ def test_a_layout_covfeat_does_not_map_is_read_through_h5py_visibly(mini_cache, 
         assert _epoch(st, e, n, n_views, C).tobytes() == _epoch(mem, e, n, n_views, C).tobytes()
     assert fc.reads == {"in_place": 0, "mapped": 0, "h5py": 2 * (len(rows) + 4)} and not fc.maps
     assert set(fc.unmapped.values()) == {"a layout refused for this test"}
+
+
+def _cache_of_shards(path, n=40, shard_images=8):
+    """A cache of ``n`` images in shards of ``shard_images``, written straight through the store
+    from synthetic maps with zeros in them (as a ReLU's), no backbone."""
+    import covfeat.store.shards as shards_mod
+    from covfeat.store.index import assemble
+    from covfeat.store.shards import ShardStore, plan_shards
+
+    rng = np.random.default_rng(0)
+    shape, V = (3, 3, 16), 2
+    feats = np.maximum(rng.standard_normal((n, V, *shape)), 0).astype(np.float16)
+    rows = [{"path": f"/img/{i:03d}.png", "label": i % 2, "patient_id": f"p{i}", "source": "syn", "view": "",
+             "sha256": f"{i:064x}"} for i in range(n)]
+    config = {"backbone": "fake", "seed": 0,
+              "weights": {"identity": "none:seed=0", "kind": "none", "pretrained": False, "label": "random"}}
+    store = ShardStore(path, "k")
+    old, shards_mod.SHARD_IMAGES = shards_mod.SHARD_IMAGES, shard_images
+    try:
+        specs = plan_shards(rows, "k")
+    finally:
+        shards_mod.SHARD_IMAGES = old
+    for spec in specs:
+        m = len(spec.rows)
+        store.write(spec, [rows[i]["sha256"] for i in spec.rows], feats[list(spec.rows)].reshape(m * V, *shape),
+                    np.repeat(np.arange(m), V), np.tile(np.arange(V), m), np.zeros((m * V, 4), np.float32), {}, {})
+    assemble(path, store, specs, config=config, manifest=rows, feature_shape=shape, dtype="float16", extra={})
+    return path, feats
+
+
+def test_the_first_read_checks_shards_on_every_core_and_names_the_first_damaged_one(tmp_path, monkeypatch):
+    """The SHA-256 checks of a first read run in parallel (a bounded queue of mapped shards) and
+    give the maps written; with two shards damaged where HDF5's own checksum is blind
+    (0x0000 -> 0xFFFF), the read stops on the first of them in the cache's order, as one shard at
+    a time did, and names it."""
+    from covfeat.store import rawread
+
+    monkeypatch.setattr(rawread, "_usable_cores", lambda: 2)
+    calls = []
+    real = rawread.mapped_and_hashed
+    monkeypatch.setattr(reader, "mapped_and_hashed", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    index, feats = _cache_of_shards(tmp_path / "c.h5")
+    fc = open_cache(index)
+    shards = [fc.table.path(i) for i in range(len(fc.table))]
+    assert len(shards) >= 4
+    got = fc.read_features(dtype=np.float16).reshape(len(feats), 2, *feats.shape[2:])
+    np.testing.assert_array_equal(got, feats)
+    assert calls == [len(shards)]  # every shard went to the parallel checks in one call
+    for shard in (shards[1], shards[3]):
+        with h5py.File(shard, "r") as h:
+            ds = h["features"]
+            off = ds.id.get_chunk_info(0).byte_offset
+            words = np.ascontiguousarray(ds[0]).reshape(-1).view(np.uint16)
+        with open(shard, "r+b") as f:
+            f.seek(off + 2 * int(np.flatnonzero(words == 0)[0]))
+            f.write(b"\xff\xff")
+    with pytest.raises(CacheError, match=f"shard {shards[1]}: its features do not match the SHA-256 its index recorded"):
+        open_cache(index).read_features()

@@ -168,8 +168,10 @@ def _flush_subnormals(typingctx):
     operand; an AMD Zen core does not.  The head's momenta of rarely active input channels halve
     at each step (momentum 0.5) and spend a few dozen steps below 1.2e-38 before reaching zero, so
     on the reproduction set the steps ran 30 ms an epoch on an Intel Xeon against 19 with these
-    values flushed.  A subnormal momentum moves a weight by less than a billionth of its last bit,
-    so the trained weights come out the same (tests/test_head.py pins them)."""
+    values flushed.  A subnormal momentum moves a weight of ordinary size by less than a
+    billionth of its last bit, so the trained weights come out the same but for a weight that is
+    itself within a subnormal of zero (tests/test_loop.py; on the reproduction set's densenet201
+    maps the test predictions were identical bit for bit)."""
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
         if not _X86:
@@ -197,14 +199,27 @@ def _restore_control(typingctx, word):
     return types.void(types.uint32), codegen
 
 
-@njit(cache=True, nogil=True, fastmath=False)
+@njit(cache=True, nogil=True)
+def flush_subnormals():
+    """:func:`_flush_subnormals` for Python callers: this thread's previous control word."""
+    return _flush_subnormals()
+
+
+@njit(cache=True, nogil=True)
+def restore_control(word):
+    """:func:`_restore_control` for Python callers."""
+    _restore_control(word)
+
+
 def head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps):
     """One epoch of the paper's head after pooling, batch by batch, in place, with subnormal
-    floats flushed to zero (:func:`_flush_subnormals`); see :func:`_head_epoch`."""
-    control = _flush_subnormals()
-    out = _head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps)
-    _restore_control(control)
-    return out
+    floats flushed to zero (:func:`_flush_subnormals`) and this thread's arithmetic restored
+    after, also when the kernel raises; see :func:`_head_epoch`."""
+    word = flush_subnormals()
+    try:
+        return _head_epoch(X, Y, SW, P, M, bs, lr, mom, l1, l2, bn_eps, bn_mom, clip_eps)
+    finally:
+        restore_control(word)
 
 
 @njit(cache=True, nogil=True, fastmath=False)

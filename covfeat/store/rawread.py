@@ -179,3 +179,70 @@ def gather_mapped_f16(files, slot, offset, out, where, lut):
         d = out[where[i]]
         for j in range(m):
             d[j] = lut[w[o + j]]
+
+
+def mapped_and_hashed(jobs: list):
+    """For each (key, arguments of :func:`map_shard`) of ``jobs``, in order: (key, arguments, the
+    mapped shard, the SHA-256 of its rows), the mapping and hashing done on every usable core
+    (hashlib releases the GIL).  Each worker maps a shard and hashes it at once, and at most two
+    shards per worker are mapped ahead of the one handed out, so a cache larger than memory is
+    read once; when the caller stops (an error, Ctrl-C), only the running hashes are waited for."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(args):
+        m = map_shard(*args)
+        return m, m.rows_sha256()
+
+    workers = min(len(jobs), _usable_cores())
+    if workers <= 1:
+        for key, args in jobs:
+            yield (key, args, *check(args))
+        return
+    pool = ThreadPoolExecutor(max_workers=workers)
+    ahead: deque = deque()
+    queue = iter(jobs)
+    try:
+        while True:
+            while len(ahead) < 2 * workers and (nxt := next(queue, None)) is not None:
+                ahead.append((*nxt, pool.submit(check, nxt[1])))
+            if not ahead:
+                return
+            key, args, fut = ahead.popleft()
+            yield (key, args, *fut.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@lazy_njit(parallel=True, cache=True, nogil=True)
+def _no_inf_nan(bits, exp_mask):
+    """True when no element has every exponent bit set (inf or NaN), rows in parallel."""
+    bad = np.zeros(bits.shape[0], np.bool_)
+    for i in prange(bits.shape[0]):
+        row = bits[i]
+        hit = False
+        for j in range(row.shape[0]):
+            hit |= (row[j] & exp_mask) == exp_mask
+        bad[i] = hit
+    return not bad.any()
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all() for float16 / float32 arrays, from the bit patterns in compiled
+    code (numpy's float16 isfinite is emulated: 0.8 s for a 450 MB pool, this ~20 ms)."""
+    a = np.ascontiguousarray(a)
+    if a.size == 0:
+        return True
+    if a.dtype == np.float16:
+        return bool(_no_inf_nan(a.reshape(len(a), -1).view(np.uint16), np.uint16(0x7C00)))
+    if a.dtype == np.float32:
+        return bool(_no_inf_nan(a.reshape(len(a), -1).view(np.uint32), np.uint32(0x7F800000)))
+    return bool(np.isfinite(a).all())
