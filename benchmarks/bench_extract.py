@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import SHARED, machine, machine_line, matmul_gflops, model_flops, peak_rss_mb, table, write_results  # noqa: E402,E501
+from common import SHARED, machine, machine_line, model_flops, peak_rss_mb, table, write_results  # noqa: E402,E501
 
 
 def subset(root: Path, n: int) -> list[Path]:
@@ -77,12 +77,16 @@ PASSES = 5  # timed passes over the images per route (the median is reported)
 def precision_child(name: str, route: str, images: int, out: str) -> None:
     """In a process of its own: the forward pass of ``name`` computing by ``route`` on the
     first ``images`` images of the bundled sample (original views, the paper's scaling), its img/s on
-    batches of 16 (the median of PASSES timed passes), and its feature maps saved to ``out`` (.npz)."""
+    batches of 16, two at a time on one thread per operation as the extract command runs them (the
+    median of PASSES timed passes), and its feature maps saved to ``out`` (.npz)."""
     from covfeat.extraction.precision import prepare_process
 
     prepare_process(route)  # before TensorFlow starts
     import tensorflow as tf
 
+    from covfeat.extraction.work import STREAMS, one_thread_per_stream
+
+    one_thread_per_stream(tf)  # as the extract command runs
     from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
     from covfeat.extraction.config import ExtractConfig
     from covfeat.extraction.images import InputPipeline
@@ -98,11 +102,11 @@ def precision_child(name: str, route: str, images: int, out: str) -> None:
     fwd = tf.function(lambda b: model(b, training=False))
     maps = np.concatenate([fwd(x[i:i + 16]).numpy() for i in range(0, len(x), 16)])  # also the trace
     speeds = []
-    for _ in range(PASSES):  # one pass of 32 images is half a second: the median of several
-        t = time.perf_counter()
-        for i in range(0, len(x), 16):
-            fwd(x[i:i + 16]).numpy()
-        speeds.append(len(x) / (time.perf_counter() - t))
+    with ThreadPoolExecutor(max_workers=STREAMS) as streams:  # batches STREAMS at a time, as extraction
+        for _ in range(PASSES):  # one pass is a second or two: the median of several
+            t = time.perf_counter()
+            list(streams.map(lambda i: fwd(x[i:i + 16]).numpy(), range(0, len(x), 16)))
+            speeds.append(len(x) / (time.perf_counter() - t))
     np.savez(out, maps=maps.astype(np.float32), img_s=float(np.median(speeds)), passes=np.array(speeds))
 
 
@@ -140,7 +144,7 @@ def bfloat16_rows(names: list[str], images: int, work: Path) -> list[dict]:
         for route in ("onednn", "mixed"):
             maps, speed, passes = got[route]
             rows.append({"backbone": name, "route": route, "chosen": ROUTES[bf16_kind()][name] == route, "images": images,
-                         "float32_img_s": f32, "bfloat16_img_s": speed, "ratio": speed / f32, "passes": PASSES,
+                         "float32_img_s": f32, "bfloat16_img_s": speed, "ratio": speed / f32, "passes": PASSES, "streams": 2,
                          "float32_img_s_passes": f32_passes, "bfloat16_img_s_passes": passes,
                          **fidelity(ref, maps)})
             print(rows[-1], flush=True)
@@ -152,9 +156,12 @@ def render_bfloat16(rows: list[dict]) -> list[str]:
         return ["bfloat16: not measured (no native bfloat16 on this CPU, or --no-bfloat16).", ""]
     return [
         "## bfloat16 beside float32", "",
-        f"Forward pass alone, batch 16, on the first {rows[0]['images']} images of the bundled sample (original views), each "
-        f"route in a fresh process, img/s " + (f"the median of {rows[0]['passes']} timed passes" if "passes" in rows[0]
-                                               else "of one timed pass") + "; fidelity against float32's feature maps of the same images. * = the route "
+        ("Forward pass alone, batch 16, two batches at a time on one thread per operation (as the extract command "
+         f"runs them), img/s the median of {rows[0]['passes']} timed passes" if rows[0].get("streams") else
+         "Forward pass alone, batch 16, one batch at a time, img/s " + (f"the median of {rows[0]['passes']} timed passes"
+                                                                       if "passes" in rows[0] else "of one timed pass"))
+        + f", on the first {rows[0]['images']} images of the bundled sample (original views), each route in a fresh "
+        "process; fidelity against float32's feature maps of the same images. * = the route "
         "covfeat uses for the backbone (covfeat.extraction.precision.ROUTES).", "",
         table(["backbone", "route", "float32 img/s", "bfloat16 img/s", "ratio", "min cosine (maps)",
                "max rel. diff (maps)", "min cosine (pooled)", "max rel. diff (pooled)"],
@@ -180,7 +187,10 @@ def render(data: dict, images: int, augment: int) -> str:
         f"{data['machine']['date']}, {data['machine']['cpus']} CPUs, TensorFlow {data['machine']['tensorflow']}, "
         f"GPUs: {data['machine']['gpus'] or 'none'}. Weights: none (random init, NOT PRETRAINED). "
         f"{images} image files per backbone, --augment {augment}, batch 16.",
-        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s.",
+        f"Dense float32 matmul on this machine in this run: {gflops_peak:.1f} GFLOP/s"
+        + (" (TensorFlow's threads, in a process of its own). Every other measure runs as the extract command does, one "
+           "thread per operation (covfeat.extraction.work.one_thread_per_stream), the Keras loop's one batch at a time "
+           "included." if data.get("one_thread_per_operation") else "."),
         "Whole command: the `extract` library call from file paths to a verified HDF5 cache (hashing, "
         "getting the backbone ready, decoding, forward passes, shards, assembly), as images/s against "
         "forward-only. The first extraction with a backbone on a machine builds it with Keras and keeps "
@@ -235,7 +245,20 @@ def main():
         print("\n".join(render_bfloat16(bf16)))
         shutil.rmtree(work, ignore_errors=True)
         return
-    gflops_peak = matmul_gflops()
+    import subprocess
+
+    import tensorflow as tf
+
+    import covfeat.extraction.work
+    from covfeat.extraction.work import one_thread_per_stream
+
+    # The matmul peak with TensorFlow's threads (every core), in a process of its own; this one
+    # runs every measure as the extract command does: one thread per operation.
+    gflops_peak = float(subprocess.run([sys.executable, "-c", "from common import matmul_gflops; print(matmul_gflops())"],
+                                       cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+                                       ).stdout.split()[-1])
+    covfeat.extraction.work.OWN_PROCESS = True
+    one_thread_per_stream(tf)
     os.environ["COVFEAT_GRAPH_CACHE"] = str(work / "graphs")  # empty: each backbone's first run makes its graph
     sources = subset(work / "data", args.images)
     results = []
@@ -285,7 +308,7 @@ def main():
         })
         print(results[-1], flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    data = {"machine": machine(), "matmul_gflop_s": gflops_peak, "weights": "none (random init, NOT PRETRAINED)",
+    data = {"machine": machine(), "matmul_gflop_s": gflops_peak, "one_thread_per_operation": True, "weights": "none (random init, NOT PRETRAINED)",
             "note": "files -> HDF5 = the whole extraction (the later run) minus getting the backbone ready (decoding "
                     "that overlapped it is counted as if it had not): decode once, resize, K jittered views, forward, "
                     "float16 shards. Whole command adds getting the backbone ready (graph cache), hashing the files "

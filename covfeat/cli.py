@@ -179,11 +179,16 @@ def extract(**opts):
     re-running an interrupted one resumes it. The split is not made here: see fit-head.
     """
     import covfeat.extraction.run as ex
+    import covfeat.extraction.work
 
     cfg = check(settings_from, ExtractConfig, opts, EXTRACT_CONVERSIONS)
     drv = check(settings_from, DriverConfig, opts, EXTRACT_CONVERSIONS)
-    path = guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=progress(), rebuild=opts["rebuild"],
-                  driver=drv, tensorflow=False)  # the model build imports it, quietly; a complete cache never does
+    covfeat.extraction.work.OWN_PROCESS = True  # this process only extracts: one thread per operation and stream
+    try:
+        path = guard(ex.extract, opts["data"], cfg, opts["cache_dir"], progress=progress(), rebuild=opts["rebuild"],
+                      driver=drv, tensorflow=False)  # the model build imports it, quietly; a complete cache never does
+    finally:
+        covfeat.extraction.work.OWN_PROCESS = False  # (the command run in a caller's process, as tests do)
     if path is None:
         typer.echo("shards written; the index follows when every shard is present")
     else:

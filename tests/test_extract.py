@@ -227,6 +227,36 @@ def test_extraction_forward_equals_the_keras_model_batch_by_batch():
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
 
 
+_STREAMS_CHILD = """
+import sys
+import numpy as np
+import covfeat.extraction.work as w
+from covfeat.extraction.backbones import get_backbone, resolve_weights
+from covfeat.extraction.config import ExtractConfig
+w.OWN_PROCESS = sys.argv[1] == "own"
+cfg = ExtractConfig(backbone="inception_v3", weights="none", augment=1, batch_size=4, dtype="float32")
+bb = get_backbone("inception_v3")
+computer = w.ShardComputer(cfg, bb, resolve_weights(bb, "none"))
+x = np.random.default_rng(0).random((5, 2, 224, 224, 3), dtype=np.float32) * 2 - 1
+np.save(sys.argv[2], computer.features([(x[i], np.zeros((2, 4), np.float32), None) for i in range(5)])[0])
+print(computer.threads)
+"""
+
+
+def test_a_process_that_only_extracts_gives_each_operation_one_thread_and_the_same_features(tmp_path):
+    """The extract command's process runs each operation on one thread (its two streams no longer
+    fight over the cores), a library caller's keeps TensorFlow's default, and the features are
+    the same bit for bit."""
+    got = {}
+    for kind in ("own", "library"):
+        r = subprocess.run([sys.executable, "-c", _STREAMS_CHILD, kind, str(tmp_path / f"{kind}.npy")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[kind] = (r.stdout.strip().splitlines()[-1], np.load(tmp_path / f"{kind}.npy"))
+    assert got["own"][0] == "1" and got["library"][0] == "TensorFlow's default"
+    assert np.array_equal(got["own"][1], got["library"][1])
+
+
 def test_an_extraction_resolves_backbone_weights_and_pipeline_once(mini, tmp_path, monkeypatch):
     """The plan resolves the backbone entry, the weights and the input pipeline; the driver,
     the class probe, the shard computations and the merge take them from it.  Counted where

@@ -70,6 +70,9 @@ class _ShardActor:
 
             for gpu in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(gpu, True)
+        import covfeat.extraction.work
+
+        covfeat.extraction.work.OWN_PROCESS = True  # a Ray worker only extracts
         self.computer = ShardComputer(self.cfg, backbone, weights)
         self.store = ShardStore(Path(target), key)
         self.rows = rows

@@ -390,4 +390,5 @@ def _run(todo: list[ShardSpec], p: Plan, store: ShardStore, progress: bool) -> d
     # pipeline_s: all the time the work took except the model build, as if decoding had not
     # overlapped the build at all (so a benchmark on few images cannot hide the decoding).
     return {"build_model_s": t_built - t0, "pipeline_s": (t_end - t_start) - (t_built - t0),
-            "forward_passes": computer.n_fwd, "forward_s": computer.t_fwd, "waiting_for_decode_s": t_wait}
+            "forward_passes": computer.n_fwd, "forward_s": computer.t_fwd, "waiting_for_decode_s": t_wait,
+            "threads_per_operation": computer.threads}
