@@ -52,12 +52,14 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat
 # the largest value, pooled 0.81%), densenet201 2.5x (0.99998, 0.64%, pooled 0.41%).
 #
 # ``amx`` measured on an Intel Xeon (AMX bf16/int8, avx512_bf16), 2 cores, TensorFlow 2.21 and
-# Keras 3.15, by ``bench_extract.py`` (32 bundled images, batch 16, each route in a fresh process,
-# the median of 5 passes, nothing else running; benchmarks/results/intel-xeon-amx/extract.md),
-# 2026-12-02: inception_v3 mixed 2.05x against onednn 1.49x; inception_resnet_v2 mixed 1.74x
-# against 1.45x; resnet101_v2 mixed 1.98x against 1.60x; densenet201 onednn 1.28x against mixed
-# 1.04x.  Here, unlike on Zen 4, the oneDNN route does compute in bfloat16 (its features differ
-# from float32's: cosine 0.99996-0.99999).
+# Keras 3.15, by ``bench_extract.py`` (32 bundled images, batch 16, two batches at a time on one
+# thread per operation as the extract command runs them, each route in a fresh process, the
+# median of 5 passes, nothing else running; benchmarks/results/intel-xeon-amx/extract.md),
+# 2026-12-02: inception_v3 mixed 2.10x against onednn 1.53x; inception_resnet_v2 mixed 2.31x
+# against 1.67x; resnet101_v2 mixed 2.28x against 1.70x; densenet201 onednn 1.42x against mixed
+# 1.10x (one batch at a time on TensorFlow's threads: the same order, 1.28x against 1.04x).
+# Here, unlike on Zen 4, the oneDNN route does compute in bfloat16 (its features differ from
+# float32's: cosine 0.99996-0.99999).
 # DenseNet's mixed route loses because Keras computes every BatchNormalization in float32 and
 # casts around it, and densenet201 has one before each of its 200 convolutions.
 ROUTES = {
