@@ -194,6 +194,23 @@ def main():
     second = fit_head(cache, fit, runs, progress=False)
     fit_s = time.perf_counter() - t
     m = json.loads((second / "metrics.json").read_text())
+    # the same call with the head's steps not flushing subnormals (covfeat.head.kernels.head_epoch):
+    # what the flush is worth on this CPU, and whether the predictions move
+    import covfeat.head.kernels as kernels
+
+    flushing = kernels.head_epoch
+    kernels.head_epoch = kernels._head_epoch
+    try:
+        t = time.perf_counter()
+        plain = fit_head(cache, fit, Path("runs-bench-no-flush"), progress=False)
+        plain_s = time.perf_counter() - t
+    finally:
+        kernels.head_epoch = flushing
+    m_plain = json.loads((plain / "metrics.json").read_text())
+    same = (plain / "predictions.csv").read_bytes() == (second / "predictions.csv").read_bytes()
+    out["without_subnormal_flush"] = {"seconds": plain_s, "stages_seconds": m_plain["fit_stages_seconds"],
+                                      "predictions_identical": same}
+    print("without the flush", out["without_subnormal_flush"], flush=True)
 
     def command(template_cache: Path) -> tuple[float, float]:
         env = dict(os.environ, COVFEAT_NO_PROGRESS="1", COVFEAT_HEAD_CACHE=str(template_cache))
@@ -273,6 +290,11 @@ def main():
         "Targets: fit-head <= 5 s; plain Model.fit / fit-head >= 20; fresh command <= 8 s; 5-fold CV <= 25 s. Met: "
         + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out["targets_met"].items()) + ".",
         "Stages of the fit-head call (s): " + ", ".join(f"{k} {v:.2f}" for k, v in m["fit_stages_seconds"].items()) + ".",
+        *([f"The same call with the head's steps not flushing subnormal floats to zero: "
+           f"{out['without_subnormal_flush']['seconds']:.1f} s, epochs "
+           f"{out['without_subnormal_flush']['stages_seconds']['epochs']:.2f} s (against {m['fit_stages_seconds']['epochs']:.2f}); "
+           f"test predictions {'identical' if out['without_subnormal_flush']['predictions_identical'] else 'DIFFERENT'}, "
+           "byte for byte."] if "without_subnormal_flush" in out else []),
         "",
         "How close the epochs are to the machine's limit (measured in this run):", "",
         table(["measure", "value"], [

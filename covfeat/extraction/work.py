@@ -73,12 +73,13 @@ def decode_job(path: str, sha256: str, cfg: ExtractConfig, pipeline: InputPipeli
 def one_thread_per_stream(tf) -> bool:
     """Give each operation one thread, when TensorFlow has not started and nobody chose otherwise:
     extraction keeps STREAMS batches in the model at once, and with TensorFlow's default (every
-    core for each operation) the streams' threads fight over the cores.  On an Intel Xeon, 2 cores,
-    two streams of batch 16 (2026-12-02): float32 densenet201 20.6 img/s against 17.9,
-    inception_resnet_v2 19.8 against 18.4; bfloat16 inception_v3 92.8 against 73.7, densenet201
-    30.0 against 25.5.  The features are the same bit for bit, all four backbones and both
-    bfloat16 routes (tests/test_extract.py checks the command's against the library's), so a
-    process where TensorFlow already runs keeps its threads and loses only speed.  True when set."""
+    core for each operation) the streams' threads fight over the cores.  ``bench_extract.py`` on
+    an Intel Xeon, 2 cores (benchmarks/results/intel-xeon-amx/extract.md at commits 01ed0ff and
+    8383168, the same day): float32 files to HDF5 40.7, 19.0, 19.5 and 16.8 img/s became 42.5,
+    20.0, 19.9 and 17.0; bfloat16 gained most (densenet201 1.28x float32 became 1.42x).  The
+    features are the same bit for bit (checked by hand on all four backbones and both bfloat16
+    routes; tests/test_extract.py compares inception_v3 in two fresh processes), so a process
+    where TensorFlow already runs keeps its threads and loses only speed.  True when set."""
     if tf.config.threading.get_intra_op_parallelism_threads() != 0:
         return False
     try:

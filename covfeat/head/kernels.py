@@ -167,8 +167,8 @@ def _flush_subnormals(typingctx):
     An Intel core takes a microcode assist of about a hundred cycles for every subnormal result or
     operand; an AMD Zen core does not.  The head's momenta of rarely active input channels halve
     at each step (momentum 0.5) and spend a few dozen steps below 1.2e-38 before reaching zero, so
-    on the reproduction set the steps ran 30 ms an epoch on an Intel Xeon against 19 with these
-    values flushed.  A subnormal momentum moves a weight of ordinary size by less than a
+    on the reproduction set fit-head's 100 epochs took 3.15 s on an Intel Xeon against 2.40 s
+    with these values flushed (``benchmarks/bench_head.py`` measures both in one run).  A subnormal momentum moves a weight of ordinary size by less than a
     billionth of its last bit, so the trained weights come out the same but for a weight that is
     itself within a subnormal of zero (tests/test_loop.py; on the reproduction set's densenet201
     maps the test predictions were identical bit for bit)."""
