@@ -202,7 +202,7 @@ def main():
     kernels.head_epoch = kernels._head_epoch
     try:
         t = time.perf_counter()
-        plain = fit_head(cache, fit, Path("runs-bench-no-flush"), progress=False)
+        plain = fit_head(cache, fit, runs / "without-flush", progress=False)
         plain_s = time.perf_counter() - t
     finally:
         kernels.head_epoch = flushing
