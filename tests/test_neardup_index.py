@@ -44,6 +44,35 @@ def test_uneven_radii_find_every_code_within_max_bits_and_no_other():
             assert [tuple(r) for r in rows.tolist()] == _brute(codes[:, 0], codes, max_bits, skip_self), max_bits
 
 
+def test_buckets_longer_than_a_vector_block_and_both_cores_find_the_same_rows(monkeypatch):
+    """A probe reads its bucket 16 codes at a time (neardup_index._within_mask_intrinsic), and a large index
+    builds and searches its chunks on two threads.  Codes that share their low 40 bits fill one
+    bucket of every chunk there (hundreds of codes, many blocks, a partial last one), with near
+    codes planted at every place in it: the same rows as comparing all pairs, on one core and on
+    every core."""
+    from covfeat.trust import neardup_index
+
+    rng = np.random.default_rng(5)
+    n = 120
+    codes = rng.integers(0, 2**63, (n, FINGERPRINT_HASHES), dtype=np.uint64) << np.uint64(1)
+    codes = (codes & ~np.uint64(2**40 - 1)) | np.uint64(0x5A5A5A5A5A)
+    for t in range(80):
+        i, j = rng.integers(0, n, 2)
+        flips = rng.choice(np.arange(40, 64), int(rng.integers(0, 8)), replace=False)
+        codes[j, rng.integers(0, FINGERPRINT_HASHES)] = codes[i, 0] ^ np.uint64(sum(1 << int(b) for b in flips))
+    expected = _brute(codes[:, 0], codes, MAX_BITS, True)
+    assert 20 < len(expected) < n * n
+    counts = []
+    for parallel_from in (10**9, 0):
+        monkeypatch.setattr(neardup_index, "PARALLEL_CODES", parallel_from)
+        index = ChunkIndex(codes, MAX_BITS)
+        assert index.parallel == (parallel_from == 0)
+        rows, compared, probes = index.query(codes[:, 0], skip_self=True)
+        assert [tuple(r) for r in rows.tolist()] == expected, parallel_from
+        counts.append((compared, probes))
+    assert counts[0] == counts[1]  # every chunk searched on both paths (any one finds these rows)
+
+
 def test_the_search_at_a_hundred_thousand_images_compares_fewer_codes_per_query():
     """Radii summing to what the pigeonhole needs (sum(r + 1) = max_bits + 1), not one bit more
     per chunk, and wider chunks where the radius is larger: at 10^5 images of random codes a

@@ -151,7 +151,7 @@ def test_the_first_read_checks_shards_on_every_core_and_names_the_first_damaged_
     a time did, and names it."""
     from covfeat.store import rawread
 
-    monkeypatch.setattr(rawread, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(rawread, "usable_cores", lambda: 2)
     calls = []
     real = rawread.mapped_and_hashed
     monkeypatch.setattr(reader, "mapped_and_hashed", lambda jobs: calls.append(len(jobs)) or real(jobs))

@@ -11,6 +11,7 @@ therefore see numba dispatchers when numba types them, exactly as with ``@njit``
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import update_wrapper
 
@@ -42,15 +43,57 @@ def lazy_njit(**options):
     return wrap
 
 
+class LazyIntrinsic:
+    """A stand-in for a numba ``@intrinsic``, which needs numba and llvmlite to be defined: the
+    factory that makes it runs when the kernels of its module compile."""
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def load(self):
+        return self.factory()
+
+
+def lazy_intrinsic(factory) -> LazyIntrinsic:
+    """The intrinsic ``factory()`` returns, for the lazy kernels of the module that assigns this
+    to a global.  Define the factory in that module: numba's cache of a kernel follows its own
+    file, so an intrinsic written elsewhere could change without the cached kernels noticing."""
+    return LazyIntrinsic(factory)
+
+
 def compile_module(name: str) -> dict:
-    """Replace every lazy kernel defined in module ``name`` by its numba dispatcher; its namespace."""
+    """Replace every lazy kernel defined in module ``name`` by its numba dispatcher (and every
+    lazy intrinsic by the intrinsic); its namespace."""
     import numba
 
     space = vars(sys.modules[name])
     for attr, value in list(space.items()):
         if value is prange:
             space[attr] = numba.prange
+        elif isinstance(value, LazyIntrinsic):
+            space[attr] = value.load()
     for attr, value in list(space.items()):
         if isinstance(value, LazyKernel) and value.py_func.__module__ == name:
             space[attr] = numba.njit(**value.options)(value.py_func)
     return space
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def map_nogil(fn, items, parallel: bool) -> list:
+    """``[fn(x) for x in items]``, on every usable core when ``parallel`` (``fn`` a kernel
+    compiled with ``nogil=True``, or a function spending its time in one): threads, in order."""
+    items = list(items)
+    workers = min(len(items), usable_cores()) if parallel else 1
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))

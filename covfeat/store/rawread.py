@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from covfeat.core.lazyjit import lazy_njit, prange
+from covfeat.core.lazyjit import lazy_njit, prange, usable_cores
 
 
 @dataclass
@@ -194,7 +194,7 @@ def mapped_and_hashed(jobs: list):
         m = map_shard(*args)
         return m, m.rows_sha256()
 
-    workers = min(len(jobs), _usable_cores())
+    workers = min(len(jobs), usable_cores())
     if workers <= 1:
         for key, args in jobs:
             yield (key, args, *check(args))
@@ -212,14 +212,6 @@ def mapped_and_hashed(jobs: list):
             yield (key, args, *fut.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @lazy_njit(parallel=True, cache=True, nogil=True)

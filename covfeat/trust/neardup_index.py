@@ -14,22 +14,34 @@ from math import comb
 
 import numpy as np
 
-from covfeat.core.lazyjit import lazy_njit
+from covfeat.core.lazyjit import lazy_intrinsic, lazy_njit, map_nogil
 
-LOOKUP_COST = 4.0  # a probe (a bucket start read, a loop that ends unpredictably) against one code compared, measured
+# The plan's cost model, in ns, measured by timing one chunk's build and query at 10^3, 10^4 and
+# 10^5 images of random codes with 15 views (Intel Xeon, 2026-12-02; `_bucket_one`, `_query_chunk`):
+PROBE_NS = 4.0  # a bucket probed: its start read, its first block of LANES codes (2.5 in cache, 6.4 at 10^5)
 
-TABLE_COST = 1.0  # an entry of a chunk's table of bucket starts, built once, against one code compared
+CODE_NS = 0.17  # a code compared, in blocks of LANES with vector popcounts
 
-PASS_COST = 1.0  # a chunk's pass over one query (its key, its place in key order)
+TABLE_NS = 0.9  # an entry of a chunk's table of bucket starts, built once for all the queries
+
+INSERT_NS = 6.0  # a code put in a chunk's buckets (3 in cache, 11 at 10^5 images)
+
+PASS_NS = 30.0  # a chunk's pass over one query (its key, its place in key order, the copies)
+
+LANES = 16  # codes a probe compares at once: a bucket is read in blocks this long
+
+PARALLEL_CODES = 1 << 18  # an index of at least this many codes builds and searches its chunks on every core
+# (2 cores, Intel Xeon: at 10^4 images of 15 codes both ways took 0.84-0.87 us an image; at 3 x 10^4
+# two cores took 1.15 against 1.41, at 10^5 1.03 against 1.63; at 10^3 the threads cost 1.7 ms)
 
 MAX_CHUNK_BITS = 22  # a chunk's table of bucket starts has 2^width + 1 entries (16 MiB at 22 bits)
 
 
 def plan_chunks(n_codes: int, max_bits: int,
                 n_queries: int | None = None) -> tuple[list[tuple[int, int]], list[int], float]:
-    """(shift, width) of each chunk, the radius searched within each chunk, and the modelled work
-    per query (buckets probed times LOOKUP_COST, codes compared, and each chunk's table and pass
-    shared among ``n_queries``, by default ``n_codes``).
+    """(shift, width) of each chunk, the radius searched within each chunk, and the modelled ns
+    per query (buckets probed, codes compared, each chunk's pass, and its table and buckets
+    built once and shared among ``n_queries``, by default ``n_codes``).
 
     Pigeonhole, generalised: if two codes differ by more than ``radii[c]`` bits on every chunk
     c, they differ by at least sum(radii[c] + 1) bits, so radii whose sum(r + 1) exceeds
@@ -40,17 +52,18 @@ def plan_chunks(n_codes: int, max_bits: int,
     Chunks searched within the same radius get the same width (the work of a chunk depends on
     its width and radius alone, so the best width of each kind is found on its own, within the
     64 bits), and the number of chunks and the widths are the ones that make the modelled work
-    smallest.  That work still grows with the index, about as n^0.45 (from 10^3 to 10^5 images
-    of random codes and 15 views, 19 probes and 99 codes compared become 55 and 984): a plan
-    with flat work per query would need about 300 probes at 10^3 images too (a radius-2 chunk of
-    22 bits), and wide chunks' probes into tables far larger than the queries cost a cache miss
-    each (measured at 10^5 images: 50 ns a probe at 22 bits, 5 ns at 17 bits, 2.2 ns a code
-    compared; that plan took 15 us an image, this one 2.3)."""
+    smallest.  The work per query still grows with the index: from 10^3 to 10^5 images of random
+    codes and 15 views the modelled work goes from 680 to 840 ns, and the codes compared from 150
+    to 801 in 40 and 55 probes.  Exact search within a radius has no flat per-query cost in 64
+    bits: a plan with flat work would need about 300 probes at 10^3 images too (a radius-2 chunk
+    of 22 bits), and wide chunks' probes into tables far larger than the queries cost a cache
+    miss each (10 ns a probe at 21 bits and 10^5 images, against 6.4 at 17 bits).  Every chunk
+    also costs every query its pass and its share of the build, so the model favours few chunks."""
     n_queries = n_codes if n_queries is None else max(1, n_queries)
-    L = LOOKUP_COST
     ws = range(1, MAX_CHUNK_BITS + 1)
-    # g[r][w - 1]: work per query of one chunk of w bits searched within r bits
-    g = [[_n_keys(w, r) * (L + n_codes / 2.0 ** w) + TABLE_COST * 2.0 ** w / n_queries + PASS_COST for w in ws]
+    # g[r][w - 1]: ns per query of one chunk of w bits searched within r bits
+    g = [[_n_keys(w, r) * (PROBE_NS + CODE_NS * n_codes / 2.0 ** w)
+          + (TABLE_NS * 2.0 ** w + INSERT_NS * n_codes) / n_queries + PASS_NS for w in ws]
          for r in range(4)]
     best_upto = []  # best_upto[r][k]: (cost, width) of the best width <= k + 1
     for r in range(4):
@@ -104,12 +117,17 @@ class ChunkIndex:
         m = len(self.bounds)
         self.shifts = np.array([s for s, _ in self.bounds], np.int64)
         self.widths = np.array([w for _, w in self.bounds], np.int64)
-        self.sorted_codes = np.empty((m, len(self.flat)), np.uint64)
+        self.sorted_codes = np.zeros((m, len(self.flat) + LANES), np.uint64)  # LANES codes of padding: a probe reads whole blocks
         self.order = np.empty((m, len(self.flat)), np.int32)
         # each chunk's table of bucket starts, one after another: 2^width + 1 entries each
         self.table_at = np.concatenate([[0], np.cumsum((1 << self.widths) + 1)]).astype(np.int64)
         self.starts = np.empty(self.table_at[-1], np.int32)
-        _bucket(self.flat, self.shifts, self.widths, self.sorted_codes, self.order, self.starts, self.table_at)
+        self.parallel = len(self.flat) >= PARALLEL_CODES
+        map_nogil(lambda c: _bucket_one(self.flat, self.shifts[c], self.widths[c], self.sorted_codes[c], self.order[c],
+                                        self._starts(c)), range(m), self.parallel)
+
+    def _starts(self, c: int) -> np.ndarray:
+        return self.starts[self.table_at[c]:self.table_at[c + 1]]
 
     def query(self, codes: np.ndarray, skip_self: bool) -> tuple[np.ndarray, int, int]:
         """Every (query row, item, view, bits) with bits <= max_bits, one row per (query, item)
@@ -119,9 +137,11 @@ class ChunkIndex:
         ``skip_self``: the queries are the items themselves (query q is item q), and an item is
         not its own candidate."""
         codes = np.ascontiguousarray(codes, np.uint64)
-        hits, compared, probes = _query(codes, self.shifts, self.widths, np.array(self.radii, np.int64),
-                                        self.sorted_codes, self.order, self.starts, self.table_at, self.n_views, self.max_bits,
-                                        skip_self)
+        found = map_nogil(lambda c: _query_chunk(codes, self.shifts[c], self.widths[c], self.radii[c], self.sorted_codes[c],
+                                                 self.order[c], self._starts(c), self.n_views, self.max_bits, skip_self),
+                          range(len(self.bounds)), self.parallel)
+        hits = np.concatenate([h for h, _, _ in found])
+        compared, probes = sum(int(c) for _, c, _ in found), sum(int(p) for _, _, p in found)
         # one row per (query, item): the fewest bits, then the first view (hits of several chunks repeat)
         hits = hits[np.lexsort((hits[:, 2], hits[:, 3], hits[:, 1], hits[:, 0]))]
         first = np.ones(len(hits), bool)
@@ -129,12 +149,61 @@ class ChunkIndex:
         return hits[first], compared, probes
 
 
+def _within_mask_intrinsic():
+    """``within_mask(qc, codes, start, end, max_bits)``: bit j (j < LANES) set when ``start + j <
+    end`` and ``codes[start + j]`` is within ``max_bits`` bits of ``qc``, as explicit LLVM vector
+    code: one load of LANES codes, xor, ``llvm.ctpop`` and compare, masked to the bucket
+    (``vpopcntq`` on AVX-512 CPUs; LLVM lowers the same code to scalar popcounts elsewhere).
+    ``codes`` is a C-contiguous uint64 array with at least ``start + LANES`` elements: lanes past
+    ``end`` are read and masked, never reported.
+
+    numba's own loops over a bucket gave a branch per code or, unrolled, 16 scalar popcounts: a
+    probe of a bucket of 2 codes cost 10 ns and of 11 codes 17 ns (the loop's end mispredicted);
+    this costs 4 to 6 ns a probe whatever the bucket's length up to 16 (Intel Xeon, 2026-12-02)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def within_mask(typingctx, qc, codes, start, end, max_bits):
+        if not (isinstance(codes, types.Array) and codes.dtype == types.uint64 and codes.layout == "C"):
+            return None
+        sig = types.int64(types.uint64, codes, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, sg, args):
+            qv, cv, sv, ev, mv = args
+            data = context.make_array(sg.args[1])(context, builder, cv).data
+            i64 = ir.IntType(64)
+            vt = ir.VectorType(i64, LANES)
+
+            def splat(x):
+                v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
+                                              ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+
+            x = builder.load(builder.bitcast(builder.gep(data, [sv]), vt.as_pointer()), align=8)
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), f"llvm.ctpop.v{LANES}i64")
+            bits = builder.call(ctpop, [builder.xor(x, splat(qv))])
+            near = builder.icmp_unsigned("<=", bits, splat(mv))
+            inside = builder.icmp_signed("<", ir.Constant(vt, list(range(LANES))), splat(builder.sub(ev, sv)))
+            mask = builder.bitcast(builder.and_(near, inside), ir.IntType(LANES))
+            return builder.zext(mask, i64)
+
+        return sig, codegen
+
+    return within_mask
+
+
+_within_mask = lazy_intrinsic(_within_mask_intrinsic)
+
+
 @lazy_njit(cache=True, nogil=True)
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
     x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+    return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))  # int64: compared with int64 (uint64 against int64 is float64 in numba)
 
 
 @lazy_njit(cache=True, nogil=True)
@@ -163,16 +232,11 @@ def _neighbours(key, width, radius):
 
 
 @lazy_njit(cache=True, nogil=True)
-def _bucket(flat, shifts, widths, sorted_codes_all, order_all, starts_all, table_at):
-    """Counting sort of the codes by each chunk (stable: argsort's order), linear in n + 2^width."""
-    for c in range(shifts.shape[0]):
-        _bucket_one(flat, shifts[c], widths[c], sorted_codes_all[c], order_all[c], starts_all[table_at[c]:table_at[c + 1]])
-
-
-@lazy_njit(cache=True, nogil=True)
 def _bucket_one(flat, shift, width, sorted_codes, order, starts):
     """starts[k] .. starts[k + 1]: where the codes whose chunk is k sit in ``sorted_codes`` (and
-    their places in ``flat`` in ``order``), in the order of ``flat`` within a bucket."""
+    their places in ``flat`` in ``order``), in the order of ``flat`` within a bucket.  (Two
+    passes, by the top 4 to 10 bits first and then to the bucket, were no faster at 10^5 images:
+    the writes are bound by the last-level cache either way.)"""
     mask = np.uint64((1 << width) - 1)
     sh = np.uint64(shift)
     n_keys = 1 << width
@@ -216,62 +280,92 @@ def _radix_order(keys, width):
 
 
 @lazy_njit(cache=True, nogil=True)
-def _query(codes, shifts, widths, radii, sorted_codes, order, starts, table_at, n_views, max_bits, skip_self):
-    """Chunk by chunk and neighbour by neighbour, the queries in the order of their chunk's key
-    (copied in that order): the bucket table and the buckets are then read in sequence (a few
-    interleaved streams), not at random."""
-    n_q = codes.shape[0]
-    cap = 1024
-    out = np.empty((cap, 4), np.int64)
-    n_out = 0
+def _grown(a, rows):
+    """``a`` with room for ``rows`` rows, its rows kept."""
+    out = np.empty((rows, a.shape[1]), a.dtype)
+    out[:a.shape[0]] = a
+    return out
+
+
+@lazy_njit(cache=True, nogil=True)
+def _probe(qkeys, qsorted, flips, sc, st, max_bits, near_at):
+    """Every bucket each query's key and its neighbours ``flips`` point to, LANES codes at a time
+    with vector popcounts (:func:`_within_mask_intrinsic`): (query, block start, lanes within
+    reach) of each block with a code within reach, stored while ``near_at`` has room, and
+    counted; the number of such blocks and of codes compared."""
+    n_near = 0
     compared = 0
-    probes = 0
+    room = near_at.shape[0]
+    for f in flips:
+        for i in range(qkeys.shape[0]):
+            k = qkeys[i] ^ f
+            qc = qsorted[i]
+            lo, hi = st[k], st[k + 1]
+            compared += hi - lo
+            for s in range(lo, hi, LANES):
+                near = _within_mask(qc, sc, np.int64(s), np.int64(hi), max_bits)
+                if near != 0:  # nearly never, but for a query's own code
+                    if n_near < room:
+                        near_at[n_near, 0] = i
+                        near_at[n_near, 1] = s
+                        near_at[n_near, 2] = near
+                    n_near += 1
+    return n_near, compared
+
+
+@lazy_njit(cache=True, nogil=True)
+def _query_chunk(codes, shift, width, radius, sc, order, st, n_views, max_bits, skip_self):
+    """One chunk's hits (query row, item, view, bits), codes compared and buckets probed.
+
+    Neighbour by neighbour, the queries in the order of their chunk's key (copied in that
+    order): the bucket table and the buckets are then read in sequence (a few interleaved
+    streams), not at random.  Each probe reads its bucket LANES codes at a time with vector
+    popcounts (:func:`_within_mask_intrinsic`); only a block with a code within reach is
+    looked at code by code."""
+    n_q = codes.shape[0]
+    mask = np.uint64((1 << width) - 1)
+    sh = np.uint64(shift)
+    keys = np.empty(n_q, np.int64)
+    for i in range(n_q):
+        keys[i] = np.int64((codes[i] >> sh) & mask)
+    perm = _radix_order(keys, width)
     qkeys = np.empty(n_q, np.int64)
     qsorted = np.empty(n_q, np.uint64)
-    qorder = np.empty(n_q, np.int32)
-    for c in range(shifts.shape[0]):
-        width = widths[c]
-        mask = np.uint64((1 << width) - 1)
-        sh = np.uint64(shifts[c])
-        keys = np.empty(n_q, np.int64)
-        for i in range(n_q):
-            keys[i] = np.int64((codes[i] >> sh) & mask)
-        perm = _radix_order(keys, width)
-        for i in range(n_q):
+    for i in range(n_q):
+        qkeys[i] = keys[perm[i]]
+        qsorted[i] = codes[perm[i]]
+    flips = _neighbours(0, width, radius)
+    # first the probes, which keep only (query, block, lanes) of a block with a code within
+    # reach; then those blocks' hits.  The probes' loop stores into an array it never replaces
+    # (with the array grown inside it, or the hits made there, it ran three times slower): when
+    # the room runs out it counts on, and runs again with the room it needs.
+    near_at = np.empty((2 * n_q + 1024, 3), np.int64)
+    n_near, compared = _probe(qkeys, qsorted, flips, sc, st, max_bits, near_at)
+    if n_near > near_at.shape[0]:
+        near_at = np.empty((n_near, 3), np.int64)
+        n_near, compared = _probe(qkeys, qsorted, flips, sc, st, max_bits, near_at)
+    out = np.empty((n_near * 2 + 16, 4), np.int64)
+    n_out = 0
+    for r in range(n_near):
+        i, s, near = near_at[r, 0], near_at[r, 1], near_at[r, 2]
+        while near != 0:
+            j = _popcount(np.uint64((near & -near) - 1))  # the lowest lane set
+            near &= near - 1
+            p = s + j
             q = perm[i]
-            qorder[i] = q
-            qkeys[i] = keys[q]
-            qsorted[i] = codes[q]
-        st = starts[table_at[c]:table_at[c + 1]]
-        sc = sorted_codes[c]
-        flips = _neighbours(0, width, radii[c])
-        for f in flips:
-            for i in range(n_q):
-                k = qkeys[i] ^ f
-                qc = qsorted[i]
-                for p in range(st[k], st[k + 1]):
-                    bits = np.int64(_popcount(qc ^ sc[p]))
-                    if bits > max_bits:
-                        continue
-                    q = qorder[i]
-                    e = order[c, p]
-                    item = e // n_views
-                    if skip_self and item == q:
-                        compared -= 1
-                        continue
-                    if n_out == cap:
-                        cap *= 2
-                        grown = np.empty((cap, 4), np.int64)
-                        grown[:n_out] = out[:n_out]
-                        out = grown
-                    out[n_out, 0] = q
-                    out[n_out, 1] = item
-                    out[n_out, 2] = e % n_views
-                    out[n_out, 3] = bits
-                    n_out += 1
-                compared += st[k + 1] - st[k]
-            probes += n_q
-    return out[:n_out], compared, probes
+            e = order[p]
+            item = e // n_views
+            if skip_self and item == q:
+                compared -= 1
+                continue
+            if n_out == out.shape[0]:
+                out = _grown(out, 2 * n_out)
+            out[n_out, 0] = q
+            out[n_out, 1] = item
+            out[n_out, 2] = e % n_views
+            out[n_out, 3] = _popcount(qsorted[i] ^ sc[p])
+            n_out += 1
+    return out[:n_out], compared, n_q * flips.shape[0]
 
 
 def near_codes(query: np.ndarray, codes: np.ndarray, max_bits: int,
