@@ -135,16 +135,50 @@ def test_grad_cam_computes_in_the_runs_precision(bf16_cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("route", precision.MIXED_ROUTES)
 @pytest.mark.parametrize("name", list(precision.ROUTES["avx512_bf16"]))
-def test_every_backbone_traces_to_allowed_ops_by_the_mixed_route(name):
+def test_every_backbone_traces_to_allowed_ops_by_the_mixed_routes(name, route):
     import tensorflow as tf
 
     from covfeat.extraction.backbones import build_backbone, get_backbone, resolve_weights
     from covfeat.extraction.graphops import unlisted
 
     bb = get_backbone(name)
-    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0, route="mixed")
+    model = build_backbone(bb, resolve_weights(bb, "none"), seed=0, route=route)
     fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, 224, 224, 3])])
     concrete = fn.get_concrete_function()
     assert unlisted(concrete.function_def) is None
     assert concrete.outputs[0].dtype == tf.float32
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_the_fused_batchnorm_route_normalises_as_keras_does_with_real_statistics(scale):
+    """A random-init backbone's BatchNormalizations are identities (mean 0, variance 1, scale 1,
+    offset 0), so its fidelity cannot see how the ``mixed_fused_bn`` route normalises.  Here a
+    convolution, a BatchNormalization with random statistics (and without a scale, as the
+    Inception backbones) and a ReLU, under the mixed policy: through fuse_batchnorm, Keras's own
+    outputs within one bfloat16 rounding, the statistics used at float32 (rounding them to
+    bfloat16 first, or dropping epsilon, fails this), and the same weights."""
+    import keras
+
+    from covfeat.extraction.precision import build_policy, fuse_batchnorm
+
+    rng = np.random.default_rng(0)
+    with build_policy("mixed"):
+        x = keras.Input((8, 8, 16))
+        y = keras.layers.Conv2D(32, 3, padding="same", use_bias=False, name="conv")(x)
+        y = keras.layers.BatchNormalization(scale=scale, epsilon=1.001e-5, name="bn")(y)
+        model = keras.Model(x, keras.layers.Activation("relu")(y))
+    bn = model.get_layer("bn")
+    stats = ([rng.uniform(0.5, 2.0, 32)] if scale else []) + [rng.normal(0, 1, 32), rng.normal(0, 3, 32),
+                                                             rng.uniform(1e-4, 0.01, 32)]
+    bn.set_weights([s.astype(np.float32) for s in stats])
+    fused = fuse_batchnorm(model)
+    assert type(fused.get_layer("bn")).__name__ == "FusedBatchNormalization"
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), fused.get_weights()))
+    data = rng.normal(0, 3, (4, 8, 8, 16)).astype(np.float32)
+    want = np.asarray(model(data, training=False), np.float64)
+    got = np.asarray(fused(data, training=False), np.float64)
+    assert fused(data, training=False).dtype.name == "bfloat16"
+    assert np.abs(want).max() > 10  # the statistics move the maps: mean, variance and scale all matter
+    assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-6), np.abs(got - want).max()

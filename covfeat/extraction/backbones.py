@@ -24,7 +24,7 @@ import numpy as np
 from covfeat.core.errors import ConfigError, WeightsUnavailable
 from covfeat.core.fsutil import file_digest
 from covfeat.core.registry import Registry
-from covfeat.extraction.precision import build_policy
+from covfeat.extraction.precision import MIXED_ROUTES, build_policy, fuse_batchnorm
 from covfeat.imaging.decode import INPUT_SIZE
 
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -270,7 +270,7 @@ def weights_from_config(stored: dict, path: str | None, purpose: str) -> str:
 
 def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0, route: str = "float32"):
     """Build the frozen, top-less backbone at 224x224 with the resolved weights, computing by
-    ``route`` (:mod:`covfeat.extraction.precision`): under the ``mixed`` route its layers
+    ``route`` (:mod:`covfeat.extraction.precision`): under the mixed routes its layers
     compute in bfloat16 and a last float32 layer casts the feature maps back, so every caller
     (the cache, a head, Grad-CAM's gradients) gets float32 maps.
 
@@ -292,7 +292,9 @@ def build_backbone(backbone: Backbone, spec: WeightsSpec, seed: int = 0, route: 
                 f"Could not load weights from {spec.path} into {backbone.name}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
-    if route == "mixed":  # after the weights: the files name the backbone's own layers
+    if route == "mixed_fused_bn":  # after the weights, as the cast below
+        model = fuse_batchnorm(model)
+    if route in MIXED_ROUTES:  # after the weights: the files name the backbone's own layers
         maps = keras.layers.Activation("linear", dtype="float32", name="features_float32")(model.outputs[0])
         model = keras.Model(model.inputs, maps, name=model.name)
     model.trainable = False

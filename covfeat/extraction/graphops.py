@@ -18,12 +18,14 @@ from covfeat.core.errors import CovfeatError
 # only its Placeholder, and has no function library) of the four registered backbones with
 # --weights none, as covfeat.extraction.graphfile traces them, on TensorFlow 2.21.0 and
 # Keras 3.15.1, in float32 and by the bfloat16 ``mixed`` route (which adds only ``Cast``:
-# variables and inputs to bfloat16, the feature maps back to float32).  Made by tracing each backbone and collecting ``{n.op for n in
+# variables and inputs to bfloat16, the feature maps back to float32) and ``mixed_fused_bn``
+# route (which adds ``FusedBatchNormV3``, a pure arithmetic kernel).  Made by tracing each backbone and collecting ``{n.op for n in
 # concrete.function_def.node_def}``; tests/test_bytes_graph.py rebuilds them and checks that
 # they are within this set.  A TensorFlow that traces to an op outside it is not a threat,
 # only a graph this cache does not keep (graphfile says so in a note and builds with Keras).
 ALLOWED_OPS = frozenset({
-    "AddV2", "AvgPool", "BiasAdd", "Cast", "ConcatV2", "Const", "Conv2D", "Identity", "MaxPool", "Mul", "NoOp", "Pad",
+    "AddV2", "AvgPool", "BiasAdd", "Cast", "ConcatV2", "Const", "Conv2D", "FusedBatchNormV3", "Identity", "MaxPool",
+    "Mul", "NoOp", "Pad",
     "ReadVariableOp", "Relu", "Reshape", "Rsqrt", "Squeeze", "Sub",
 })
 

@@ -15,6 +15,13 @@ backbone and the CPU:
 * ``mixed``: Keras's ``mixed_bfloat16`` dtype policy while the backbone is built: its
   layers compute in bfloat16 on float32 variables, and the feature maps are cast back to
   float32 before they are stored.  Only the backbone is affected.
+* ``mixed_fused_bn``: ``mixed``, but each BatchNormalization runs as TensorFlow's fused kernel
+  on the bfloat16 maps (``FusedBatchNormV3``: float32 statistics, arithmetic and one rounding
+  of its output to bfloat16, as Keras's float32 arithmetic with a cast on each side).  Keras
+  3's own layer casts the maps to float32 and back and normalises in five elementwise
+  operations; densenet201 has one before each of its 200 convolutions, which left its mixed
+  route no faster than float32.  The layer's weights and names are Keras's, so weights files
+  load alike (:func:`fuse_batchnorm`).
 
 :data:`ROUTES` records the choice per backbone and kind of CPU, and how it was measured.  The route enters
 the feature cache's key and the graph cache's key: the two give different last bits.
@@ -61,13 +68,19 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat
 # Here, unlike on Zen 4, the oneDNN route does compute in bfloat16 (its features differ from
 # float32's: cosine 0.99996-0.99999).
 # DenseNet's mixed route loses because Keras computes every BatchNormalization in float32 and
-# casts around it, and densenet201 has one before each of its 200 convolutions.
+# casts around it, and densenet201 has one before each of its 200 convolutions.  The
+# ``mixed_fused_bn`` route, measured the same way the same day (benchmarks/results/
+# intel-xeon-amx/extract.md), is the fastest for all four on AMX: see that file for the ratios.
+# It was not measured on Zen 4 (no such machine in that session), so ``avx512_bf16`` keeps
+# ``mixed``.
 ROUTES = {
     "avx512_bf16": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "mixed",
                     "resnet101_v2": "mixed"},
-    "amx": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "onednn",
-            "resnet101_v2": "mixed"},
+    "amx": {"inception_v3": "mixed_fused_bn", "inception_resnet_v2": "mixed_fused_bn",
+            "densenet201": "mixed_fused_bn", "resnet101_v2": "mixed_fused_bn"},
 }
+
+MIXED_ROUTES = ("mixed", "mixed_fused_bn")  # built under Keras's mixed_bfloat16 policy
 
 
 def cpu_flags() -> set[str]:
@@ -103,7 +116,7 @@ def bf16_kind(flags: set[str] | None = None) -> str | None:
 
 def route_of(backbone: str, precision: str) -> str:
     """How the forward pass of ``backbone`` computes at ``precision`` on this CPU: ``float32``,
-    or the bfloat16 route of :data:`ROUTES` (``onednn`` or ``mixed``).
+    or the bfloat16 route of :data:`ROUTES` (``onednn``, ``mixed`` or ``mixed_fused_bn``).
 
     Raises
     ------
@@ -145,9 +158,9 @@ def prepare_process(route: str) -> None:
 
 @contextlib.contextmanager
 def build_policy(route: str):
-    """Keras's dtype policy while a backbone is built: ``mixed_bfloat16`` for the ``mixed``
-    route, restored after, so nothing built later (the head) computes in bfloat16."""
-    if route != "mixed":
+    """Keras's dtype policy while a backbone is built: ``mixed_bfloat16`` for the mixed
+    routes, restored after, so nothing built later (the head) computes in bfloat16."""
+    if route not in MIXED_ROUTES:
         yield
         return
     import keras
@@ -158,3 +171,38 @@ def build_policy(route: str):
         yield
     finally:
         keras.mixed_precision.set_dtype_policy(before)
+
+
+def fuse_batchnorm(model):
+    """``model`` (built under the mixed policy, its weights loaded) with every
+    BatchNormalization computed by TensorFlow's fused inference kernel on the bfloat16 maps:
+    the same layers, names and weights, so a weights file and Grad-CAM's gradients see the
+    model they expect.  Inference only: a frozen backbone is never trained."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    class FusedBatchNormalization(keras.layers.BatchNormalization):
+        """Inference with FusedBatchNormV3 (channels last, 4-D maps), in the maps' own dtype
+        with float32 statistics."""
+
+        def call(self, inputs, training=None, mask=None):
+            if training or len(inputs.shape) != 4 or self.axis not in (-1, 3, [-1], [3]):
+                return super().call(inputs, training=training, mask=mask)
+            c = inputs.shape[-1]
+            f32 = tf.float32
+            y, *_ = tf.raw_ops.FusedBatchNormV3(  # numpy constants: a Const node, not a Fill
+                x=inputs, scale=tf.cast(self.gamma.value, f32) if self.scale else tf.constant(np.ones(c, np.float32)),
+                offset=tf.cast(self.beta.value, f32) if self.center else tf.constant(np.zeros(c, np.float32)),
+                mean=tf.cast(self.moving_mean.value, f32), variance=tf.cast(self.moving_variance.value, f32),
+                epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=False)
+            return y
+
+    def swap(layer):  # every other layer is reused as it is (its weights with it)
+        if type(layer) is keras.layers.BatchNormalization:
+            return FusedBatchNormalization.from_config(layer.get_config())
+        return layer
+
+    fused = keras.models.clone_model(model, clone_function=swap)
+    fused.set_weights(model.get_weights())
+    return fused
