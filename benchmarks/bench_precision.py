@@ -124,7 +124,8 @@ def one(backbone: str, work: Path, args) -> dict:
         print(f"{backbone} {precision}: extracted in {time.perf_counter() - t:.0f} s", flush=True)
         caches[precision] = only(cdir, f"{backbone}-*.h5")
     for precision, seed in [(pr, sd) for sd in range(args.seeds) for pr in ("float32", "bfloat16")]:
-        rdir = work / "runs" / f"{backbone}-{precision}-{seed}"
+        # the cache's name (its key) in the folder's: a head of another cache (another route) is not reused
+        rdir = work / "runs" / f"{backbone}-{precision}-{seed}-{caches[precision].stem}"
         if list(rdir.glob(f"{backbone}-*/metrics.json")):  # run again on the same folder: finished heads are kept
             runs[(precision, seed)] = only(rdir, f"{backbone}-*")
             continue

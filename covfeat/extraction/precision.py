@@ -69,10 +69,11 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat
 # float32's: cosine 0.99996-0.99999).
 # DenseNet's mixed route loses because Keras computes every BatchNormalization in float32 and
 # casts around it, and densenet201 has one before each of its 200 convolutions.  The
-# ``mixed_fused_bn`` route, measured the same way the same day (benchmarks/results/
-# intel-xeon-amx/extract.md), is the fastest for all four on AMX: see that file for the ratios.
-# It was not measured on Zen 4 (no such machine in that session), so ``avx512_bf16`` keeps
-# ``mixed``.
+# ``mixed_fused_bn`` route, measured the same way later that day (bench_extract.py,
+# benchmarks/results/intel-xeon-amx/extract.md), is the fastest for all four on AMX:
+# inception_v3 2.92x (mixed 1.99x, onednn 1.42x), inception_resnet_v2 2.88x (2.24x, 1.60x),
+# densenet201 1.98x (1.23x, 1.44x), resnet101_v2 3.02x (2.14x, 1.72x).  It was not measured
+# on Zen 4 (no such machine in that session), so ``avx512_bf16`` keeps ``mixed``.
 ROUTES = {
     "avx512_bf16": {"inception_v3": "mixed", "inception_resnet_v2": "mixed", "densenet201": "mixed",
                     "resnet101_v2": "mixed"},
