@@ -119,10 +119,11 @@ def one(backbone: str, work: Path, args) -> dict:
     for precision in ("float32", "bfloat16"):
         cdir = work / "cache" / precision
         t = time.perf_counter()
-        cli("extract", "-b", backbone, "--weights", "none", *data, "--augment", str(args.augment),
-            "--precision", precision, "--cache-dir", str(cdir))
+        out = cli("extract", "-b", backbone, "--weights", "none", *data, "--augment", str(args.augment),
+                  "--precision", precision, "--cache-dir", str(cdir))
         print(f"{backbone} {precision}: extracted in {time.perf_counter() - t:.0f} s", flush=True)
-        caches[precision] = only(cdir, f"{backbone}-*.h5")
+        caches[precision] = Path(out.strip().splitlines()[-1])  # the command's last line: its cache (another
+        # route's cache may share the folder)
     for precision, seed in [(pr, sd) for sd in range(args.seeds) for pr in ("float32", "bfloat16")]:
         # the cache's name (its key) in the folder's: a head of another cache (another route) is not reused
         rdir = work / "runs" / f"{backbone}-{precision}-{seed}-{caches[precision].stem}"

@@ -113,8 +113,10 @@ class ShardComputer:
         # instantiated here on a single image: a warm-up batch of batch_size images would cost
         # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
         # features are the same, bit for bit (tests/test_extract.py).
-        # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.
-        self._as_traced = not tf.config.list_logical_devices("GPU")
+        # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.  The
+        # mixed_fused_bn route keeps it too: there its remapper fuses each FusedBatchNormV3 with
+        # its convolution and ReLU (inception_v3 118 img/s with it, 87 without, 2026-12-02).
+        self._as_traced = not tf.config.list_logical_devices("GPU") and self.route != "mixed_fused_bn"
         self._forward = backbone_forward(backbone, weights, seed=cfg.seed, route=self.route)
         try:
             self.forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))
@@ -133,7 +135,9 @@ class ShardComputer:
         """TensorFlow's graph optimiser (grappler) finds nothing to gain in these inference
         graphs on a CPU yet spends 0.3-1.0 s on each one when first called (densenet201 0.9 s,
         inception_resnet_v2 1.0 s); with it off the four backbones give the same features, bit
-        for bit, at the same speed (measured; tests/test_extract.py holds the equality).  The
+        for bit, at the same speed (measured; tests/test_extract.py holds the equality).  Not so
+        for the mixed_fused_bn route, whose fused BatchNormalizations it fuses further: it stays
+        on there (``_as_traced`` is False).  The
         option is process-wide in TensorFlow and part of every function call (each thread
         reads it when it first calls one), so it is set around the extraction's own calls, and
         their threads, only, and restored after (a thread of the caller's own that first calls a
