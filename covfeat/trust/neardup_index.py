@@ -14,7 +14,7 @@ from math import comb
 
 import numpy as np
 
-from covfeat.core.lazyjit import lazy_intrinsic, lazy_njit, map_nogil
+from covfeat.core.lazyjit import compile_module, lazy_intrinsic, lazy_njit, map_nogil
 
 # The plan's cost model, in ns, measured by timing one chunk's build and query at 10^3, 10^4 and
 # 10^5 images of random codes with 15 views (Intel Xeon, 2026-12-02; `_bucket_one`, `_query_chunk`):
@@ -123,6 +123,8 @@ class ChunkIndex:
         self.table_at = np.concatenate([[0], np.cumsum((1 << self.widths) + 1)]).astype(np.int64)
         self.starts = np.empty(self.table_at[-1], np.int32)
         self.parallel = len(self.flat) >= PARALLEL_CODES
+        if self.parallel:
+            compile_module(__name__)  # the kernels compiled (or loaded) once, here, not by two threads at once
         map_nogil(lambda c: _bucket_one(self.flat, self.shifts[c], self.widths[c], self.sorted_codes[c], self.order[c],
                                         self._starts(c)), range(m), self.parallel)
 
