@@ -1,9 +1,9 @@
 """The arithmetic of the backbone's forward pass: float32 (the paper's), or bfloat16 where the
-CPU computes it natively, by the faster of two routes for each backbone.
+CPU computes it natively, by the fastest of three routes for each backbone, as measured.
 
 bfloat16 keeps float32's exponent and 8 bits of its mantissa; CPUs with ``avx512_bf16``
 (AMD Zen 4, Intel Cooper Lake on) or ``amx_bf16`` (Intel Sapphire Rapids on) multiply it
-natively.  TensorFlow reaches that hardware two ways, and which is faster depends on the
+natively.  TensorFlow reaches that hardware two ways (the second in two forms), and which is faster depends on the
 backbone and the CPU:
 
 * ``onednn``: ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` lets oneDNN compute float32 convolutions
