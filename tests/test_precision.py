@@ -152,13 +152,14 @@ def test_every_backbone_traces_to_allowed_ops_by_the_mixed_routes(name, route):
 
 
 @pytest.mark.parametrize("scale", [True, False])
-def test_the_fused_batchnorm_route_normalises_as_keras_does_with_real_statistics(scale):
+def test_the_fused_batchnorm_route_normalises_as_keras_does_with_real_statistics(scale, tmp_path):
     """A random-init backbone's BatchNormalizations are identities (mean 0, variance 1, scale 1,
     offset 0), so its fidelity cannot see how the ``mixed_fused_bn`` route normalises.  Here a
     convolution, a BatchNormalization with random statistics (and without a scale, as the
     Inception backbones) and a ReLU, under the mixed policy: through fuse_batchnorm, Keras's own
     outputs within one bfloat16 rounding, the statistics used at float32 (rounding them to
-    bfloat16 first, or dropping epsilon, fails this), and the same weights."""
+    bfloat16 first, or dropping epsilon, fails this), and the same weights; saved in a ``.keras``
+    file (as ``export --format keras`` does), covfeat's loader reads it back."""
     import keras
 
     from covfeat.extraction.precision import build_policy, fuse_batchnorm
@@ -182,3 +183,14 @@ def test_the_fused_batchnorm_route_normalises_as_keras_does_with_real_statistics
     assert fused(data, training=False).dtype.name == "bfloat16"
     assert np.abs(want).max() > 10  # the statistics move the maps: mean, variance and scale all matter
     assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-6), np.abs(got - want).max()
+    # a --format keras export holds the layer: covfeat's loader reads it back in a fresh process
+    # (where nothing has registered the class yet), computing the same
+    fused.save(tmp_path / "fused.keras")
+    np.save(tmp_path / "data.npy", data)
+    code = ("import sys, numpy as np; from covfeat.use.keras_layers import load_exported; "
+            "m = load_exported(sys.argv[1]); assert type(m.get_layer('bn')).__name__ == 'FusedBatchNormalization'; "
+            "np.save(sys.argv[3], np.asarray(m(np.load(sys.argv[2]), training=False), np.float64))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fused.keras"), str(tmp_path / "data.npy"),
+                        str(tmp_path / "again.npy")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "again.npy"), got)

@@ -174,34 +174,50 @@ def build_policy(route: str):
         keras.mixed_precision.set_dtype_policy(before)
 
 
+_FUSED: dict = {}
+
+
+def fused_batchnorm_class():
+    """``FusedBatchNormalization``: a BatchNormalization whose inference is FusedBatchNormV3 on the
+    maps' own dtype (channels last, 4-D) with float32 statistics; registered with Keras (package
+    ``covfeat``), so a ``--format keras`` export holding it loads through
+    :func:`covfeat.use.keras_layers.load_exported`."""
+    if "cls" not in _FUSED:
+        import keras
+        import numpy as np
+        import tensorflow as tf
+
+        @keras.saving.register_keras_serializable(package="covfeat")
+        class FusedBatchNormalization(keras.layers.BatchNormalization):
+            def call(self, inputs, training=None, mask=None):
+                if training or len(inputs.shape) != 4 or self.axis not in (-1, 3, [-1], [3]):
+                    return super().call(inputs, training=training, mask=mask)
+                c = inputs.shape[-1]
+                f32 = tf.float32
+                y, *_ = tf.raw_ops.FusedBatchNormV3(  # numpy constants: a Const node, not a Fill
+                    x=inputs, scale=tf.cast(self.gamma.value, f32) if self.scale else tf.constant(np.ones(c, np.float32)),
+                    offset=tf.cast(self.beta.value, f32) if self.center else tf.constant(np.zeros(c, np.float32)),
+                    mean=tf.cast(self.moving_mean.value, f32), variance=tf.cast(self.moving_variance.value, f32),
+                    epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=False)
+                return y
+
+        _FUSED["cls"] = FusedBatchNormalization
+    return _FUSED["cls"]
+
+
 def fuse_batchnorm(model):
     """``model`` (built under the mixed policy, its weights loaded) with every
-    BatchNormalization computed by TensorFlow's fused inference kernel on the bfloat16 maps:
-    the same layers, names and weights, so a weights file and Grad-CAM's gradients see the
-    model they expect.  Inference only: a frozen backbone is never trained."""
+    BatchNormalization computed by TensorFlow's fused inference kernel on the bfloat16 maps
+    (:func:`fused_batchnorm_class`): the same layers, names and weights, so a weights file and
+    Grad-CAM's gradients see the model they expect.  Inference only: a frozen backbone is never
+    trained."""
     import keras
-    import numpy as np
-    import tensorflow as tf
 
-    class FusedBatchNormalization(keras.layers.BatchNormalization):
-        """Inference with FusedBatchNormV3 (channels last, 4-D maps), in the maps' own dtype
-        with float32 statistics."""
-
-        def call(self, inputs, training=None, mask=None):
-            if training or len(inputs.shape) != 4 or self.axis not in (-1, 3, [-1], [3]):
-                return super().call(inputs, training=training, mask=mask)
-            c = inputs.shape[-1]
-            f32 = tf.float32
-            y, *_ = tf.raw_ops.FusedBatchNormV3(  # numpy constants: a Const node, not a Fill
-                x=inputs, scale=tf.cast(self.gamma.value, f32) if self.scale else tf.constant(np.ones(c, np.float32)),
-                offset=tf.cast(self.beta.value, f32) if self.center else tf.constant(np.zeros(c, np.float32)),
-                mean=tf.cast(self.moving_mean.value, f32), variance=tf.cast(self.moving_variance.value, f32),
-                epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=False)
-            return y
+    fused_class = fused_batchnorm_class()
 
     def swap(layer):  # every other layer is reused as it is (its weights with it)
         if type(layer) is keras.layers.BatchNormalization:
-            return FusedBatchNormalization.from_config(layer.get_config())
+            return fused_class.from_config(layer.get_config())
         return layer
 
     fused = keras.models.clone_model(model, clone_function=swap)

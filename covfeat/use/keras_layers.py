@@ -1,4 +1,5 @@
-"""The two Keras layers of a ``--format keras`` export, and :func:`load_exported`, which needs them.
+"""The two Keras layers of a ``--format keras`` export, and :func:`load_exported`, which needs them
+(and the fused BatchNormalization of :mod:`covfeat.extraction.precision`, for a run of that route).
 
 A ``.keras`` file holding them loads only where covfeat is installed; the SavedModel and ONNX
 exports (:mod:`covfeat.use.export`) fold the same arithmetic into plain TF ops for servers
@@ -75,11 +76,15 @@ def prior_layer_class():
 
 
 def load_exported(path: str | Path):
-    """Load a model written by :func:`export` (its threshold and prior layers are covfeat's own)."""
+    """Load a model written by :func:`export` (its threshold and prior layers are covfeat's own,
+    and so is the backbone's BatchNormalization of a run extracted by the ``mixed_fused_bn`` route)."""
     import keras
+
+    from covfeat.extraction.precision import fused_batchnorm_class
 
     threshold_layer_class()
     prior_layer_class()
+    fused_batchnorm_class()
     return keras.models.load_model(path)
 
 
