@@ -62,6 +62,9 @@ def test_buckets_longer_than_a_vector_block_and_both_cores_find_the_same_rows(mo
         codes[j, rng.integers(0, FINGERPRINT_HASHES)] = codes[i, 0] ^ np.uint64(sum(1 << int(b) for b in flips))
     expected = _brute(codes[:, 0], codes, MAX_BITS, True)
     assert 20 < len(expected) < n * n
+    from covfeat.core import lazyjit
+
+    monkeypatch.setattr(lazyjit, "usable_cores", lambda: 2)  # two threads even where one core is usable
     counts = []
     for parallel_from in (10**9, 0):
         monkeypatch.setattr(neardup_index, "PARALLEL_CODES", parallel_from)
@@ -71,6 +74,25 @@ def test_buckets_longer_than_a_vector_block_and_both_cores_find_the_same_rows(mo
         assert [tuple(r) for r in rows.tolist()] == expected, parallel_from
         counts.append((compared, probes))
     assert counts[0] == counts[1]  # every chunk searched on both paths (any one finds these rows)
+
+
+def test_a_probe_stops_at_its_buckets_end_when_the_padding_is_within_reach():
+    """A probe reads 16 codes from its bucket's start and masks those past its end: the next
+    bucket's codes, or the zero padding after the last.  Blank images hash to 0, so codes of a
+    few set bits are within reach of that padding: the same rows as comparing all pairs, with
+    and without an item's own codes, and no item number past the last (the mask is the only
+    guard on reading past the index)."""
+    rng = np.random.default_rng(7)
+    n = 150
+    codes = np.zeros((n, FINGERPRINT_HASHES), np.uint64)
+    for i in range(n):
+        for v in range(FINGERPRINT_HASHES):
+            bits = rng.choice(64, int(rng.integers(0, 3)), replace=False)
+            codes[i, v] = np.uint64(sum(1 << int(b) for b in bits))
+    for skip_self in (True, False):
+        rows, _ = near_codes(codes[:, 0], codes, MAX_BITS, skip_self=skip_self)
+        assert rows[:, 1].max() < n
+        assert [tuple(r) for r in rows.tolist()] == _brute(codes[:, 0], codes, MAX_BITS, skip_self)
 
 
 def test_the_search_at_a_hundred_thousand_images_compares_fewer_codes_per_query():

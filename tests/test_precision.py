@@ -149,6 +149,8 @@ def test_every_backbone_traces_to_allowed_ops_by_the_mixed_routes(name, route):
     concrete = fn.get_concrete_function()
     assert unlisted(concrete.function_def) is None
     assert concrete.outputs[0].dtype == tf.float32
+    ops = {n.op for n in concrete.function_def.node_def}
+    assert ("FusedBatchNormV3" in ops) == (route == "mixed_fused_bn")
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -176,6 +178,10 @@ def test_the_fused_batchnorm_route_normalises_as_keras_does_with_real_statistics
     bn.set_weights([s.astype(np.float32) for s in stats])
     fused = fuse_batchnorm(model)
     assert type(fused.get_layer("bn")).__name__ == "FusedBatchNormalization"
+    import tensorflow as tf
+
+    traced = tf.function(lambda z: fused(z, training=False)).get_concrete_function(tf.TensorSpec([None, 8, 8, 16]))
+    assert "FusedBatchNormV3" in {n.op for n in traced.function_def.node_def}  # the fused kernel runs, not Keras's
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), fused.get_weights()))
     data = rng.normal(0, 3, (4, 8, 8, 16)).astype(np.float32)
     want = np.asarray(model(data, training=False), np.float64)

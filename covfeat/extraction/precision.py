@@ -221,5 +221,10 @@ def fuse_batchnorm(model):
         return layer
 
     fused = keras.models.clone_model(model, clone_function=swap)
-    fused.set_weights(model.get_weights())
+    for layer in fused.layers:  # the swapped layers get their statistics by name; the others are the model's own
+        if isinstance(layer, fused_class):
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    left = [layer.name for layer in fused._flatten_layers() if type(layer) is keras.layers.BatchNormalization]
+    if left:  # in a nested model (clone_model does not recurse): the route would be mixed under another name
+        raise ValueError(f"mixed_fused_bn: BatchNormalization layers {left[:3]} were not fused")
     return fused

@@ -59,7 +59,7 @@ def plan_chunks(n_codes: int, max_bits: int,
     of 22 bits), and wide chunks' probes into tables far larger than the queries cost a cache
     miss each (10 ns a probe at 21 bits and 10^5 images, against 6.4 at 17 bits).  Every chunk
     also costs every query its pass and its share of the build, so the model favours few chunks."""
-    n_queries = n_codes if n_queries is None else max(1, n_queries)
+    n_queries = max(1, n_codes if n_queries is None else n_queries)
     ws = range(1, MAX_CHUNK_BITS + 1)
     # g[r][w - 1]: ns per query of one chunk of w bits searched within r bits
     g = [[_n_keys(w, r) * (PROBE_NS + CODE_NS * n_codes / 2.0 ** w)
@@ -124,7 +124,8 @@ class ChunkIndex:
         self.starts = np.empty(self.table_at[-1], np.int32)
         self.parallel = len(self.flat) >= PARALLEL_CODES
         if self.parallel:
-            compile_module(__name__)  # the kernels compiled (or loaded) once, here, not by two threads at once
+            compile_module(__name__)  # numba's dispatchers in place before the threads (each compiles or loads
+            # its code on its first call, behind numba's lock), not two threads swapping the stand-ins
         map_nogil(lambda c: _bucket_one(self.flat, self.shifts[c], self.widths[c], self.sorted_codes[c], self.order[c],
                                         self._starts(c)), range(m), self.parallel)
 
