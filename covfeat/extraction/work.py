@@ -114,8 +114,9 @@ class ShardComputer:
         # a whole batch's forward pass for nothing (1 s for densenet201 on 2 cores); the
         # features are the same, bit for bit (tests/test_extract.py).
         # Measured on CPUs only: on a GPU the optimiser's layout and fusion passes stay on.  The
-        # mixed_fused_bn route keeps it too: there its remapper fuses each FusedBatchNormV3 with
-        # its convolution and ReLU (inception_v3 118 img/s with it, 87 without, 2026-12-02).
+        # mixed_fused_bn route keeps it too: there it rewrites the graph around each FusedBatchNormV3
+        # (which rewrite was not isolated) and the route runs faster (inception_v3 118 img/s with it,
+        # 87 without, 2026-12-02).
         self._as_traced = not tf.config.list_logical_devices("GPU") and self.route != "mixed_fused_bn"
         self._forward = backbone_forward(backbone, weights, seed=cfg.seed, route=self.route)
         try:
@@ -136,7 +137,7 @@ class ShardComputer:
         graphs on a CPU yet spends 0.3-1.0 s on each one when first called (densenet201 0.9 s,
         inception_resnet_v2 1.0 s); with it off the four backbones give the same features, bit
         for bit, at the same speed (measured; tests/test_extract.py holds the equality).  Not so
-        for the mixed_fused_bn route, whose fused BatchNormalizations it fuses further: it stays
+        for the mixed_fused_bn route, whose fused BatchNormalizations it rewrites to gain: it stays
         on there (``_as_traced`` is False).  The
         option is process-wide in TensorFlow and part of every function call (each thread
         reads it when it first calls one), so it is set around the extraction's own calls, and
