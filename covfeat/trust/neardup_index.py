@@ -17,7 +17,8 @@ import numpy as np
 from covfeat.core.lazyjit import compile_module, lazy_intrinsic, lazy_njit, map_nogil
 
 # The plan's cost model, in ns, measured by timing one chunk's build and query at 10^3, 10^4 and
-# 10^5 images of random codes with 15 views (Intel Xeon, 2026-12-02; `_bucket_one`, `_query_chunk`):
+# 10^5 images of random codes with 15 views (`python benchmarks/bench_neardup_index.py`,
+# benchmarks/results/intel-xeon-amx/neardup_index.md, Intel Xeon, 2026-12-02):
 PROBE_NS = 4.0  # a bucket probed: its start read, its first block of LANES codes (2.5 in cache, 6.4 at 10^5)
 
 CODE_NS = 0.17  # a code compared, in blocks of LANES with vector popcounts
@@ -31,8 +32,9 @@ PASS_NS = 30.0  # a chunk's pass over one query (its key, its place in key order
 LANES = 16  # codes a probe compares at once: a bucket is read in blocks this long
 
 PARALLEL_CODES = 1 << 18  # an index of at least this many codes builds and searches its chunks on every core
-# (2 cores, Intel Xeon: at 10^4 images of 15 codes both ways took 0.84-0.87 us an image; at 3 x 10^4
-# two cores took 1.15 against 1.41, at 10^5 1.03 against 1.63; at 10^3 the threads cost 1.7 ms)
+# (bench_neardup_index.py, 2 cores, Intel Xeon: at 3 x 10^4 images of 15 codes two cores took 1.11 us an
+# image against 1.41, at 10^5 1.08 against 1.60; at 10^3 1.85 against 0.82, the threads' cost; at 10^4
+# 0.65 against 0.84 in that run, no gain in an earlier one, so 10^4 stays on one core)
 
 MAX_CHUNK_BITS = 22  # a chunk's table of bucket starts has 2^width + 1 entries (16 MiB at 22 bits)
 
